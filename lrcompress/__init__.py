@@ -1,0 +1,23 @@
+"""lrcompress: compress pretrained image models by low-rank factorization.
+
+The public API is re-exported here; everything else is machinery.
+"""
+
+from ._version import __version__
+from .errors import CheckpointError, GateFailure, LrcError, TargetError, UserError
+from .models import LoadedModel, ModelInfo, load_model
+from .targets import LayerSpec, find_layers
+
+__all__ = [
+    "__version__",
+    "CheckpointError",
+    "GateFailure",
+    "LayerSpec",
+    "LoadedModel",
+    "LrcError",
+    "ModelInfo",
+    "TargetError",
+    "UserError",
+    "find_layers",
+    "load_model",
+]

@@ -1,0 +1,267 @@
+"""Model loading: architecture + checkpoint -> ``nn.Module`` with its ``ModelInfo``.
+
+An architecture is named ``timm:NAME``, ``torchvision:NAME`` or a bare ``NAME`` (timm first, then
+torchvision), optionally with constructor arguments: ``timm:vit_tiny_patch16_224(img_size=28,
+patch_size=4)``. When no architecture is given, the checkpoint file's stem is tried
+(``resnet18.pt`` -> ``resnet18``; ``resnet18_fmnist.pt`` -> ``resnet18`` after dropping suffixes).
+``num_classes`` and ``in_chans`` are read off the checkpoint's classifier and stem shapes.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import read_checkpoint
+from .errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("timm", "torchvision")
+PLAN_METADATA_KEY = "lrcompress.plan"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    source: str  # "timm" | "torchvision"
+    name: str
+    kwargs: dict = field(default_factory=dict, hash=False)
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return f"{self.source}:{self.name}"
+        args = ",".join(f"{k}={v!r}" for k, v in sorted(self.kwargs.items()))
+        return f"{self.source}:{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str  # canonical ArchSpec string, e.g. "timm:resnet18"
+    num_classes: int
+    in_chans: int
+    source: str  # checkpoint path, or "random" for a bare architecture name
+    input_size: tuple[int, int, int] | None = None  # recorded size (compressed models), if any
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    info: ModelInfo
+    plan: dict | None = None  # the plan of a compressed model, else None
+
+
+@lru_cache(maxsize=2)
+def _known(source: str) -> tuple[str, ...]:
+    if source == "timm":
+        import timm
+
+        return tuple(timm.list_models())
+    import torchvision
+
+    return tuple(torchvision.models.list_models())
+
+
+def _exists(source: str, name: str) -> bool:
+    if source == "timm":
+        import timm
+
+        return timm.is_model(name)
+    return name in _known("torchvision")
+
+
+def parse_arch(text: str) -> ArchSpec:
+    """``[source:]name[(k=v, ...)]`` -> ArchSpec; unknown names get close matches."""
+    m = re.fullmatch(r"\s*(?:(\w+):)?([\w.\-]+)\s*(?:\((.*)\))?\s*", text)
+    if not m:
+        raise UserError(f"Cannot parse architecture {text!r}: write timm:NAME or "
+                        "torchvision:NAME, optionally with arguments, e.g. "
+                        "timm:vit_tiny_patch16_224(img_size=28,patch_size=4).")
+    source, name, args = m.groups()
+    kwargs = {}
+    if args:
+        try:
+            call = ast.parse(f"f({args})", mode="eval").body
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+            if call.args or None in kwargs:
+                raise ValueError("only keyword arguments are allowed")
+        except (SyntaxError, ValueError) as e:
+            raise UserError(f"Cannot parse the arguments in {text!r} ({e}): use name=value "
+                            "pairs with Python literals, e.g. (img_size=28,patch_size=4).") from e
+    if source is not None and source not in SOURCES:
+        raise UserError(f"Unknown model source {source!r} in {text!r}: use one of {SOURCES}.")
+    for src in [source] if source else SOURCES:
+        if _exists(src, name):
+            return ArchSpec(src, name, kwargs)
+    pool = _known(source) if source else _known("timm") + _known("torchvision")
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    where = f"in {source}" if source else "in timm or torchvision"
+    raise UserError(f"Unknown architecture {name!r} {where}.{hint} "
+                    "List timm's with `python -c 'import timm; print(timm.list_models())'`.")
+
+
+def arch_from_stem(path: Path) -> ArchSpec:
+    """The architecture named by a checkpoint's file name, dropping _suffixes until one exists."""
+    parts = re.split(r"([_\-])", path.stem)
+    for end in range(len(parts), 0, -2):
+        cand = "".join(parts[:end])
+        for src in SOURCES:
+            if _exists(src, cand):
+                if end < len(parts):
+                    log.info("architecture %s:%s inferred from file name %s", src, cand, path.name)
+                return ArchSpec(src, cand)
+    raise UserError(f"Cannot tell the architecture of {path.name} from its name. "
+                    "Pass it with --arch, e.g. --arch timm:resnet18.")
+
+
+def build(arch: ArchSpec, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    kwargs = dict(arch.kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        if arch.source == "timm":
+            import timm
+
+            if in_chans is not None:
+                kwargs["in_chans"] = in_chans
+            return timm.create_model(arch.name, pretrained=False, **kwargs)
+        import torchvision
+
+        model = torchvision.models.get_model(arch.name, weights=None, **kwargs)
+        if in_chans not in (None, 3):
+            _set_tv_in_chans(model, in_chans)
+        return model
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f"Cannot build {arch} with {kwargs}: {e}") from e
+
+
+def _set_tv_in_chans(model: nn.Module, in_chans: int) -> None:
+    """torchvision models are built for 3 channels; swap the first conv for another count."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            new = nn.Conv2d(in_chans, mod.out_channels, mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, mod.groups, mod.bias is not None)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], new)
+            return
+
+
+def _io_layers(model: nn.Module) -> tuple[str | None, str | None]:
+    """(stem conv, classifier) module names: timm's pretrained_cfg, else first conv/last linear."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = {n for n, _ in model.named_modules()}
+    stem = cfg.get("first_conv") if isinstance(cfg.get("first_conv"), str) else None
+    head = cfg.get("classifier") if isinstance(cfg.get("classifier"), str) else None
+    if stem not in names:
+        stem = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if head not in names:
+        head = next((n for n, m in reversed(list(model.named_modules()))
+                     if isinstance(m, nn.Linear)), None)
+    return stem, head
+
+
+def infer_io(arch: ArchSpec, sd: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """(num_classes, in_chans) read from the checkpoint's classifier and stem weight shapes."""
+    with torch.device("meta"):
+        probe = build(arch)
+    stem, head = _io_layers(probe)
+    nc = sd[f"{head}.weight"].shape[0] if head and f"{head}.weight" in sd else None
+    ic = sd[f"{stem}.weight"].shape[1] if stem and f"{stem}.weight" in sd else None
+    return (int(nc) if nc is not None else None), (int(ic) if ic is not None else None)
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with a message that names missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(own[k].shape), tuple(sd[k].shape))
+              for k in own if k in sd and own[k].shape != sd[k].shape]
+
+    def few(keys):
+        return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+    problems = []
+    if shapes:
+        rows = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in shapes[:5])
+        problems.append(f"{len(shapes)} shape mismatch(es): {rows}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"The checkpoint does not fit {what}: " + "; ".join(problems) + ". "
+            "Check --arch (and --num-classes / --in-chans); the checkpoint may be for another "
+            "architecture or variant."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(
+    spec: str,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Build the architecture and load the checkpoint named by ``spec`` into it.
+
+    ``spec`` is a checkpoint path, a RUN directory / compressed ``model.safetensors`` (rebuilt from
+    the plan in its metadata), or a bare ``timm:NAME`` (random weights, with a warning).
+    """
+    path = Path(spec)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        path = path / "model.safetensors"
+    if not path.exists():
+        if re.match(r"^(timm|torchvision):", spec) or (arch is None and ":" not in spec
+                                                         and not path.suffix):
+            a = parse_arch(spec)
+            log.warning("%s has random weights (no checkpoint given): fine for inspect, tests "
+                        "and dry runs, meaningless for accuracy.", a)
+            model = build(a, num_classes, in_chans)
+            nc, ic = _model_io(model)
+            return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, "random"))
+        raise CheckpointError(f"No such file: {spec}. Give a checkpoint path, a RUN directory, or "
+                              "an architecture name such as timm:resnet18.")
+    sd, meta = read_checkpoint(path, trust_pickle=trust_pickle)
+    if PLAN_METADATA_KEY in meta:
+        from .export import load_compressed  # noqa: PLC0415 - avoids an import cycle
+
+        return load_compressed(path, sd, meta)
+    a = parse_arch(arch) if arch else arch_from_stem(path)
+    nc_ck, ic_ck = infer_io(a, sd)
+    checks = (("--num-classes", num_classes, nc_ck), ("--in-chans", in_chans, ic_ck))
+    for opt, given, found in checks:
+        if given is not None and found is not None and given != found:
+            raise CheckpointError(f"{opt} {given} contradicts the checkpoint {path.name}, which "
+                                  f"has {found}. Drop {opt} or fix it.")
+    model = build(a, num_classes or nc_ck, in_chans or ic_ck)
+    load_state_dict_strict(model, sd, f"{a} (from {path.name})")
+    nc, ic = _model_io(model)
+    return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path)))
+
+
+def _model_io(model: nn.Module) -> tuple[int, int]:
+    stem, head = _io_layers(model)
+    nc = getattr(model, "num_classes", None)
+    if nc is None and head is not None:
+        nc = model.get_submodule(head).out_features
+    first = model.get_submodule(stem) if stem else None
+    ic = first.in_channels if isinstance(first, nn.Conv2d) else 3
+    return int(nc or 0), int(ic)
+
+
+def default_input_size(model: nn.Module, in_chans: int) -> tuple[int, int, int]:
+    """The architecture's own input size from timm's data config, with the model's channels."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or (3, 224, 224)
+    return (in_chans, int(size[1]), int(size[2]))

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny real architectures (timm test_* models) saved in several formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def tiny_resnet(num_classes=10, in_chans=1, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes,
+                             in_chans=in_chans).eval()
+
+
+@pytest.fixture
+def resnet_ckpt(tmp_path):
+    """A test_resnet state_dict (10 classes, 1 channel) as .pt and .safetensors."""
+    m = tiny_resnet()
+    sd = m.state_dict()
+    pt = tmp_path / "test_resnet.pt"
+    torch.save(sd, pt)
+    st = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    return {"model": m, "pt": pt, "safetensors": st, "dir": tmp_path}
