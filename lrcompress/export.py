@@ -1,0 +1,81 @@
+"""Saving and reloading compressed models (safetensors with the plan in the header).
+
+``model.safetensors`` holds the compressed weights; its ``__metadata__`` holds the plan as JSON
+under ``lrcompress.plan``. :func:`load` rebuilds the architecture, swaps in empty factorized
+skeletons as the plan says, and loads the weights: no pickle and no other file is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ._io import atomic_path
+from ._version import __version__
+from .checkpoint import read_checkpoint
+from .errors import CheckpointError
+from .models import (
+    PLAN_METADATA_KEY,
+    LoadedModel,
+    ModelInfo,
+    build,
+    load_state_dict_strict,
+    parse_arch,
+)
+from .plan import Plan
+from .surgery import decompose_
+
+
+def save_compressed(model: nn.Module, plan: Plan, path) -> Path:
+    """Write ``model``'s weights and ``plan`` to a safetensors file, atomically."""
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {PLAN_METADATA_KEY: plan.to_json(), "lrcompress.version": __version__,
+            "format": "pt"}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
+    return path
+
+
+def build_compressed(plan: Plan) -> nn.Module:
+    """The architecture with the plan's factorized skeletons in place (weights uninitialised)."""
+    model = build(parse_arch(plan.arch), plan.num_classes, plan.in_chans)
+    decompose_(model, plan, weights=False)
+    return model.eval()
+
+
+def load_compressed(path: Path, sd: dict, meta: dict) -> LoadedModel:
+    try:
+        plan = Plan.from_json(meta[PLAN_METADATA_KEY])
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any malformed plan is a bad file
+        raise CheckpointError(f"{path}: the lrcompress plan in its header is unreadable ({e}). "
+                              "The file is corrupt; re-export it.") from e
+    model = build_compressed(plan)
+    load_state_dict_strict(model, sd, f"the compressed {plan.arch} described by its plan")
+    info = ModelInfo(plan.arch, plan.num_classes, plan.in_chans, str(path),
+                     input_size=tuple(plan.input_size))
+    return LoadedModel(model, info, plan=plan.to_dict())
+
+
+def load(path) -> nn.Module:
+    """Rebuild a compressed model from ``RUN/`` or its ``model.safetensors`` (one call)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    sd, meta = read_checkpoint(path)
+    if PLAN_METADATA_KEY not in meta:
+        raise CheckpointError(f"{path} has no lrcompress plan in its header: it is not a model "
+                              "written by lrcompress. Use lrcompress.load_model for plain "
+                              "checkpoints.")
+    return load_compressed(path, sd, meta).model
+
+
+@torch.no_grad()
+def same_outputs(a: nn.Module, b: nn.Module, input_size, atol=0.0) -> bool:
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    return torch.allclose(a.eval()(x), b.eval()(x), rtol=0, atol=atol)

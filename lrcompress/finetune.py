@@ -1,0 +1,311 @@
+"""Recovering accuracy: distillation fine-tuning of the compressed student against the original.
+
+Loss (RENE §4.4, Eqs. 10–11, methods.md §2.7), with optional logit KD:
+
+    L = CE(student) + λ · L_diss + κ · T² · KL(teacher_T ‖ student_T) + regularizers
+    L_diss = Σ_i ‖W_i − Ŵ_i‖² + Σ_i ‖O_i(x) − D_i(x)‖²   (mean-reduced by default; 'sum' = paper)
+
+where i runs over the factorized layers, Ŵ_i is the dense weight the student's chain computes,
+and O_i / D_i are the outputs of layer i in teacher and student (hooks on the same module name).
+
+Regularizers (each recorded in the report):
+* Frobenius decay (Khodak et al. 2021, methods.md §7.2): (μ/2)·‖Ŵ_i‖²_F on the *product*, and the
+  factors leave plain weight decay;
+* ``orth``: ELRT's double soft orthogonality (DSO, Bansal et al. 2018) ‖UᵀU − I‖² + ‖UUᵀ − I‖²,
+  or soft orthogonality (SO) on the smaller Gram, on every 1×1/linear factor matrix of the chains.
+
+The best epoch is chosen on the *calibration* split (held out from training), never on test.
+Each epoch's state is saved atomically under RUN/state/ so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._io import atomic_path
+from .errors import LrcError, UserError
+from .factorizations import chain_factors, get_factorization
+from .measure import evaluate
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 0  # 0 and no max_steps: no fine-tuning
+    max_steps: int | None = None  # a step budget (CPU-sized runs); stops mid-epoch if reached
+    lr: float = 0.01  # [PROPOSAL] RENE's 1e-5 recovers little in short budgets (methods §10.5)
+    optimizer: str = "sgd"  # sgd (Nesterov, momentum 0.9) | adamw
+    weight_decay: float = 0.0  # plain weight decay (not on factors when frobenius_decay > 0)
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to 0
+    lam: float = 0.5  # λ of L_diss (RENE §2.7)
+    diss_reduction: str = "mean"  # mean | sum (paper-literal)
+    kd: float = 1.0  # κ: weight of logit distillation (0 = off)
+    kd_temperature: float = 4.0
+    frobenius_decay: float = 0.0  # μ of Frobenius decay on reconstructed weights (0 = off)
+    orth: str | None = None  # None | "dso" | "so"
+    orth_weight: float = 1e-3
+    grad_clip: float | None = 5.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+
+    def __post_init__(self):
+        if self.epochs < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise UserError("--finetune-epochs must be >= 0 and --max-steps >= 1.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UserError(f"--optimizer {self.optimizer!r}: use sgd or adamw.")
+        if self.diss_reduction not in ("mean", "sum"):
+            raise UserError(f"--diss-reduction {self.diss_reduction!r}: use mean or sum.")
+        if self.orth not in (None, "dso", "so"):
+            raise UserError(f"--orth {self.orth!r}: use dso or so.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"--precision {self.precision!r}: use auto, fp32, bf16 or fp16.")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr} must be positive.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epochs > 0 or self.max_steps is not None
+
+
+# ------------------------------------------------------------------ regularizers
+
+
+def frobenius_decay(student: nn.Module, plan: Plan) -> torch.Tensor:
+    """Σ_i ½‖Ŵ_i‖²_F over factorized layers (the product, not the factors)."""
+    total = 0.0
+    for lp in plan.layers:
+        chain = student.get_submodule(lp.name)
+        w = get_factorization(lp.method).reconstruct(chain_factors(chain), lp.spec)
+        total = total + 0.5 * w.pow(2).sum()
+    return total
+
+
+def _factor_matrices(student: nn.Module, plan: Plan):
+    """The 2-D factor matrices of the chains: weights of their 1×1 convs and linear layers."""
+    for lp in plan.layers:
+        for m in student.get_submodule(lp.name).modules():
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                                            and m.groups == 1):
+                yield m.weight.reshape(m.weight.shape[0], -1)
+
+
+def orthogonality(student: nn.Module, plan: Plan, kind: str) -> torch.Tensor:
+    """DSO: ‖UᵀU − I‖² + ‖UUᵀ − I‖²; SO: the Gram of the smaller side only."""
+    total = 0.0
+    for u in _factor_matrices(student, plan):
+        g_small = u @ u.T if u.shape[0] <= u.shape[1] else u.T @ u
+        eye = torch.eye(g_small.shape[0], device=u.device, dtype=u.dtype)
+        total = total + (g_small - eye).pow(2).sum()
+        if kind == "dso":
+            g_big = u.T @ u if u.shape[0] <= u.shape[1] else u @ u.T
+            eye = torch.eye(g_big.shape[0], device=u.device, dtype=u.dtype)
+            total = total + (g_big - eye).pow(2).sum()
+    return total
+
+
+# ------------------------------------------------------------------ distillation loss
+
+
+class _Taps:
+    """Forward hooks that keep the latest output of named modules."""
+
+    def __init__(self, model: nn.Module, names):
+        self.out = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def fn(_m, _i, o):
+            self.out[name] = o
+
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def diss_loss(student, plan, teacher_w, s_taps, t_taps, reduction) -> torch.Tensor:
+    red = F.mse_loss if reduction == "mean" else (lambda a, b: (a - b).pow(2).sum())
+    total = 0.0
+    for lp in plan.layers:
+        w = get_factorization(lp.method).reconstruct(
+            chain_factors(student.get_submodule(lp.name)), lp.spec)
+        total = total + red(w, teacher_w[lp.name])
+        total = total + red(s_taps.out[lp.name].float(), t_taps.out[lp.name].float())
+    return total
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False), precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), precision
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict]  # one row per epoch
+    best_epoch: int
+    steps: int
+    seconds: float
+    config: dict
+    resumed_from_epoch: int = 0
+
+
+def _schedule(cfg: FinetuneConfig, total_steps: int):
+    def f(step):
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+    return f
+
+
+def _seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Shuffling and augmentation depend on (seed, epoch) only, so a resumed run sees the same
+    batches as an uninterrupted one (like DistributedSampler.set_epoch)."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1_000_003 + epoch)
+    set_epoch = getattr(loader.dataset, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
+
+
+def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: FinetuneConfig,
+            device: torch.device, state_dir=None, progress=None, fingerprint: str = "",
+            seed: int = 0) -> FinetuneResult:
+    """Fine-tune ``student`` in place; on return it holds the best epoch's weights."""
+    t0 = time.perf_counter()
+    student.to(device)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    names = [lp.name for lp in plan.layers]
+    teacher_w = {n: teacher.get_submodule(n).weight.detach() for n in names}
+    steps_per_epoch = len(loaders.train)
+    epochs = cfg.epochs or math.ceil(cfg.max_steps / steps_per_epoch)
+    total_steps = min(epochs * steps_per_epoch, cfg.max_steps or 10**12)
+
+    factor_ids = {id(p) for n in names for p in student.get_submodule(n).parameters()}
+    fd = cfg.frobenius_decay > 0
+    groups = [
+        {"params": [p for p in student.parameters() if not (fd and id(p) in factor_ids)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for p in student.parameters() if fd and id(p) in factor_ids],
+         "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
+    autocast, precision = _autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    history: list[dict] = []
+    best = (math.inf, 0, None)  # (calib loss, epoch, state_dict)
+    start_epoch, step = 0, 0
+    state_file = None if state_dir is None else state_dir / "finetune.pt"
+    if state_file is not None and state_file.exists():
+        st = torch.load(state_file, map_location="cpu", weights_only=True)
+        if st.get("fingerprint") != fingerprint:
+            raise UserError(f"{state_file} belongs to a different command (its settings differ). "
+                            "Re-run the original command to resume, or use a new -o / "
+                            "--overwrite to start over.")
+        student.load_state_dict(st["student"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        history, step, start_epoch = st["history"], st["step"], st["epoch"]
+        best = (st["best_loss"], st["best_epoch"], st["best_state"])
+        log.info("resuming fine-tuning after epoch %d", start_epoch)
+
+    s_taps, t_taps = _Taps(student, names), _Taps(teacher, names)
+    try:
+        for epoch in range(start_epoch, epochs):
+            if step >= total_steps:
+                break
+            _seed_epoch(loaders.train, seed, epoch)
+            student.train()
+            sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
+            te = time.perf_counter()
+            for x, y in loaders.train:
+                if step >= total_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast:
+                    logits = student(x).float()
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    ce = F.cross_entropy(logits, y)
+                    loss = ce
+                    diss = diss_loss(student, plan, teacher_w, s_taps, t_taps,
+                                     cfg.diss_reduction) if cfg.lam else torch.zeros(())
+                    loss = loss + cfg.lam * diss
+                    kd = torch.zeros((), device=device)
+                    if cfg.kd:
+                        tt = cfg.kd_temperature
+                        kd = F.kl_div(F.log_softmax(logits / tt, 1),
+                                      F.log_softmax(t_logits / tt, 1),
+                                      reduction="batchmean", log_target=True) * tt * tt
+                        loss = loss + cfg.kd * kd
+                    if fd:
+                        loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
+                    if cfg.orth:
+                        loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
+                if not torch.isfinite(loss):
+                    raise LrcError(f"fine-tuning diverged at epoch {epoch + 1}, step {step + 1} "
+                                   f"(loss {float(loss)}). Lower --lr or keep --grad-clip.")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                b = y.numel()
+                sums["n"] += b
+                for k, v in (("loss", loss), ("ce", ce), ("diss", diss), ("kd", kd)):
+                    sums[k] += float(v.detach()) * b
+                if progress is not None:
+                    progress(b)
+            calib = evaluate(student, loaders.calib, device)
+            row = {"epoch": epoch + 1, "steps": step,
+                   **{k: sums[k] / max(sums["n"], 1) for k in ("loss", "ce", "diss", "kd")},
+                   "calib_loss": calib.loss, "calib_top1": calib.top1,
+                   "lr": sched.get_last_lr()[0],
+                   "images_per_s": sums["n"] / max(time.perf_counter() - te, 1e-9)}
+            history.append(row)
+            log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"], calib.top1)
+            if calib.loss < best[0]:
+                best = (calib.loss, epoch + 1,
+                        {k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
+            if state_file is not None:
+                with atomic_path(state_file) as tmp:
+                    torch.save({"fingerprint": fingerprint, "student": student.state_dict(),
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "rng": torch.get_rng_state(), "history": history, "step": step,
+                                "epoch": epoch + 1, "best_loss": best[0], "best_epoch": best[1],
+                                "best_state": best[2]}, tmp)
+    finally:
+        s_taps.remove()
+        t_taps.remove()
+    if best[2] is not None:
+        student.load_state_dict(best[2])
+    student.eval()
+    return FinetuneResult(history, best[1], step, time.perf_counter() - t0, asdict(cfg),
+                          resumed_from_epoch=start_epoch)

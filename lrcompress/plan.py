@@ -1,0 +1,143 @@
+"""Plans: which layer gets which factorization at which rank. Computed apart from applied.
+
+A :class:`Plan` is a frozen, JSON-round-trippable value. It carries the architecture and every
+factorized layer's ``LayerSpec``, so a compressed model can be rebuilt from the plan alone (no
+forward pass, no extra file). Costs of a plan are pure functions of it and the dense model's cost.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ._version import __version__
+from .costs import dense_macs, dense_params
+from .errors import UserError
+from .factorizations import get_factorization
+from .targets import LayerSpec
+
+PLAN_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    method: str  # factorization name (svd, tucker2, cp, cp4, tt)
+    rank: int | tuple[int, ...]
+    spec: LayerSpec
+
+    @property
+    def macs(self) -> int:
+        return get_factorization(self.method).macs(self.spec, self.rank)
+
+    @property
+    def params(self) -> int:
+        return get_factorization(self.method).params(self.spec, self.rank)
+
+    def to_dict(self) -> dict:
+        r = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        return {"name": self.name, "method": self.method, "rank": r, "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerPlan:
+        r = tuple(d["rank"]) if isinstance(d["rank"], list) else int(d["rank"])
+        return cls(d["name"], d["method"], r, LayerSpec.from_dict(d["spec"]))
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "flops" | "params"
+    ratio: float
+
+    def __post_init__(self):
+        if self.kind not in ("flops", "params"):
+            raise UserError(f"Unknown target kind {self.kind!r}: use 'flops' or 'params'.")
+        if not 0.0 < self.ratio < 1.0:
+            raise UserError(f"--target-{self.kind} {self.ratio} is out of range: it is the "
+                            "fraction of the original model to keep, strictly between 0 and 1 "
+                            "(e.g. 0.3 keeps 30 %).")
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: tuple[int, int, int]
+    layers: tuple[LayerPlan, ...]
+    # Dense model cost, so that ratios are computable from the plan alone.
+    base_macs: int
+    base_params: int
+    target: Target | None = None
+    method: str = ""  # rank-selection method that produced it
+    version: str = field(default=__version__)
+
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    @property
+    def macs(self) -> int:
+        return self.base_macs - sum(dense_macs(lp.spec) - lp.macs for lp in self.layers)
+
+    @property
+    def params(self) -> int:
+        return self.base_params - sum(dense_params(lp.spec) - lp.params for lp in self.layers)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs / self.base_macs
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params / self.base_params
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": PLAN_SCHEMA,
+            "lrcompress_version": self.version,
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "input_size": list(self.input_size),
+            "base_macs": self.base_macs,
+            "base_params": self.base_params,
+            "target": None if self.target is None else {"kind": self.target.kind,
+                                                        "ratio": self.target.ratio},
+            "method": self.method,
+            "macs": self.macs,
+            "params": self.params,
+            "layers": [lp.to_dict() for lp in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if d.get("schema") != PLAN_SCHEMA:
+            raise UserError(f"Plan schema {d.get('schema')!r} is not supported by lrcompress "
+                            f"{__version__} (expects {PLAN_SCHEMA}). Re-run the search.")
+        t = d.get("target")
+        return cls(
+            arch=d["arch"], num_classes=int(d["num_classes"]), in_chans=int(d["in_chans"]),
+            input_size=tuple(d["input_size"]),
+            layers=tuple(LayerPlan.from_dict(x) for x in d["layers"]),
+            base_macs=int(d["base_macs"]), base_params=int(d["base_params"]),
+            target=None if t is None else Target(t["kind"], float(t["ratio"])),
+            method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"The plan is not valid JSON: {e}.") from e
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"The plan is missing or has a malformed field ({e}). "
+                            "Use a plan.json written by `lrcompress search`.") from e

@@ -1,0 +1,181 @@
+"""The rank-selection problem every method shares, and the budget allocator.
+
+A :class:`RankProblem` lists, for each candidate layer, its *options*: (factorization, rank)
+pairs that are cheaper than the dense layer (methods.md §10.3: ranks at or above break-even are
+never offered), rounded to ``rank_multiple``, plus keeping the layer dense. Costs are MACs or
+parameters depending on the target. The budget is ``ratio × cost of the whole original model``;
+layers that are not candidates and matmuls outside layers count in full.
+
+:func:`allocate` is a multiple-choice knapsack solved greedily on score per unit of cost: it first
+sheds cost where the least score is lost per MAC until the plan fits, then spends the slack where
+the most score is gained per MAC. The result always meets the budget, and the slack left is
+smaller than the cheapest single upgrade still available (one rank step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..costs import dense_macs, dense_params
+from ..errors import TargetError
+from ..factorizations import break_even_rank, get_factorization
+from ..plan import LayerPlan, Plan, Target
+from ..targets import LayerSpec
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Option:
+    method: str  # factorization name, or "dense"
+    rank: int  # scalar rank (tied); 0 for dense
+    macs: int
+    params: int
+
+    def cost(self, kind: str) -> int:
+        return self.macs if kind == "flops" else self.params
+
+
+@dataclass
+class LayerOptions:
+    spec: LayerSpec
+    options: list[Option]  # sorted by cost ascending; the last one is dense
+
+    @property
+    def dense(self) -> Option:
+        return self.options[-1]
+
+
+@dataclass
+class RankProblem:
+    target: Target
+    layers: list[LayerOptions]
+    base_macs: int
+    base_params: int
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: tuple[int, int, int]
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason it stays dense
+
+    @property
+    def base_cost(self) -> int:
+        return self.base_macs if self.target.kind == "flops" else self.base_params
+
+    @property
+    def budget(self) -> int:
+        return math.floor(self.target.ratio * self.base_cost)
+
+    @property
+    def fixed_cost(self) -> int:
+        """Cost of everything that is not a candidate layer (kept whatever the plan)."""
+        return self.base_cost - sum(lo.dense.cost(self.target.kind) for lo in self.layers)
+
+    def min_cost(self) -> int:
+        return self.fixed_cost + sum(lo.options[0].cost(self.target.kind) for lo in self.layers)
+
+    def check_feasible(self) -> None:
+        lo = self.min_cost()
+        if lo > self.budget:
+            kind = "MACs" if self.target.kind == "flops" else "parameters"
+            raise TargetError(
+                f"--target-{self.target.kind} {self.target.ratio} cannot be reached: even at the "
+                f"smallest ranks the model keeps {lo / self.base_cost:.3f} of its {kind} "
+                f"({len(self.layers)} factorizable layers; the rest, "
+                f"{self.fixed_cost / self.base_cost:.3f} of the total, stays dense). Ask for "
+                f"{math.ceil(lo / self.base_cost * 1000) / 1000:.3f} or more, or --include more "
+                "layers."
+            )
+
+    def cost_of(self, choice: list[int]) -> int:
+        k = self.target.kind
+        return self.fixed_cost + sum(lo.options[j].cost(k) for lo, j in zip(self.layers, choice))
+
+    def to_plan(self, choice: list[int], method: str) -> Plan:
+        layers = []
+        for lo, j in zip(self.layers, choice):
+            o = lo.options[j]
+            if o.method != DENSE:
+                layers.append(LayerPlan(lo.spec.name, o.method, o.rank, lo.spec))
+        return Plan(self.arch, self.num_classes, self.in_chans, tuple(self.input_size),
+                    tuple(layers), self.base_macs, self.base_params, self.target, method)
+
+
+def rank_grid(max_useful: int, multiple: int) -> list[int]:
+    """Ranks 1..max_useful on a ``multiple`` grid (all of 1..max_useful if the grid is empty)."""
+    grid = list(range(multiple, max_useful + 1, multiple))
+    return grid or list(range(1, max_useful + 1))
+
+
+def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Option]:
+    """Options cheaper than dense (by MACs and params), ascending cost, dense last."""
+    opts = []
+    dm, dp = dense_macs(spec), dense_params(spec)
+    for name in methods:
+        fact = get_factorization(name)
+        if fact.supports(spec):
+            continue
+        be = break_even_rank(fact, spec)
+        for r in rank_grid(be, multiple):
+            m, p = fact.macs(spec, r), fact.params(spec, r)
+            if m < dm and p < dp:
+                opts.append(Option(name, r, m, p))
+    # Linear layers and 1x1 convs reduce to SVD for every method: keep one copy of each cost.
+    seen, uniq = set(), []
+    for o in sorted(opts, key=lambda o: (o.macs, o.params, o.method)):
+        if (o.macs, o.params) not in seen:
+            seen.add((o.macs, o.params))
+            uniq.append(o)
+    return uniq + [Option(DENSE, 0, dm, dp)]
+
+
+def allocate(problem: RankProblem, scores: list[list[float]], start: list[int] | None = None
+             ) -> list[int]:
+    """Greedy multiple-choice knapsack: the option per layer maximising total score in budget.
+
+    ``scores[i][j]`` is the utility of option j of layer i (e.g. −predicted loss increase).
+    ``start`` is the initial choice (default: each layer's best-scoring option).
+    """
+    k = problem.target.kind
+    L = problem.layers
+    cost = [[o.cost(k) for o in lo.options] for lo in L]
+    choice = list(start) if start is not None else [
+        max(range(len(s)), key=lambda j, s=s: (s[j], -j)) for s in scores]
+    total = problem.cost_of(choice)
+    budget = problem.budget
+    # Shed: the move (to any cheaper option) losing least score per unit of cost saved.
+    while total > budget:
+        best = None
+        for i, (c, s) in enumerate(zip(cost, scores)):
+            j = choice[i]
+            for jj in range(len(c)):
+                saved = c[j] - c[jj]
+                if saved > 0:
+                    rate = (s[j] - s[jj]) / saved
+                    if best is None or rate < best[0]:
+                        best = (rate, i, jj)
+        if best is None:
+            problem.check_feasible()
+            raise AssertionError("allocation stuck above a feasible budget")
+        _, i, jj = best
+        total += cost[i][jj] - cost[i][choice[i]]
+        choice[i] = jj
+    # Spend: the affordable move gaining most score per unit of cost.
+    while True:
+        best = None
+        for i, (c, s) in enumerate(zip(cost, scores)):
+            j = choice[i]
+            for jj in range(len(c)):
+                extra = c[jj] - c[j]
+                gain = s[jj] - s[j]
+                if 0 < extra <= budget - total and gain > 0:
+                    rate = gain / extra
+                    if best is None or rate > best[0]:
+                        best = (rate, i, jj)
+        if best is None:
+            break
+        _, i, jj = best
+        total += cost[i][jj] - cost[i][choice[i]]
+        choice[i] = jj
+    return choice

@@ -1,0 +1,133 @@
+"""Per-layer signals the rank methods share: reconstruction-error curves and loss sensitivities.
+
+* ``error_curves``: the relative weight-reconstruction error ‖W − Ŵ(r)‖/‖W‖ of every option of
+  every layer (dense: 0), from one batched decomposition per (layer, factorization).
+* ``sensitivities``: how much the calibration loss rises when one layer alone is factorized at a
+  reference option. With the errors they give a second-order loss model used to compare
+  options across layers: ΔL_i(r) ≈ s_i · (e_i(r) / e_i(ref))² (a [PROPOSAL]: a layer's loss
+  increase grows with the square of a small weight perturbation).
+
+Both are cached under ``RUN/cache/`` keyed by a hash of the layer weights, so a second run at
+another target reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._io import write_json
+from ..factorizations import get_factorization
+from ._problem import DENSE, RankProblem
+
+log = logging.getLogger(__name__)
+
+
+def weight_key(weight: torch.Tensor) -> str:
+    h = hashlib.sha1(weight.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Cache:
+    """A JSON cache file in RUN/cache (or an in-memory dict when no directory is given)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict = {}
+        if path is not None and path.exists():
+            try:
+                self.data = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                log.warning("ignoring unreadable cache %s", path)
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        if self.path is not None:
+            write_json(self.path, self.data)
+
+
+@torch.no_grad()
+def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=None,
+                 **opts) -> list[list[float]]:
+    curves = []
+    for lo in problem.layers:
+        w = model.get_submodule(lo.spec.name).weight.detach()
+        wkey = weight_key(w)
+        by_method = defaultdict(list)
+        for j, o in enumerate(lo.options):
+            if o.method != DENSE:
+                by_method[o.method].append((j, o.rank))
+        errs = [0.0] * len(lo.options)
+        w64 = w.double().cpu()
+        norm = torch.linalg.norm(w64).clamp_min(1e-30)
+        for method, items in by_method.items():
+            key = f"err/{lo.spec.name}/{method}/{wkey}"
+            cached = cache.get(key) or {}
+            todo = [r for _, r in items if str(r) not in cached]
+            if todo:
+                fact = get_factorization(method)
+                for r, fs in zip(todo, fact.decompose_many(w64, lo.spec, todo, **opts)):
+                    rec = fact.reconstruct(fs, lo.spec)
+                    cached[str(r)] = float(torch.linalg.norm(w64 - rec) / norm)
+                cache.put(key, cached)
+            for j, r in items:
+                errs[j] = cached[str(r)]
+        curves.append(errs)
+        if progress is not None:
+            progress(lo.spec.name)
+    return curves
+
+
+def _calib_loss(model, batches, device) -> float:
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += F.cross_entropy(model(x.to(device)).float(), y.to(device), reduction="sum").item()
+        n += y.numel()
+    return total / n
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batches, device,
+                  cache: Cache, progress=None) -> list[float]:
+    """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6)."""
+    from ..surgery import swap_modules
+
+    model.eval()
+    base = None
+    out = []
+    for lo, j in zip(problem.layers, ref):
+        o = lo.options[j]
+        mod = model.get_submodule(lo.spec.name)
+        key = f"sens/{lo.spec.name}/{o.method}/{o.rank}/{weight_key(mod.weight)}/{len(batches)}"
+        val = cache.get(key)
+        if val is None:
+            if base is None:
+                base = _calib_loss(model, batches, device)
+            chain = get_factorization(o.method).from_weight(mod.weight, mod.bias, lo.spec, o.rank)
+            with swap_modules(model, {lo.spec.name: chain}):
+                val = _calib_loss(model, batches, device) - base
+            cache.put(key, val)
+        out.append(max(float(val), 1e-6))
+        if progress is not None:
+            progress(lo.spec.name)
+    return out
+
+
+def loss_model_scores(errs: list[list[float]], sens: list[float], ref: list[int]
+                      ) -> list[list[float]]:
+    """scores[i][j] = −s_i · (e_ij / e_i,ref)²: minus the predicted calibration-loss increase."""
+    scores = []
+    for e, s, j0 in zip(errs, sens, ref):
+        e0 = max(e[j0], 1e-12)
+        scores.append([-s * (x / e0) ** 2 for x in e])
+    return scores

@@ -1,0 +1,255 @@
+"""``rene``: the softmax rank search of RENE (arXiv 2409.03555), made to hit a cost target.
+
+Faithful to the paper (methods.md §2):
+
+* every candidate layer gets a candidate rank set and one logit α per candidate, p = softmax(α),
+  α initialised to 0; each candidate has its *own* factor set, initialised by decomposing the
+  pretrained weight at that rank (§2.2);
+* the layer computes with the mixed dense weight W_mix = Σ_r p_r Ŵ(r) (one conv, §2.2);
+* alternating updates (§2.4): a *weight step* on the factors minimising the reconstruction error
+  of W_mix (data-free; SGD-Nesterov), then an *α step* on a calibration batch; a warm-up of
+  weight-only steps starts every search step;
+* multi-step narrowing (§2.5, Figure 3): around the argmax r̄, candidates r̄ ± s/2 at step s/f,
+  branches and logits re-initialised, until the step reaches one grid unit.
+
+Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
+
+* **Budget.** The paper's L_r = γ Σ(E[r]/max r)^β has no notion of a FLOPs target and collapses
+  or overshoots on real checkpoints (§10.1–10.2). The α step here minimises
+  ``CE + λ · E[C]/B``, where E[C] is the whole model's expected MACs (or params) under p and B the
+  budget; λ ≥ 0 is a Lagrange multiplier raised by dual ascent while E[C] > B and lowered when
+  below, so the search settles where the budget binds. γ and β are therefore not used.
+* **Ranks.** Candidates live on the layer's own grid of useful ranks, [1, break-even) rounded to
+  ``--rank-multiple`` (§10.3), spread evenly over it (10 per layer, like the paper's CIFAR grid).
+  Layers that cannot pay off (a 1-channel stem) are never candidates (§10.1).
+* **α optimiser.** Adam (lr 0.05) on the logits instead of SGD 1e-3, so that p moves within the
+  100 iterations on every layer size; the factors keep the paper's SGD-Nesterov.
+* **Repair.** The argmax plan is then made to meet the budget exactly by the greedy allocator
+  (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LrcError
+from ..factorizations import get_factorization
+from ..surgery import swap_modules
+from ._problem import DENSE, LayerOptions, RankProblem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReneConfig:
+    iters: int = 100  # joint (weight, α) iterations per search step (RENE code default)
+    warmup: int = 20  # weight-only iterations at the start of each step (paper §5.1)
+    n_candidates: int = 10  # initial candidates per layer and factorization (paper: 10 on CIFAR)
+    refine: int = 10  # f: the candidate step shrinks by this factor per narrowing
+    lr_w: float = 1e-3  # SGD-Nesterov (momentum 0.9) on the factors (paper, CIFAR)
+    lr_alpha: float = 0.05  # Adam on the logits [PROPOSAL]
+    dual_lr: float = 0.5  # ascent rate of the budget multiplier λ [PROPOSAL]
+    grad_clip: float | None = None  # the RENE README recommends 5 for CP
+
+    def __post_init__(self):
+        if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
+            raise ValueError(f"bad ReneConfig {self}: iters>=1, warmup>=0, n_candidates>=2, "
+                             "refine>=2")
+
+
+class MixedLayer(nn.Module):
+    """A conv/linear layer computing with Σ_r softmax(α)_r Ŵ(r) over candidate factor sets."""
+
+    def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors):
+        super().__init__()
+        self.spec = spec
+        self.cands = cands  # (option index, method, rank)
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            self.conv_args = dict(stride=base.stride, padding=base.padding,
+                                  dilation=base.dilation, groups=base.groups)
+        self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
+        self.register_buffer("target", base.weight.detach().clone())
+        self.branches = nn.ModuleList(
+            nn.ParameterList([nn.Parameter(f.detach().clone()) for f in fs]) for fs in factors)
+        self.alpha = nn.Parameter(torch.zeros(len(cands), device=base.weight.device))
+        self.facts = [get_factorization(m) for _, m, _ in cands]
+
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.alpha, dim=0)
+
+    def recon(self) -> list[torch.Tensor]:
+        return [f.reconstruct(list(b), self.spec) for f, b in zip(self.facts, self.branches)]
+
+    def mixed(self, recon: list[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
+        return sum(pk * w for pk, w in zip(p, recon))
+
+    def forward(self, x):
+        with torch.no_grad():
+            recon = self.recon()
+        w = self.mixed(recon, self.probs())
+        if self.is_conv:
+            return F.conv2d(x, w, self.bias, **self.conv_args)
+        return F.linear(x, w, self.bias)
+
+
+def _initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
+    """~n evenly spaced option indices per factorization (largest rank always in); step sizes."""
+    by_method: dict[str, list[int]] = {}
+    for j, o in enumerate(lo.options):
+        if o.method != DENSE:
+            by_method.setdefault(o.method, []).append(j)
+    cands, steps = [], {}
+    for m, idx in by_method.items():
+        idx.sort(key=lambda j: lo.options[j].rank)
+        s = max(1, math.ceil(len(idx) / n))
+        pick = idx[::-1][::s][::-1]  # from the top, so the largest useful rank is a candidate
+        cands += pick
+        steps[m] = s
+    return cands, steps
+
+
+def _narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[int], int]:
+    """Figure 3's rule in grid units: r̄ ± step/2 at step ⌊step/f⌋ (at least one grid unit)."""
+    m = lo.options[best].method
+    idx = sorted((j for j, o in enumerate(lo.options) if o.method == m),
+                 key=lambda j: lo.options[j].rank)
+    pos = idx.index(best)
+    new = max(1, step // refine)
+    half = step // 2
+    lo_i, hi_i = max(0, pos - half), min(len(idx) - 1, pos + half)
+    return sorted({idx[k] for k in range(lo_i, hi_i + 1, new)} | {best}), new
+
+
+def search(ctx, cfg: ReneConfig) -> tuple[list[int], dict]:
+    """Run the multi-step search; returns (argmax choice per layer, trace)."""
+    problem: RankProblem = ctx.problem
+    kind = problem.target.kind
+    model = ctx.model
+    torch.manual_seed(ctx.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state = []  # per layer: (candidate option indices, step per method)
+    for lo in problem.layers:
+        cands, steps = _initial_candidates(lo, cfg.n_candidates)
+        state.append((cands, steps))
+    trace = {"config": asdict(cfg), "steps": []}
+    step_no = 0
+    while True:
+        step_no += 1
+        mixed = {}
+        for lo, (cands, _) in zip(problem.layers, state):
+            base = model.get_submodule(lo.spec.name)
+            per_method: dict[str, list[int]] = {}
+            for j in cands:
+                per_method.setdefault(lo.options[j].method, []).append(j)
+            factors_by_j = {}
+            for m, js in per_method.items():
+                fs = get_factorization(m).decompose_many(
+                    base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
+                factors_by_j.update(zip(js, fs))
+            cl = [(j, lo.options[j].method, lo.options[j].rank) for j in cands]
+            mixed[lo.spec.name] = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands])
+            ctx.tick()
+        step_trace = _optimise(ctx, problem, mixed, cfg, kind)
+        choice = []
+        for mx in mixed.values():
+            k = int(torch.argmax(mx.alpha.detach()))
+            choice.append(mx.cands[k][0])
+        step_trace["argmax_ranks"] = {lo.spec.name: [lo.options[j].method, lo.options[j].rank]
+                                      for lo, j in zip(problem.layers, choice)}
+        step_trace["argmax_cost_ratio"] = problem.cost_of(choice) / problem.base_cost
+        trace["steps"].append(step_trace)
+        log.info("rene step %d: argmax plan at %.3f of the original cost (target %.3f)",
+                 step_no, step_trace["argmax_cost_ratio"], problem.target.ratio)
+        # Narrow: a layer is done when its step is one grid unit; all done -> stop.
+        new_state, done = [], True
+        for lo, (_cands, steps), j in zip(problem.layers, state, choice):
+            s = steps[lo.options[j].method]
+            if s <= 1:
+                new_state.append(([j], {lo.options[j].method: 1}))
+                continue
+            done = False
+            nc, ns = _narrow(lo, j, s, cfg.refine)
+            new_state.append((nc, {lo.options[j].method: ns}))
+        state = new_state
+        if done or all(len(c) == 1 for c, _ in state):
+            return choice, trace
+
+
+def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
+    params_w = [p for mx in mixed.values() for p in mx.branches.parameters()]
+    alphas = [mx.alpha for mx in mixed.values()]
+    opt_w = torch.optim.SGD(params_w, lr=cfg.lr_w, momentum=0.9, nesterov=True)
+    opt_a = torch.optim.Adam(alphas, lr=cfg.lr_alpha)
+    costs = [torch.tensor([float(lo.options[j].cost(kind)) for j, _, _ in mx.cands],
+                          device=mx.alpha.device) for lo, mx in zip(problem.layers, mixed.values())]
+    fixed = problem.fixed_cost
+    budget = float(problem.budget)
+    lam = 0.0
+    hist = {"ce": [], "expected_cost_ratio": [], "lambda": [], "recon": []}
+    batches = ctx.batches
+    model = ctx.model
+    with swap_modules(model, mixed):
+        model.eval()  # BN statistics stay those of the pretrained model
+        for it in range(cfg.warmup + cfg.iters):
+            # Weight step (Eq. 8): data-free, mixture reconstruction, p held fixed.
+            opt_w.zero_grad(set_to_none=True)
+            rec_loss = 0.0
+            for mx in mixed.values():
+                w = mx.mixed(mx.recon(), mx.probs().detach())
+                t = mx.target
+                rec_loss = rec_loss + (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+            rec_loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
+            opt_w.step()
+            if it < cfg.warmup:
+                continue
+            # α step (Eq. 9, budget-aware): calibration CE + λ · E[cost]/budget.
+            x, y = batches[it % len(batches)]
+            opt_a.zero_grad(set_to_none=True)
+            ce = F.cross_entropy(model(x.to(ctx.device)).float(), y.to(ctx.device))
+            exp_cost = fixed + sum((mx.probs() * c).sum() for mx, c in zip(mixed.values(), costs))
+            ratio = exp_cost / budget
+            (ce + lam * ratio).backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
+            opt_a.step()
+            lam = max(0.0, lam + cfg.dual_lr * (float(ratio) - 1.0))
+            if not math.isfinite(float(ce)):
+                raise LrcError(f"rene search diverged (calibration loss {float(ce)}) at "
+                               f"iteration {it}; try --rene-grad-clip 5 or another --decomp.")
+            hist["ce"].append(round(float(ce), 5))
+            hist["expected_cost_ratio"].append(round(float(exp_cost) / problem.base_cost, 5))
+            hist["lambda"].append(round(lam, 5))
+            hist["recon"].append(round(float(rec_loss), 6))
+            ctx.tick()
+    return hist
+
+
+def select(ctx) -> tuple:
+    from ._problem import allocate
+    from ._signals import error_curves, loss_model_scores, sensitivities
+
+    cfg = ctx.config.get("rene") or ReneConfig()
+    choice, trace = search(ctx, cfg)
+    before = ctx.problem.cost_of(choice)
+    errs = error_curves(ctx.model, ctx.problem, ctx.cache)
+    sens = sensitivities(ctx.model, ctx.problem, choice, ctx.batches[:4], ctx.device, ctx.cache)
+    scores = loss_model_scores(errs, sens, choice)
+    final = allocate(ctx.problem, scores, start=choice)
+    problem_cost = ctx.problem.cost_of(final)
+    trace["repair"] = {
+        "argmax_cost_ratio": before / ctx.problem.base_cost,
+        "final_cost_ratio": problem_cost / ctx.problem.base_cost,
+        "layers_changed": sum(a != b for a, b in zip(choice, final)),
+    }
+    return ctx.problem.to_plan(final, "rene"), trace
+

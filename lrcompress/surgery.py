@@ -1,0 +1,93 @@
+"""Model surgery: the only code that swaps modules. ``decompose_(model, plan)`` applies a plan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .factorizations import chain_factors, get_factorization
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the factorized weight (nan for skeletons)
+    seconds: float
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def swap_modules(model: nn.Module, new: dict[str, nn.Module]):
+    """Temporarily replace modules by name (for trial evaluations); restored on exit."""
+    old = {name: model.get_submodule(name) for name in new}
+    try:
+        for name, mod in new.items():
+            _set_module(model, name, mod)
+        yield model
+    finally:
+        for name, mod in old.items():
+            _set_module(model, name, mod)
+
+
+def replace_modules_(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Permanently replace modules by name."""
+    for name, mod in new.items():
+        _set_module(model, name, mod)
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Every planned layer exists and has the shape the plan was made for."""
+    modules = dict(model.named_modules())
+    for lp in plan.layers:
+        mod = modules.get(lp.name)
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            raise UserError(f"The plan factorizes {lp.name!r}, but this model has no conv/linear "
+                            f"layer of that name. The plan was made for {plan.arch}.")
+        if tuple(mod.weight.shape) != lp.spec.weight_shape:
+            raise UserError(f"The plan expects {lp.name} with weight {lp.spec.weight_shape}, the "
+                            f"model has {tuple(mod.weight.shape)}: it was made for another model.")
+
+
+@torch.no_grad()
+def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=None,
+               **opts) -> list[LayerResult]:
+    """Replace each planned layer by its factorized chain, in place.
+
+    ``weights=False`` builds empty skeletons (for reloading saved weights); otherwise each chain is
+    decomposed from the layer's current weight. ``progress(name)`` is called after each layer.
+    """
+    import time
+
+    check_plan_fits(model, plan)
+    results = []
+    for lp in plan.layers:
+        t0 = time.perf_counter()
+        mod = model.get_submodule(lp.name)
+        fact = get_factorization(lp.method)
+        if weights:
+            chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank, **opts)
+            w = mod.weight.detach().double()
+            rec = fact.reconstruct([f.double() for f in chain_factors(chain)], lp.spec)
+            err = float(torch.linalg.norm(w - rec) / torch.linalg.norm(w).clamp_min(1e-30))
+        else:
+            chain = fact.skeleton(lp.spec, lp.rank, dtype=mod.weight.dtype,
+                                  device=mod.weight.device)
+            err = float("nan")
+        _set_module(model, lp.name, chain)
+        results.append(LayerResult(lp.name, err, time.perf_counter() - t0))
+        if progress is not None:
+            progress(lp.name)
+    return results

@@ -1,0 +1,99 @@
+"""The CLI end to end: inspect, search, and bad input answered with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrcompress.cli import main
+
+from .conftest import tiny_resnet
+from .test_costs import reference_macs
+
+
+def run(*args):
+    """(exit code, stdout and stderr together)."""
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    return r.exit_code, r.output
+
+
+def run_json(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def assert_user_error(code, out, *words):
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    for w in words:
+        assert w in out, out
+
+
+def test_inspect_json_totals_match_flopcounter():
+    d = run_json("inspect", "timm:test_resnet", "--input-size", "1,32,32", "--json")
+    m = tiny_resnet(num_classes=1000)
+    assert abs(d["total_macs"] - reference_macs(m, (1, 32, 32))) <= 0.01 * d["total_macs"]
+    assert any(r["candidate"] for r in d["rows"])
+    assert not d["rows"][0]["candidate"]  # the stem stays dense by default
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_inspect_checkpoint_table(resnet_ckpt, fmt):
+    code, out = run("inspect", resnet_ckpt[fmt], "--input-size", "1,32,32")
+    assert code == 0, out
+    assert "layer1.0.conv1" in out and "Total:" in out
+
+
+def test_help_teaches_with_examples():
+    for cmd in ("inspect", "search"):
+        code, out = run(cmd, "--help")
+        assert code == 0 and "Examples:" in out
+
+
+def test_bad_inputs_exit_2_without_traceback(resnet_ckpt, tmp_path):
+    empty = tmp_path / "empty_test_resnet.pt"
+    empty.write_bytes(b"")
+    assert_user_error(*run("inspect", empty), "empty")
+    assert_user_error(*run("inspect", "timm:resnet181"), "Unknown architecture", "resnet18")
+    assert_user_error(*run("inspect", tmp_path / "missing.pt"), "No such file")
+    sd = tiny_resnet().state_dict()
+    sd["fc.weight"][0, 0] = float("inf")
+    nan = tmp_path / "nan_test_resnet.pt"
+    torch.save(sd, nan)
+    assert_user_error(*run("inspect", nan, "--arch", "timm:test_resnet"), "NaN or Inf")
+    assert_user_error(*run("inspect", resnet_ckpt["pt"], "--arch", "timm:resnet18"),
+                      "does not fit", "shape mismatch")
+    assert_user_error(*run("inspect", resnet_ckpt["pt"], "--input-size", "3,32,32"),
+                      "channels")
+    assert_user_error(*run("inspect", resnet_ckpt["pt"], "--input-size", "1,32"), "C,H,W")
+    assert_user_error(*run("inspect", resnet_ckpt["pt"], "--input-size", "1,32,32",
+                           "--include", "nothing.*"), "matches no conv/linear layer")
+
+
+def test_search_cli_writes_a_run(resnet_ckpt, tmp_path):
+    out = tmp_path / "run"
+    code, text = run("search", resnet_ckpt["pt"], "--input-size", "1,32,32", "--decomp", "tt",
+                     "--method", "uniform", "--target-flops", "0.5", "--data", "synthetic:64",
+                     "--rank-multiple", "1", "--batch-size", "16", "-o", out)
+    assert code == 0, text
+    assert {"model.safetensors", "plan.json", "report.json"} <= {p.name for p in out.iterdir()}
+    assert "MACs" in text
+
+
+def test_search_bad_targets(resnet_ckpt, tmp_path):
+    common = ("--input-size", "1,32,32", "--data", "synthetic:64", "-o", tmp_path / "r")
+    assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "1.5", *common),
+                      "strictly between 0 and 1")
+    assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0", *common),
+                      "strictly between 0 and 1")
+    assert_user_error(*run("search", resnet_ckpt["pt"], *common), "exactly one of")
+    assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0.01", *common),
+                      "cannot be reached")
+    assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0.5",
+                           "--input-size", "1,32,32", "--data", "nosuch:/x", "-o",
+                           tmp_path / "r"), "nosuch")
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,131 @@
+"""Fine-tuning: regularizer gradients against their formulas, resume equals uninterrupted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.factorizations import get_factorization
+from lrcompress.finetune import FinetuneConfig, distill, frobenius_decay, orthogonality
+from lrcompress.plan import LayerPlan, Plan
+from lrcompress.surgery import decompose_
+from lrcompress.targets import find_layers
+
+from .conftest import tiny_resnet
+
+
+def _tiny_plan(model, method="tucker2", rank=4, size=(1, 16, 16)):
+    specs = [s for s in find_layers(model, size) if s.kind == "conv2d" and s.kernel == (3, 3)
+             and s.in_ch > 1][:3]
+    layers = tuple(LayerPlan(s.name, method, rank, s) for s in specs)
+    return Plan("timm:test_resnet", 10, 1, size, layers, 1, 1)
+
+
+def test_frobenius_decay_equals_decay_on_the_product():
+    torch.manual_seed(0)
+    m = tiny_resnet()
+    plan = _tiny_plan(m)
+    decompose_(m, plan)
+    val = frobenius_decay(m, plan)
+    expect = 0.0
+    for lp in plan.layers:
+        chain = m.get_submodule(lp.name)
+        w = get_factorization(lp.method).reconstruct([c.weight for c in chain], lp.spec)
+        expect = expect + 0.5 * w.pow(2).sum()
+    torch.testing.assert_close(val, expect)
+    # Its gradient on a 2-factor product U V is μ U VᵀV (Khodak, frobgrad), not μ U.
+    u = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    (0.5 * (u @ v).pow(2).sum()).backward()
+    torch.testing.assert_close(u.grad, (u @ v) @ v.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["so", "dso"])
+def test_orthogonality_matches_closed_form_gradient(kind):
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(8, 3, bias=False), nn.Linear(3, 8)).double()
+    spec = find_layers(nn.Sequential(nn.Linear(8, 8)), (1, 8))[0]
+    # Route through the plan machinery: one factorized linear layer.
+    model = nn.Sequential()
+    model.add_module("0", lin)
+    plan = Plan("x", 8, 1, (1, 8), (LayerPlan("0", "svd", 3, spec),), 1, 1)
+    loss = orthogonality(model, plan, kind)
+    loss.backward()
+    for layer in lin:
+        u = layer.weight.detach()
+        tall = u.shape[0] > u.shape[1]
+        # SO on the smaller Gram: ∇ = 4 U (UᵀU − I) for tall U, 4 (UUᵀ − I) U for wide U.
+        g = 4 * u @ (u.T @ u - torch.eye(u.shape[1], dtype=u.dtype)) if tall else \
+            4 * (u @ u.T - torch.eye(u.shape[0], dtype=u.dtype)) @ u
+        if kind == "dso":
+            g = g + (4 * (u @ u.T - torch.eye(u.shape[0], dtype=u.dtype)) @ u if tall else
+                     4 * u @ (u.T @ u - torch.eye(u.shape[1], dtype=u.dtype)))
+        torch.testing.assert_close(layer.weight.grad, g, rtol=1e-9, atol=1e-9)
+
+
+def _setup():
+    torch.manual_seed(0)
+    teacher = tiny_resnet()
+    plan = _tiny_plan(teacher)
+    student = copy.deepcopy(teacher)
+    decompose_(student, plan)
+    spec = parse_data_spec("synthetic:48")
+    pre = resolve_preprocess(teacher, spec, input_size=(1, 16, 16), in_chans=1)
+    loaders = build_loaders(spec, pre, DataConfig(batch_size=16, seed=0), num_classes=10)
+    return teacher, student, plan, loaders
+
+
+def test_distillation_lowers_the_training_loss():
+    teacher, student, plan, loaders = _setup()
+    cfg = FinetuneConfig(epochs=4, lr=0.05)
+    res = distill(student, teacher, plan, loaders, cfg, torch.device("cpu"))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert 1 <= res.best_epoch <= 4
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    cfg = FinetuneConfig(epochs=3, lr=0.05, frobenius_decay=1e-4, orth="so")
+    teacher, student, plan, loaders = _setup()
+    distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), seed=3)
+    uninterrupted = student.state_dict()
+
+    import lrcompress.finetune as ft
+
+    teacher, student, plan, loaders = _setup()
+    calls = {"n": 0}
+    real = ft.evaluate
+
+    def dying_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the end of epoch 2: killed before its state is saved
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
+                seed=3)
+    monkeypatch.setattr(ft, "evaluate", real)
+    teacher, student, plan, loaders = _setup()  # a fresh process: nothing kept in memory
+    res = distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
+                  seed=3)
+    assert res.resumed_from_epoch == 1
+    resumed = student.state_dict()
+    for k in uninterrupted:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=0)
+
+
+def test_changed_command_refuses_to_resume(tmp_path):
+    teacher, student, plan, loaders = _setup()
+    cfg = FinetuneConfig(epochs=1, lr=0.05)
+    distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
+            fingerprint="a")
+    from lrcompress.errors import UserError
+
+    with pytest.raises(UserError, match="different command"):
+        distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
+                fingerprint="b")

@@ -1,0 +1,97 @@
+"""Rank selection machinery: budget allocation, feasibility, RENE's narrowing schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrcompress.errors import TargetError
+from lrcompress.plan import Target
+from lrcompress.rank._problem import DENSE, LayerOptions, Option, RankProblem, allocate, rank_grid
+from lrcompress.rank.rene import _initial_candidates, _narrow
+from lrcompress.targets import LayerSpec
+
+
+def _layer(name, ranks, per_rank, dense):
+    spec = LayerSpec(name, "conv2d", 64, 64, (3, 3), in_hw=(8, 8), out_hw=(8, 8))
+    opts = [Option("tt", r, r * per_rank, r) for r in ranks] + [Option(DENSE, 0, dense, 10**6)]
+    return LayerOptions(spec, opts)
+
+
+def _problem(ratio, fixed=1000, kind="flops"):
+    layers = [_layer("a", range(8, 65, 8), 100, 10_000), _layer("b", range(8, 65, 8), 50, 6_000)]
+    base = fixed + 16_000
+    return RankProblem(Target(kind, ratio), layers, base, 10**7, "timm:x", 10, 1, (1, 8, 8))
+
+
+def test_rank_grid():
+    assert rank_grid(40, 8) == [8, 16, 24, 32, 40]
+    assert rank_grid(5, 8) == [1, 2, 3, 4, 5]  # a grid that would be empty falls back to 1..max
+
+
+@pytest.mark.parametrize("ratio", [0.13, 0.2, 0.35, 0.5, 0.8])
+def test_allocate_meets_budget_and_wastes_at_most_one_step(ratio):
+    p = _problem(ratio)
+    # Score: higher rank is better, layer a twice as sensitive per rank as b.
+    scores = [[(2.0 if i == 0 else 1.0) * o.rank if o.method != DENSE else 10**4
+               for o in lo.options] for i, lo in enumerate(p.layers)]
+    choice = allocate(p, scores)
+    cost = p.cost_of(choice)
+    assert cost <= p.budget
+    # No single affordable upgrade with positive gain is left.
+    slack = p.budget - cost
+    for i, lo in enumerate(p.layers):
+        for jj, o in enumerate(lo.options):
+            extra = o.macs - lo.options[choice[i]].macs
+            if 0 < extra <= slack:
+                assert scores[i][jj] <= scores[i][choice[i]]
+
+
+def test_allocate_prefers_the_more_sensitive_layer():
+    p = _problem(0.3)
+    scores = [[-((64 - o.rank) ** 2) * (10 if i == 0 else 1) if o.method != DENSE else 0
+               for o in lo.options] for i, lo in enumerate(p.layers)]
+    a, b = allocate(p, scores)
+    assert p.layers[0].options[a].rank > p.layers[1].options[b].rank
+
+
+def test_infeasible_target_states_smallest_reachable_ratio():
+    p = _problem(0.05, fixed=1000)  # smallest: 1000 + 800 + 400 = 2200 of 17000 = 0.129
+    with pytest.raises(TargetError, match=r"0\.129|0\.130"):
+        p.check_feasible()
+
+
+def test_target_range_is_checked():
+    for r in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(Exception, match="strictly between 0 and 1"):
+            Target("flops", r)
+
+
+def test_initial_candidates_span_the_grid_and_include_the_largest():
+    lo = _layer("a", range(1, 51), 1, 10**6)
+    cands, steps = _initial_candidates(lo, 10)
+    ranks = [lo.options[j].rank for j in cands]
+    assert len(ranks) == 10 and ranks[-1] == 50 and steps == {"tt": 5}
+    assert all(b - a == 5 for a, b in zip(ranks, ranks[1:]))
+
+
+def test_narrowing_follows_figure_3():
+    # Figure 3 of RENE in grid units: step 10 around r̄=20 -> 15..25 at step 1.
+    lo = _layer("a", range(1, 101), 1, 10**6)
+    best = next(j for j, o in enumerate(lo.options) if o.rank == 20)
+    cands, new_step = _narrow(lo, best, 10, 10)
+    assert [lo.options[j].rank for j in cands] == list(range(15, 26))
+    assert new_step == 1
+    # Coarser: step 100 around 200 with f=10 -> 150..250 at step 10.
+    lo = _layer("a", range(1, 1001), 1, 10**6)
+    best = next(j for j, o in enumerate(lo.options) if o.rank == 200)
+    cands, new_step = _narrow(lo, best, 100, 10)
+    assert [lo.options[j].rank for j in cands] == list(range(150, 251, 10))
+    assert new_step == 10
+
+
+def test_narrowing_clips_at_the_grid_edges():
+    lo = _layer("a", range(1, 31), 1, 10**6)
+    best = len(lo.options) - 2  # the largest rank (30)
+    cands, _ = _narrow(lo, best, 10, 10)
+    ranks = [lo.options[j].rank for j in cands]
+    assert min(ranks) == 25 and max(ranks) == 30

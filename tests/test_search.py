@@ -1,0 +1,100 @@
+"""`search` end to end on a tiny real architecture with synthetic data (fast, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lrcompress
+from lrcompress.data import DataConfig
+from lrcompress.errors import TargetError, UserError
+from lrcompress.export import load
+from lrcompress.measure import independent_macs
+from lrcompress.pipeline import SearchConfig, search
+from lrcompress.plan import Plan, Target
+from lrcompress.rank.rene import ReneConfig
+
+FAST_RENE = ReneConfig(iters=6, warmup=2)
+DATA = DataConfig(batch_size=16, test_subset=32)
+
+
+def _cfg(**kw):
+    base = dict(target=Target("flops", 0.5), decomp="tt", method="uniform", rank_multiple=1,
+                calib_batches=2, data=DATA, rene=FAST_RENE, input_size=(1, 32, 32))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.mark.parametrize("decomp", ["svd", "tucker2", "cp", "cp4", "tt"])
+@pytest.mark.parametrize("kind", ["flops", "params"])
+def test_uniform_meets_target_for_every_decomp(resnet_ckpt, tmp_path, decomp, kind):
+    res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run",
+                 _cfg(decomp=decomp, target=Target(kind, 0.5)))
+    tot = res.report["totals"]
+    ratio = tot["macs_ratio"] if kind == "flops" else tot["params_ratio"]
+    assert 0.40 <= ratio <= 0.5  # tiny model: coarse rank steps, so a looser floor than resnet18
+    model = load(tmp_path / "run")
+    assert independent_macs(model, (1, 32, 32)) == tot["macs_after"]
+
+
+@pytest.mark.parametrize("decomp", ["tt", "tucker2", "auto"])
+def test_rene_meets_target_and_is_deterministic(resnet_ckpt, tmp_path, decomp):
+    cfg = _cfg(method="rene", decomp=decomp, target=Target("flops", 0.4))
+    a = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "a", cfg)
+    b = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "b", cfg)
+    assert a.plan.to_dict()["layers"] == b.plan.to_dict()["layers"]
+    r = a.report["totals"]["macs_ratio"]
+    assert 0.34 <= r <= 0.4
+    assert a.report["search"]["steps"], "the search trace is recorded"
+
+
+def test_reload_is_bit_exact_and_plan_round_trips(resnet_ckpt, tmp_path):
+    res = search(str(resnet_ckpt["safetensors"]), "synthetic:64", tmp_path / "run", _cfg())
+    plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
+    assert plan.to_dict() == res.plan.to_dict()
+    m1 = lrcompress.load(tmp_path / "run" / "model.safetensors")
+    m2 = lrcompress.load(tmp_path / "run")
+    sd1, sd2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(m1(x), m2(x))
+    # Re-applying the plan to the original weights reproduces the same compressed model.
+    again = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "again",
+                   _cfg(plan_path=str(tmp_path / "run" / "plan.json")))
+    assert again.plan.to_dict()["layers"] == res.plan.to_dict()["layers"]
+    m3 = lrcompress.load(tmp_path / "again")
+    assert torch.allclose(m3(x), m1(x), atol=1e-5)
+
+
+def test_infeasible_target_fails_before_writing(resnet_ckpt, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TargetError, match="cannot be reached"):
+        search(str(resnet_ckpt["pt"]), "synthetic:64", out, _cfg(target=Target("flops", 0.01)))
+    assert not out.exists()
+
+
+def test_non_empty_output_is_refused(resnet_ckpt, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        search(str(resnet_ckpt["pt"]), "synthetic:64", out, _cfg())
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_input_checkpoint_is_untouched(resnet_ckpt, tmp_path):
+    before = resnet_ckpt["pt"].read_bytes()
+    search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", _cfg())
+    assert resnet_ckpt["pt"].read_bytes() == before
+
+
+def test_report_has_the_main_fields(resnet_ckpt, tmp_path):
+    search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", _cfg())
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    for key in ("command", "seed", "versions", "target", "totals", "accuracy", "layers",
+                "search", "seconds"):
+        assert key in rep
+    row = next(r for r in rep["layers"] if r["factorization"] != "dense")
+    assert row["macs_after"] < row["macs_before"] and 0 <= row["rel_error"] < 1
