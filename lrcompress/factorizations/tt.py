@@ -1,0 +1,110 @@
+"""Tensor-train factorization of k×k convs, RENE's 3-core form (methods.md §1.4).
+
+RENE (arXiv 2409.03555, Eq. (1) and (3); code ``rene/decomposition/tt.py``) views the kernel as
+``T̃ ∈ R^{T×(kh·kw)×S}``, ``T̃[t, i·kw+j, s] = W[t, s, i, j]``, and fits three TT cores by TT-SVD
+(two sequential truncated SVDs):
+
+    T̃[t, k, s] = Σ_{r1, r2} G_t[t, r1] G_y[r1, k, r2] G_s[r2, s]
+
+Chain: 1×1 conv S→r2 (``G_s``), kh×kw conv r2→r1 (``G_y``; stride, padding, dilation), 1×1 conv
+r1→T (``G_t`` + bias). Params ``T·r1 + kh·kw·r1·r2 + r2·S``; MACs
+``H·W·S·r2 + H'W'·kh·kw·r1·r2 + H'W'·r1·T``. Structurally a Tucker-2 chain; only the fit differs.
+
+Ranks: RENE ties ``r1 = r2 = r`` ("we assume that the two TT ranks are equal"): an int is the tied
+rank, max ``min(T, S)``. A tuple ``(r1, r2)`` is untied, clipped to the TT feasibility bounds
+``r1 ≤ min(T, S·kh·kw)``, ``r2 ≤ min(S, r1·kh·kw)``.
+
+The first SVD (of the T × kh·kw·S unfolding) is shared by every rank in :meth:`decompose_many`;
+``impl="tensorly"`` runs tensorly's ``tensor_train`` per rank instead (the reference in the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import (
+    Factorization,
+    as_int_tuple,
+    conv,
+    in_positions,
+    khw,
+    left_basis,
+    norm_int_rank,
+    register,
+    tensorly_context,
+)
+
+
+def _ranks(rank) -> tuple[int, int]:
+    return (rank, rank) if isinstance(rank, int) else tuple(rank)
+
+
+@register
+class TT(Factorization):
+    name = "tt"
+    options = {"impl": "torch"}
+
+    def _conv_max_rank(self, spec):
+        return min(spec.out_ch, spec.in_ch)
+
+    def _conv_rank_from(self, spec, rank):
+        tup = as_int_tuple(rank, 2, self.name)
+        if tup is None:
+            return norm_int_rank(rank, self._conv_max_rank(spec), self.name)
+        r1 = max(1, min(tup[0], spec.out_ch, spec.in_ch * khw(spec)))
+        r2 = max(1, min(tup[1], spec.in_ch, r1 * khw(spec)))
+        return (r1, r2)
+
+    def _conv_params(self, spec, rank):
+        r1, r2 = _ranks(rank)
+        return spec.out_ch * r1 + khw(spec) * r1 * r2 + r2 * spec.in_ch
+
+    def _conv_macs(self, spec, rank):
+        r1, r2 = _ranks(rank)
+        return (in_positions(spec) * spec.in_ch * r2
+                + spec.out_positions * (khw(spec) * r1 * r2 + r1 * spec.out_ch))
+
+    def _conv_layers(self, spec, rank):
+        r1, r2 = _ranks(rank)
+        return [
+            conv(spec.in_ch, r2),
+            conv(r2, r1, spec.kernel, spec.stride, spec.padding, spec.dilation),
+            conv(r1, spec.out_ch, bias=spec.bias),
+        ]
+
+    def _conv_decompose_many(self, w, spec, ranks, opts):
+        t, s = spec.out_ch, spec.in_ch
+        kh, kw = spec.kernel
+        k = kh * kw
+        tensor = w.permute(0, 2, 3, 1).reshape(t, k, s)  # T̃[t, i·kw+j, s] = W[t, s, i, j]
+        impl = opts["impl"]
+        if impl == "tensorly":
+            return [self._tensorly(tensor, spec, *_ranks(r)) for r in ranks]
+        if impl != "torch":
+            raise ValueError(f"tt: impl must be 'torch' or 'tensorly', got {impl!r}.")
+        pairs = [_ranks(r) for r in ranks]
+        u1, p1 = left_basis(tensor.reshape(t, k * s), max(r1 for r1, _ in pairs))  # shared
+        second: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for r1, r2 in pairs:
+            if r1 not in second:
+                top = max(b for a, b in pairs if a == r1)
+                second[r1] = left_basis(p1[:r1].reshape(r1 * k, s), top)
+            u2, p2 = second[r1]
+            g_y = u2[:, :r2].reshape(r1, kh, kw, r2).permute(0, 3, 1, 2)
+            out.append([p2[:r2].reshape(r2, s, 1, 1), g_y, u1[:, :r1].reshape(t, r1, 1, 1)])
+        return out
+
+    @staticmethod
+    def _tensorly(tensor, spec, r1, r2):
+        from tensorly.decomposition import tensor_train
+
+        t, k, s = tensor.shape
+        with tensorly_context():
+            g_t, g_y, g_s = tensor_train(tensor, rank=[1, r1, r2, 1]).factors
+        g_y = g_y.reshape(r1, *spec.kernel, r2).permute(0, 3, 1, 2)
+        return [g_s.reshape(r2, s, 1, 1), g_y, g_t.reshape(t, r1, 1, 1)]
+
+    def _conv_reconstruct(self, factors, spec):
+        first, core, last = factors
+        return torch.einsum("ta,abhw,bs->tshw", last[:, :, 0, 0], core, first[:, :, 0, 0])
