@@ -234,9 +234,13 @@ def _floats(value, name):
 @click.option("--target-params", type=float, help="Keep at most this fraction of the "
               "parameters, 0 < R < 1.")
 @click.option("--method", default="rene", show_default=True,
-              type=click.Choice(["rene", "uniform"]),
-              help="Rank selection: rene (softmax rank search, budget-aware) or uniform "
-              "(one rank ratio everywhere).")
+              type=click.Choice(["rene", "uniform", "energy", "vbmf", "lsvt", "gsvt", "isvt",
+                                 "bisect"]),
+              help="Rank selection: rene (softmax rank search, budget-aware); baselines: "
+              "uniform (one rank ratio everywhere), energy (keep a share of Σσ², Yang 2020), "
+              "vbmf (VBMF ranks scaled to the target), lsvt / gsvt (LoRITa's per-layer / "
+              "global σ/σ₁ truncation), isvt (LoRITa's greedy loss-guided cuts), bisect "
+              "(σ/σ₁ threshold by loss-tolerance bisection). All meet the target.")
 @click.option("--data", "data_spec", required=True,
               help="fashionmnist:ROOT, mnist:ROOT, cifar10:ROOT, cifar100:ROOT, "
               "imagefolder:DIR or synthetic.")
@@ -262,6 +266,10 @@ def _floats(value, name):
               help="rene: joint iterations per search step.")
 @click.option("--search-warmup", default=20, show_default=True, type=click.IntRange(min=0),
               help="rene: weight-only iterations before each step.")
+@click.option("--vbmf-weaken", type=click.FloatRange(0, 1),
+              help="vbmf: r = r_full − w·(r_full − r_vbmf); 1 = pure VBMF (default).")
+@click.option("--max-loss-increase", type=click.FloatRange(min=0),
+              help="bisect: calibration-loss increase tolerated, in nats (default 0.02).")
 @click.option("--mean", help="Normalisation mean, comma-separated (default: the model's).")
 @click.option("--std", help="Normalisation std, comma-separated (default: the model's).")
 @click.option("--train-subset", type=click.IntRange(min=1),
@@ -275,8 +283,8 @@ def _floats(value, name):
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, method, data_spec, out, include, exclude, rank_multiple, plan_path,
            seed, device, batch_size, workers, calib_fraction, calib_batches, test_subset,
-           search_iters, search_warmup, mean, std, train_subset, cache_dir, overwrite, as_json,
-           **finetune_kw):
+           search_iters, search_warmup, vbmf_weaken, max_loss_increase, mean, std, train_subset,
+           cache_dir, overwrite, as_json, **finetune_kw):
     """Compress MODEL to a FLOPs or params target: rank search, decomposition, evaluation.
 
     Writes RUN/model.safetensors (reload with lrcompress.load), RUN/plan.json and
@@ -319,6 +327,9 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
                         seed=seed, test_subset=test_subset, train_subset=train_subset),
         finetune=_finetune_config(finetune_kw), cache_dir=cache_dir,
+        method_config={**({"vbmf": {"weaken": vbmf_weaken}} if vbmf_weaken is not None else {}),
+                       **({"bisect": {"max_loss_increase": max_loss_increase}}
+                          if max_loss_increase is not None else {})},
         rene=ReneConfig(iters=search_iters, warmup=search_warmup),
         input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
         plan_path=plan_path, overwrite=overwrite,
@@ -330,6 +341,198 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         _emit_json(res.report)
     else:
         render_search(res.report)
+
+
+
+# ------------------------------------------------------------------ export, eval, gate
+
+
+def latency_options(f):
+    """Latency flags -> a LatencyConfig (or None) under the key ``latency``."""
+    opts = [
+        click.option("--latency/--no-latency", "latency", default=True, show_default=True,
+                     help="Measure latency (ONNX Runtime CPU at 1 and all threads, PyTorch "
+                     "eager; CUDA too when present)."),
+        click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
+                     help="Timed runs per configuration; the median is reported."),
+        click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0),
+                     help="Untimed runs before timing."),
+        click.option("--batch-sizes", default="1,64", show_default=True,
+                     help="Batch sizes to time, comma-separated."),
+        click.option("--threads", default="1,0", show_default=True,
+                     help="Intra-op thread counts to time (ONNX Runtime and PyTorch), "
+                     "comma-separated; 0 means all cores."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _latency_config(kw: dict, per_layer: bool):
+    from .latency import LatencyConfig
+
+    on = kw.pop("latency")
+    repeats, warmup = kw.pop("repeats"), kw.pop("warmup")
+    ints = {}
+    for opt, key, example in (("--batch-sizes", "batch_sizes", "1,64"),
+                              ("--threads", "threads", "1,0")):
+        try:
+            ints[key] = tuple(int(b) for b in kw.pop(key).split(","))
+        except ValueError:
+            raise click.BadParameter(f"write comma-separated integers, e.g. {example}.",
+                                     param_hint=opt) from None
+    if not on:
+        return None
+    return LatencyConfig(repeats=repeats, warmup=warmup, batches=ints["batch_sizes"],
+                         threads=ints["threads"], per_layer=per_layer)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--format", "formats", default="onnx,safetensors", show_default=True,
+              help="Artifacts, comma-separated: onnx (model.onnx, checked in ONNX Runtime) and/or "
+              "safetensors (model.safetensors, reload-validated).")
+@click.option("--opset", default=18, show_default=True, type=int,
+              help="ONNX opset (18 is torch's native one).")
+@click.option("--dynamic-batch", is_flag=True,
+              help="model.onnx takes any batch size (default: a fixed batch of 1).")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Folder for model.onnx and a copy of model.safetensors (default: RUN/).")
+@click.option("--data", "data_spec",
+              help="Parity inputs from this data spec (default: the run's own test images).")
+@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(min=0),
+              help="Parity: |onnx - torch| <= atol + rtol*|torch| on every output.")
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@latency_options
+@click.option("--json", "as_json", is_flag=True, help="Print the export section as JSON.")
+def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as_json, **lat_kw):
+    """Export RUN's compressed model: ONNX (checked against PyTorch) and safetensors.
+
+    model.onnx is one self-contained file of standard ONNX operators, checked with onnx.checker
+    and run in ONNX Runtime on the run's test images: any output off by more than
+    atol + rtol*|torch| is an error and nothing is written. Latency of the original and the
+    compressed model is measured in the same process (median of --repeats runs) next to the
+    ideal speed-up (MACs ratio), with a per-layer table that flags factorized layers slower than
+    the dense ones. report.json gets an "export" section; report.md/html are rewritten.
+
+    \b
+    Examples:
+      lrcompress export runs/r18-tt30
+      lrcompress export runs/r18-tt30 --format onnx --dynamic-batch --repeats 50
+      lrcompress export runs/r18-tt30 --format safetensors --no-latency -o deploy/
+    """
+    from .deploy import ExportConfig, export_run
+    from .progress import RichProgress
+    from .render import render_export
+
+    cfg = ExportConfig(formats=tuple(formats.split(",")), opset=opset,
+                       dynamic_batch=dynamic_batch, output=output, data=data_spec, rtol=rtol,
+                       atol=atol, latency=_latency_config(lat_kw, per_layer=True))
+    res = export_run(run, cfg, progress=RichProgress())
+    if as_json:
+        _emit_json(res.section)
+    else:
+        render_export(res)
+
+
+@main.command("eval")
+@click.argument("model")
+@model_options
+@click.option("--data", "data_spec", required=True,
+              help="fashionmnist:ROOT, mnist:ROOT, cifar10:ROOT, cifar100:ROOT, "
+              "imagefolder:DIR or synthetic.")
+@click.option("--test-subset", type=click.IntRange(min=1),
+              help="Evaluate on the first N test images only.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--mean", help="Normalisation mean, comma-separated (default: the run's/model's).")
+@click.option("--std", help="Normalisation std, comma-separated (default: the run's/model's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@latency_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_spec,
+             test_subset, batch_size, workers, mean, std, device, as_json, **lat_kw):
+    """Top-1/top-5, loss, MACs, params and latency of any model, original or compressed.
+
+    MODEL_OR_RUN is a checkpoint, a RUN directory (its input size and normalisation are used),
+    a compressed model.safetensors, or timm:NAME (random weights). Accuracy is measured on the
+    test split only; MACs by torch's FlopCounterMode.
+
+    \b
+    Examples:
+      lrcompress eval runs/r18-tt30 --data fashionmnist:/usr/share/datasets/fashion-mnist
+      lrcompress eval resnet18_fmnist.pt --input-size 1,28,28 \\
+          --data fashionmnist:/usr/share/datasets/fashion-mnist --json
+      lrcompress eval runs/r18-tt30 --data synthetic --no-latency --test-subset 256
+    """
+    from .data import DataConfig
+    from .evaluation import EvalConfig, eval_model
+    from .progress import RichProgress
+    from .render import render_eval
+
+    cfg = EvalConfig(data=DataConfig(batch_size=batch_size, workers=workers,
+                                     test_subset=test_subset),
+                     input_size=input_size, mean=_floats(mean, "--mean"),
+                     std=_floats(std, "--std"), device=device,
+                     latency=_latency_config(lat_kw, per_layer=False))
+    res = eval_model(model, data_spec, cfg, arch=arch, num_classes=num_classes,
+                     in_chans=in_chans, trust_pickle=trust_pickle, progress=RichProgress())
+    if as_json:
+        _emit_json(res)
+    else:
+        render_eval(res)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--max-top1-drop", required=True, type=float,
+              help="Most top-1 points the compressed model may lose (original - final).")
+@click.option("--min-flops-reduction", type=float,
+              help="Least share of MACs removed, in [0, 1) (0.5: at least half).")
+@click.option("--min-speedup", type=float,
+              help="Least measured speed-up (needs `lrcompress export RUN` first).")
+@click.option("--speedup-engine", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "torch"]),
+              help="Which measured speed-up --min-speedup reads (CPU, all threads).")
+@click.option("--speedup-batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="... at this batch size.")
+@click.option("--baseline", type=click.Path(),
+              help="Another RUN: the drop is measured from its final top-1, not the original's.")
+@click.option("--junit", type=click.Path(dir_okay=False),
+              help="Also write the checks as JUnit XML to this file (for CI systems).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, speedup_batch,
+         baseline, junit, as_json):
+    """CI gate: exit 0 when RUN meets every budget, 1 when one fails, 2 on bad input.
+
+    The top-1 drop is the original model's top-1 minus the final model's (fine-tuned if the
+    run fine-tuned, else decomposed), in points, on the run's test split.
+
+    \b
+    Examples:
+      lrcompress gate runs/r18-tt30 --max-top1-drop 1.0 --min-flops-reduction 0.5
+      lrcompress gate runs/r18-tt30 --max-top1-drop 1.0 --min-speedup 1.3 --junit gate.xml
+      lrcompress gate runs/new --max-top1-drop 0.2 --baseline runs/main
+    """
+    from ._io import write_text
+    from .errors import GateFailure
+    from .gate import GateConfig, junit_xml
+    from .gate import gate as run_gate
+    from .render import render_gate
+
+    cfg = GateConfig(max_top1_drop=max_top1_drop, min_flops_reduction=min_flops_reduction,
+                     min_speedup=min_speedup, speedup_engine=speedup_engine,
+                     speedup_batch=speedup_batch, baseline=baseline)
+    res = run_gate(run, cfg)
+    if junit:
+        write_text(junit, junit_xml(res))
+    if as_json:
+        _emit_json(res.to_dict())
+    else:
+        render_gate(res)
+    if not res.passed:
+        raise GateFailure("gate failed: " + "; ".join(
+            f"{c.budget} (value {c.value:g})" for c in res.failed) + ".")
 
 
 def run() -> None:  # console-script entry point

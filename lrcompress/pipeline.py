@@ -38,6 +38,7 @@ from .rank import SelectContext, get_method
 from .rank._problem import LayerOptions, RankProblem, layer_options
 from .rank._signals import Cache
 from .rank.rene import ReneConfig
+from .report import write_reports
 from .surgery import decompose_
 from .targets import find_layers, skip_reason
 
@@ -58,6 +59,8 @@ class SearchConfig:
     calib_batches: int = 8  # calibration batches the search and sensitivities use
     data: DataConfig = field(default_factory=DataConfig)
     rene: ReneConfig = field(default_factory=ReneConfig)
+    # Overrides for the baseline methods, e.g. {"vbmf": {"weaken": 0.5}} (see each rank module).
+    method_config: dict = field(default_factory=dict)
     input_size: tuple[int, int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -267,7 +270,8 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         progress.stage(f"rank selection ({cfg.method})")
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
         ctx = SelectContext(model, problem, batches, device, Cache(cache_dir / "signals.json"),
-                            cfg.seed, {"rene": cfg.rene}, tick=progress.advance)
+                            cfg.seed, {**cfg.method_config, "rene": cfg.rene},
+                            tick=progress.advance)
         plan, trace = get_method(cfg.method)(ctx)
     write_json(state / "trace.json", trace)
     write_text(plan_file, plan.to_json() + "\n")
@@ -360,6 +364,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     times["save"] = time.perf_counter() - t
     report["seconds"] = {k: round(v, 3) for k, v in times.items()}
     write_json(out / "report.json", report)
+    write_reports(out, report)
     progress.end()
     return SearchResult(out, plan, report)
 

@@ -95,3 +95,31 @@ def test_narrowing_clips_at_the_grid_edges():
     cands, _ = _narrow(lo, best, 10, 10)
     ranks = [lo.options[j].rank for j in cands]
     assert min(ranks) == 25 and max(ranks) == 30
+
+
+@pytest.mark.parametrize("method", ["tt", "tucker2", "cp4", "svd"])
+def test_mixed_layer_modes_agree_and_probes_estimate_the_weight_loss(method):
+    import torch
+    from torch import nn
+
+    from lrcompress.factorizations import get_factorization
+    from lrcompress.rank.rene import MixedLayer
+    from lrcompress.targets import find_layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, stride=2, padding=2, dilation=2, bias=True)
+    spec = find_layers(nn.Sequential(conv), (12, 9, 9))[0]
+    fact = get_factorization(method)
+    ranks = [3, 6]
+    factors = fact.decompose_many(conv.weight.detach(), spec, ranks)
+    cands = [(i, method, r) for i, r in enumerate(ranks)]
+    a = MixedLayer(conv, spec, cands, factors, batch=4, probes=20000)
+    with torch.no_grad():
+        a.alpha.copy_(torch.tensor([0.3, -0.2]))
+    x = torch.randn(4, 12, 9, 9)
+    a.mix_outputs, a.probe_weights = False, False
+    y_w, exact = a(x), a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
+    a.mix_outputs, a.probe_weights = True, True
+    y_o, est = a(x), a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(y_o, y_w, rtol=1e-4, atol=1e-5)
+    assert abs(float(est) / float(exact) - 1) < 0.05  # 20k probes: a few % of Monte-Carlo noise

@@ -117,6 +117,11 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
         if fact.supports(spec):
             continue
         be = break_even_rank(fact, spec)
+        if name in ("cp", "cp4"):
+            # [PROPOSAL] CP-ALS cost grows with the rank and its break-even can be 4x the channel
+            # count (2283 for a 512x512x3x3 conv, 13 s per decomposition at rank 1024); ranks past
+            # max(C_in, C_out) are capped to keep the search tractable.
+            be = min(be, max(spec.in_ch, spec.out_ch))
         for r in rank_grid(be, multiple):
             m, p = fact.macs(spec, r), fact.params(spec, r)
             if m < dm and p < dp:

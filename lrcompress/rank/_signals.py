@@ -56,9 +56,26 @@ class Cache:
             write_json(self.path, self.data)
 
 
+def _anchors(ranks: list[int], k: int) -> list[int]:
+    """At most k ranks spread evenly over a sorted list, both ends included."""
+    if len(ranks) <= k:
+        return ranks
+    return sorted({ranks[round(i * (len(ranks) - 1) / (k - 1))] for i in range(k)})
+
+
+def _interp(r: int, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    i = int(torch.searchsorted(xs, torch.tensor(float(r), dtype=torch.float64)))
+    i = min(max(i, 1), len(xs) - 1)
+    x0, x1, y0, y1 = float(xs[i - 1]), float(xs[i]), float(ys[i - 1]), float(ys[i])
+    return y0 + (y1 - y0) * (r - x0) / (x1 - x0)
+
+
 @torch.no_grad()
 def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=None,
-                 **opts) -> list[list[float]]:
+                 max_anchors: int = 24, **opts) -> list[list[float]]:
+    """Relative errors of every option; at most ``max_anchors`` decompositions per layer and
+    factorization, the ranks between them linearly interpolated (errors fall smoothly with
+    rank; CP at many ranks would otherwise dominate the run time)."""
     curves = []
     for lo in problem.layers:
         w = model.get_submodule(lo.spec.name).weight.detach()
@@ -73,15 +90,19 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
         for method, items in by_method.items():
             key = f"err/{lo.spec.name}/{method}/{wkey}"
             cached = cache.get(key) or {}
-            todo = [r for _, r in items if str(r) not in cached]
+            ranks = sorted(r for _, r in items)
+            anchors = _anchors(ranks, max_anchors)
+            todo = [r for r in anchors if str(r) not in cached]
             if todo:
                 fact = get_factorization(method)
                 for r, fs in zip(todo, fact.decompose_many(w64, lo.spec, todo, **opts)):
                     rec = fact.reconstruct(fs, lo.spec)
                     cached[str(r)] = float(torch.linalg.norm(w64 - rec) / norm)
                 cache.put(key, cached)
+            xs = torch.tensor(anchors, dtype=torch.float64)
+            ys = torch.tensor([cached[str(r)] for r in anchors], dtype=torch.float64)
             for j, r in items:
-                errs[j] = cached[str(r)]
+                errs[j] = cached[str(r)] if str(r) in cached else _interp(r, xs, ys)
         curves.append(errs)
         if progress is not None:
             progress(lo.spec.name)

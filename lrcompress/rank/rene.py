@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from ..errors import LrcError
 from ..factorizations import get_factorization
@@ -56,6 +57,7 @@ class ReneConfig:
     lr_alpha: float = 0.05  # Adam on the logits [PROPOSAL]
     dual_lr: float = 0.5  # ascent rate of the budget multiplier λ [PROPOSAL]
     grad_clip: float | None = None  # the RENE README recommends 5 for CP
+    probes: int = 64  # Gaussian probes for the weight-step estimate on large layers
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -63,10 +65,24 @@ class ReneConfig:
                              "refine>=2")
 
 
-class MixedLayer(nn.Module):
-    """A conv/linear layer computing with Σ_r softmax(α)_r Ŵ(r) over candidate factor sets."""
+def _chain_apply(seq: nn.Sequential, factors, x):
+    """Run a factorized chain with the given factor tensors (no bias) as its weights."""
+    names = [n for n, _ in seq.named_parameters()]
+    return functional_call(seq, dict(zip(names, factors)), (x,))
 
-    def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors):
+
+class MixedLayer(nn.Module):
+    """A conv/linear layer computing with Σ_r softmax(α)_r Ŵ(r) over candidate factor sets.
+
+    Two exact ways to compute it, chosen per layer by cost (methods.md §2.2 notes they are
+    equivalent, convolution being linear in the weight): mix the *weights* (one conv with the
+    mixed dense weight; cheap for small layers at high resolution) or mix the *outputs* of the
+    candidate chains (cheap when the dense weight is large and the feature map small, as in the
+    last stage of a CNN at 28×28, where forming ten 512×512×3×3 weights per step dominated).
+    """
+
+    def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors,
+                 batch: int, probes: int):
         super().__init__()
         self.spec = spec
         self.cands = cands  # (option index, method, rank)
@@ -80,6 +96,27 @@ class MixedLayer(nn.Module):
             nn.ParameterList([nn.Parameter(f.detach().clone()) for f in fs]) for fs in factors)
         self.alpha = nn.Parameter(torch.zeros(len(cands), device=base.weight.device))
         self.facts = [get_factorization(m) for _, m, _ in cands]
+        dev, dt = base.weight.device, base.weight.dtype
+        nobias = replace(spec, bias=False)
+        self.chains = [f.skeleton(nobias, r, dtype=dt, device=dev)
+                       for f, (_, _, r) in zip(self.facts, cands)]
+        # The probe spec: one receptive field in, one position out, no padding or stride, so a
+        # chain maps a probe z to W_(1)·vec(z) (the weight as a matrix times a vector).
+        kh, kw = spec.kernel
+        dh, dw = spec.dilation
+        field = ((kh - 1) * dh + 1, (kw - 1) * dw + 1) if self.is_conv else (1, 1)
+        self.probe_spec = replace(nobias, stride=(1, 1), padding=(0, 0), in_hw=field,
+                                  out_hw=(1, 1))
+        self.probe_chains = [f.skeleton(self.probe_spec, r, dtype=dt, device=dev)
+                             for f, (_, _, r) in zip(self.facts, cands)]
+        dense = math.prod(spec.weight_shape)
+        recon_cost = sum(dense * f.scalar_rank(f.rank_from(spec, r)) for f, (_, _, r)
+                         in zip(self.facts, cands))
+        self.mix_outputs = batch * sum(f.macs(spec, r) for f, (_, _, r)
+                                       in zip(self.facts, cands)) < recon_cost
+        self.probe_weights = probes * sum(f.macs(self.probe_spec, r) for f, (_, _, r)
+                                          in zip(self.facts, cands)) < recon_cost
+        self.n_probes = probes
 
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.alpha, dim=0)
@@ -87,13 +124,37 @@ class MixedLayer(nn.Module):
     def recon(self) -> list[torch.Tensor]:
         return [f.reconstruct(list(b), self.spec) for f, b in zip(self.facts, self.branches)]
 
-    def mixed(self, recon: list[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
-        return sum(pk * w for pk, w in zip(p, recon))
+    def weight_loss(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """‖W − Σ_r p_r Ŵ(r)‖² / ‖W‖², exactly or (for large layers) by Gaussian probes:
+        E_z‖A z‖² = ‖A‖²_F for z ~ N(0, I) (Hutchinson), an unbiased estimate."""
+        t = self.target
+        if not self.probe_weights:
+            w = sum(pk * wk for pk, wk in zip(p, self.recon()))
+            return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+        if self.is_conv:
+            z = torch.randn(self.n_probes, self.spec.in_ch, *self.probe_spec.in_hw,
+                            generator=gen).to(t)
+            want = F.conv2d(z, t, dilation=self.conv_args["dilation"])
+        else:
+            z = torch.randn(self.n_probes, self.spec.in_ch, generator=gen).to(t)
+            want = F.linear(z, t)
+        got = sum(pk * _chain_apply(c, list(b), z)
+                  for pk, c, b in zip(p, self.probe_chains, self.branches))
+        return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
 
     def forward(self, x):
+        p = self.probs()
+        if self.mix_outputs:
+            with torch.no_grad():
+                outs = [_chain_apply(c, [f.detach() for f in b], x)
+                        for c, b in zip(self.chains, self.branches)]
+            y = sum(pk * o for pk, o in zip(p, outs))
+            if self.bias is not None:
+                y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
+            return y
         with torch.no_grad():
             recon = self.recon()
-        w = self.mixed(recon, self.probs())
+        w = sum(pk * wk for pk, wk in zip(p, recon))
         if self.is_conv:
             return F.conv2d(x, w, self.bias, **self.conv_args)
         return F.linear(x, w, self.bias)
@@ -155,7 +216,8 @@ def search(ctx, cfg: ReneConfig) -> tuple[list[int], dict]:
                     base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
                 factors_by_j.update(zip(js, fs))
             cl = [(j, lo.options[j].method, lo.options[j].rank) for j in cands]
-            mixed[lo.spec.name] = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands])
+            mixed[lo.spec.name] = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands],
+                                             batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
             ctx.tick()
         step_trace = _optimise(ctx, problem, mixed, cfg, kind)
         choice = []
@@ -196,16 +258,13 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
     hist = {"ce": [], "expected_cost_ratio": [], "lambda": [], "recon": []}
     batches = ctx.batches
     model = ctx.model
+    gen = torch.Generator().manual_seed(ctx.seed)
     with swap_modules(model, mixed):
         model.eval()  # BN statistics stay those of the pretrained model
         for it in range(cfg.warmup + cfg.iters):
             # Weight step (Eq. 8): data-free, mixture reconstruction, p held fixed.
             opt_w.zero_grad(set_to_none=True)
-            rec_loss = 0.0
-            for mx in mixed.values():
-                w = mx.mixed(mx.recon(), mx.probs().detach())
-                t = mx.target
-                rec_loss = rec_loss + (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+            rec_loss = sum(mx.weight_loss(mx.probs().detach(), gen) for mx in mixed.values())
             rec_loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
@@ -222,14 +281,15 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
             opt_a.step()
-            lam = max(0.0, lam + cfg.dual_lr * (float(ratio) - 1.0))
-            if not math.isfinite(float(ce)):
-                raise LrcError(f"rene search diverged (calibration loss {float(ce)}) at "
+            ce_v, ratio_v = ce.item(), ratio.item()
+            lam = max(0.0, lam + cfg.dual_lr * (ratio_v - 1.0))
+            if not math.isfinite(ce_v):
+                raise LrcError(f"rene search diverged (calibration loss {ce_v}) at "
                                f"iteration {it}; try --rene-grad-clip 5 or another --decomp.")
-            hist["ce"].append(round(float(ce), 5))
-            hist["expected_cost_ratio"].append(round(float(exp_cost) / problem.base_cost, 5))
+            hist["ce"].append(round(ce_v, 5))
+            hist["expected_cost_ratio"].append(round(ratio_v * budget / problem.base_cost, 5))
             hist["lambda"].append(round(lam, 5))
-            hist["recon"].append(round(float(rec_loss), 6))
+            hist["recon"].append(round(rec_loss.item(), 6))
             ctx.tick()
     return hist
 

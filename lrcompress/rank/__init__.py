@@ -1,0 +1,68 @@
+"""Rank selectors: each takes a :class:`SelectContext` and returns ``(Plan, trace)``.
+
+The registry maps ``--method`` names to selector functions; every selector works on the same
+:class:`RankProblem` (options per layer, budget) and returns the same ``Plan`` type, so every later
+stage is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ._problem import DENSE, LayerOptions, Option, RankProblem, allocate, layer_options
+from ._signals import Cache
+
+RANK_METHODS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        RANK_METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Callable:
+    _load_builtin()
+    try:
+        return RANK_METHODS[name]
+    except KeyError:
+        raise UserError(f"Unknown rank method {name!r}: choose one of "
+                        f"{', '.join(sorted(RANK_METHODS))}.") from None
+
+
+@dataclass
+class SelectContext:
+    model: nn.Module  # the original model (eval mode, on ``device``); never modified
+    problem: RankProblem
+    batches: list  # calibration batches [(x, y)], fixed order
+    device: torch.device
+    cache: Cache
+    seed: int = 0
+    config: dict = field(default_factory=dict)  # per-method configs, e.g. {"rene": ReneConfig}
+    tick: Callable[[], None] = lambda: None  # progress callback
+
+
+def _load_builtin() -> None:
+    if RANK_METHODS:
+        return
+    from . import bisect, energy, rene, svt, uniform, vbmf
+
+    register("uniform")(uniform.select)
+    register("rene")(rene.select)
+    register("energy")(energy.select)
+    register("vbmf")(vbmf.select)
+    register("lsvt")(svt.select_lsvt)
+    register("gsvt")(svt.select_gsvt)
+    register("isvt")(svt.select_isvt)
+    register("bisect")(bisect.select)
+
+
+__all__ = ["DENSE", "LayerOptions", "Option", "RankProblem", "SelectContext", "allocate",
+           "get_method", "layer_options", "register", "RANK_METHODS"]
