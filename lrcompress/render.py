@@ -66,3 +66,101 @@ def render_search(report: dict) -> None:
     con.print(t)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     con.print(f"Time: {secs}.")
+
+
+def _latency_table(lat: dict, names: tuple[str, ...]) -> Table:
+    t = Table(title=f"Latency, median of {lat['config']['repeats']} runs "
+              f"(after {lat['config']['warmup']} warm-up)")
+    for col in ("engine", "device", "threads", "batch"):
+        t.add_column(col)
+    for n in names:
+        t.add_column(f"{n} ms", justify="right")
+    compare = "speedup" in (lat["runs"][0] if lat["runs"] else {})
+    if compare:
+        t.add_column("speed-up", justify="right")
+        t.add_column("of ideal", justify="right")
+    for r in lat["runs"]:
+        cells = [r["engine"], r["device"], "-" if r["threads"] is None else str(r["threads"]),
+                 str(r["batch"]), *(f"{r['median_ms'][n]:.3f}" for n in names)]
+        if compare:
+            cells += [f"{r['speedup']:.2f}x", f"{100 * r['achieved_over_ideal']:.0f}%"]
+        t.add_row(*cells)
+    return t
+
+
+def render_latency(lat: dict, con: Console | None = None) -> None:
+    con = con or console()
+    names = tuple(lat["runs"][0]["median_ms"]) if lat["runs"] else ()
+    con.print(_latency_table(lat, names))
+    if "ideal_speedup" in lat:
+        con.print(f"Ideal speed-up (MACs ratio): {lat['ideal_speedup']:.2f}x; original model: "
+                  f"{lat.get('original_weights', '?')}.")
+    if lat.get("layers"):
+        t = Table(title="Per-layer latency, PyTorch eager (1 CPU thread)")
+        for col, just in (("layer", "left"), ("factorization", "left"), ("rank", "left"),
+                          ("batch", "right"), ("dense ms", "right"), ("factorized ms", "right"),
+                          ("speed-up", "right"), ("ideal", "right"), ("", "left")):
+            t.add_column(col, justify=just)
+        for r in lat["layers"]:
+            rank = "x".join(map(str, r["rank"])) if isinstance(r["rank"], list) else str(r["rank"])
+            t.add_row(r["name"], r["factorization"], rank, str(r["batch"]),
+                      f"{r['dense_ms']:.4f}", f"{r['factorized_ms']:.4f}", f"{r['speedup']:.2f}x",
+                      f"{r['ideal_speedup']:.2f}x", "SLOWER" if r["slower"] else "")
+        con.print(t)
+    if lat.get("warnings"):  # the library logged each one already
+        con.print(f"{len(lat['warnings'])} factorized layer(s) slower than the dense layer they "
+                  "replaced (marked SLOWER; see the warnings above).")
+    for n in lat.get("notes", []):
+        con.print(f"Note: {n}")
+
+
+def render_export(res) -> None:
+    con = console()
+    sec = res.section
+    if "onnx" in sec:
+        o, p = sec["onnx"], sec["onnx"]["parity"]
+        ops = ", ".join(f"{k} {v}" for k, v in o["ops"].items())
+        con.print(f"ONNX: {o['path']} ({human(o['bytes'])}B, opset {o['opset']}, input "
+                  f"{o['input']['shape']}); onnx.checker passed. Operators: {ops}.")
+        con.print(f"ONNX Runtime ({', '.join(p['providers'])}) vs PyTorch on {p['n']} "
+                  f"{p['inputs']}: max |diff| {p['max_abs_diff']:.3g} within atol {p['atol']} + "
+                  f"rtol {p['rtol']}·|x|; top-1 agreement {100 * p['top1_agreement']:.1f}%.")
+    if "safetensors" in sec:
+        s = sec["safetensors"]
+        where = s.get("copied_to", s["path"])
+        con.print(f"safetensors: {where} ({human(s['bytes'])}B): {s['reload']}.")
+    if sec.get("latency"):
+        render_latency(sec["latency"], con)
+    con.print(f"Updated {res.run_dir}/report.json, report.md, report.html.")
+
+
+def render_eval(d: dict) -> None:
+    con = console()
+    a, m = d["accuracy"], d["model"]
+    kind = f"compressed, {m['factorized_layers']} factorized layers" if m["compressed"] else "dense"
+    t = Table(title=f"{m['arch']} ({kind}) on {d['data']['spec']}, input "
+              f"{'x'.join(map(str, d['data']['input_size']))}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("top-1 %", f"{a['top1']:.2f}")
+    t.add_row("top-5 %", f"{a['top5']:.2f}")
+    t.add_row("loss", f"{a['loss']:.4f}")
+    t.add_row("test samples", str(a["n"]))
+    t.add_row("MACs", f"{human(d['macs'])} ({d['macs']:,})")
+    t.add_row("params", f"{human(d['params'])} ({d['params']:,})")
+    con.print(t)
+    if d.get("latency"):
+        render_latency(d["latency"], con)
+
+
+def render_gate(res) -> None:
+    t = Table(title=f"gate {res.run}")
+    for col, just in (("budget", "left"), ("value", "right"), ("verdict", "left"),
+                      ("from", "left")):
+        t.add_column(col, justify=just)
+    for c in res.checks:
+        t.add_row(c.budget, f"{c.value:g}", "pass" if c.passed else "FAIL", c.detail)
+    con = console()
+    con.print(t)
+    con.print("All budgets hold." if res.passed else
+              f"{len(res.failed)} of {len(res.checks)} budget(s) failed.")

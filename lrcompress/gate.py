@@ -1,0 +1,147 @@
+"""``gate``: a CI check that a run stays within its budgets.
+
+Budgets: the top-1 drop in points (original − final top-1, the final model being the fine-tuned
+one when the run fine-tuned, else the decomposed one; with a baseline run, that run's final top-1
+replaces the original's), the MACs reduction (1 − MACs ratio, counted by FlopCounterMode), and
+the measured speed-up (from ``lrcompress export``'s latency section). :func:`gate` returns every
+check with its value and verdict; the CLI exits 1 when one fails. :func:`junit_xml` renders the
+checks as JUnit XML for CI systems (one testcase per budget, a failure element for each failed
+one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from .errors import UserError
+from .report import final_accuracy, read_report
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_top1_drop: float  # points of top-1 the compressed model may lose (e.g. 1.0)
+    min_flops_reduction: float | None = None  # at least this share of MACs removed, in [0, 1)
+    min_speedup: float | None = None  # measured speed-up at least this (needs `export`)
+    speedup_engine: str = "onnxruntime"  # which latency row --min-speedup reads: onnxruntime|torch
+    speedup_batch: int = 1  # ... at this batch size, all threads, on the CPU
+    baseline: str | None = None  # another RUN: compare with its final top-1, not the original's
+
+    def __post_init__(self):
+        if self.min_flops_reduction is not None and not 0 <= self.min_flops_reduction < 1:
+            raise UserError(f"--min-flops-reduction {self.min_flops_reduction} is the share of "
+                            "MACs removed, in [0, 1): 0.5 means at least half of them.")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise UserError(f"--min-speedup {self.min_speedup} must be > 0 (e.g. 1.5).")
+        if self.speedup_engine not in ("onnxruntime", "torch"):
+            raise UserError(f"--speedup-engine {self.speedup_engine!r}: use onnxruntime or "
+                            "torch.")
+
+
+@dataclass(frozen=True)
+class Check:
+    budget: str  # e.g. "top-1 drop <= 1.0 pts"
+    value: float
+    passed: bool
+    detail: str  # where the value comes from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    run: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"run": self.run, "passed": self.passed,
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+def _speedup(report: dict, run: Path, cfg: GateConfig) -> tuple[float, str]:
+    lat = (report.get("export") or {}).get("latency")
+    if not lat or not lat.get("runs"):
+        raise UserError(f"--min-speedup needs measured latency, and {run}/report.json has no "
+                        f"export latency section. Run `lrcompress export {run}` first (without "
+                        "--no-latency).")
+    rows = [r for r in lat["runs"] if r["engine"] == cfg.speedup_engine and r["device"] == "cpu"
+            and r["batch"] == cfg.speedup_batch]
+    rows = [r for r in rows if r.get("all_threads")] or rows
+    if not rows:
+        have = sorted({(r["engine"], r["batch"]) for r in lat["runs"] if r["device"] == "cpu"})
+        raise UserError(f"{run}/report.json has no {cfg.speedup_engine} CPU latency at batch "
+                        f"{cfg.speedup_batch} (measured: {have}). Pass --speedup-batch with a "
+                        "measured one, or re-run `lrcompress export` with that batch size.")
+    r = rows[0]
+    return r["speedup"], (f"{r['engine']} cpu, {r['threads']} thread(s), batch {r['batch']}: "
+                          f"{r['median_ms']['original']:.3f} ms -> "
+                          f"{r['median_ms']['compressed']:.3f} ms (ideal "
+                          f"{lat['ideal_speedup']:.2f}x)")
+
+
+def gate(run_dir, cfg: GateConfig) -> GateResult:
+    """Check ``run_dir`` against the budgets in ``cfg``; bad input raises UserError."""
+    run = Path(run_dir)
+    report = read_report(run)
+    checks = []
+    stage, fin = final_accuracy(report)
+    if cfg.baseline:
+        base = read_report(cfg.baseline)
+        for key in ("spec", "test_samples"):
+            if base["data"].get(key) != report["data"].get(key):
+                raise UserError(f"--baseline {cfg.baseline} was evaluated on other data "
+                                f"({key} {base['data'].get(key)!r} vs "
+                                f"{report['data'].get(key)!r}): accuracies are only comparable "
+                                "on the same test set.")
+        bstage, bacc = final_accuracy(base)
+        ref, ref_what = bacc["top1"], f"baseline {cfg.baseline} ({bstage}) {bacc['top1']:.2f}"
+    else:
+        ref = report["accuracy"]["original"]["top1"]
+        ref_what = f"original {ref:.2f}"
+    drop = ref - fin["top1"]
+    checks.append(Check(f"top-1 drop <= {cfg.max_top1_drop:g} pts", round(drop, 4),
+                        drop <= cfg.max_top1_drop,
+                        f"{ref_what} -> {stage} {fin['top1']:.2f} (% top-1, "
+                        f"{report['data']['test_samples']} test samples)"))
+    if cfg.min_flops_reduction is not None:
+        tot = report["totals"]
+        red = 1 - tot["macs_ratio"]
+        checks.append(Check(f"MACs reduction >= {cfg.min_flops_reduction:g}", round(red, 4),
+                            red >= cfg.min_flops_reduction,
+                            f"{tot['macs_before']:,} -> {tot['macs_after']:,} MACs "
+                            f"({tot.get('macs_counted_by', '')})"))
+    if cfg.min_speedup is not None:
+        sp, what = _speedup(report, run, cfg)
+        checks.append(Check(f"speed-up >= {cfg.min_speedup:g}x", sp, sp >= cfg.min_speedup,
+                            what))
+    return GateResult(str(run), tuple(checks))
+
+
+def junit_xml(result: GateResult) -> str:
+    """JUnit XML: one testsuite, a testcase per budget, a failure element per failed budget."""
+    suite = ET.Element("testsuite", name="lrcompress gate", tests=str(len(result.checks)),
+                       failures=str(len(result.failed)), errors="0", skipped="0")
+    for c in result.checks:
+        case = ET.SubElement(suite, "testcase", name=c.budget, time="0",
+                             classname=f"lrcompress.gate.{Path(result.run).name}")
+        if not c.passed:
+            fail = ET.SubElement(case, "failure", message=f"{c.budget}: value {c.value:g}",
+                                 type="BudgetExceeded")
+            fail.text = c.detail
+        else:
+            ET.SubElement(case, "system-out").text = f"value {c.value:g}; {c.detail}"
+    root = ET.Element("testsuites", name="lrcompress", tests=suite.get("tests"),
+                      failures=suite.get("failures"))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -1,0 +1,468 @@
+"""Reports for people: RUN/report.json -> report.md and a self-contained report.html.
+
+The report is first built as a list of blocks (headings, paragraphs, tables, plots, lists); the
+Markdown and HTML renderers only format those blocks, so both always say the same thing. Plots are
+drawn with matplotlib's Agg canvas (no pyplot, no display, no global state): the HTML embeds them
+as base64 PNG, the Markdown links copies in RUN/plots/. Plots: ranks per layer, MACs per layer
+before/after, the search's expected-cost trajectory (rene), accuracy vs MACs (every run given),
+and the measured speed-up next to the ideal one (after ``export``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import re
+from pathlib import Path
+
+from ._io import atomic_path
+from .errors import UserError
+
+SCHEMA = 1
+PLOT_DIR = "plots"
+
+
+# ----------------------------------------------------------------------------- reading reports
+def read_report(run) -> dict:
+    """RUN/report.json (or the file itself), checked for the schema this version reads."""
+    run = Path(run)
+    if not run.exists():
+        raise UserError(f"No such run: {run}. Give the folder written by "
+                        "`lrcompress search ... -o RUN`.")
+    if run.is_file() and run.name != "report.json":
+        raise UserError(f"{run} is a file: give the RUN folder written by `lrcompress search` "
+                        "(or its report.json).")
+    path = run if run.is_file() else run / "report.json"
+    if not path.is_file():
+        raise UserError(f"{run} has no report.json: it is not a finished run. "
+                        "`lrcompress search ... -o RUN` writes it.")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-run the search to rewrite it.") from e
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        got = report.get("schema") if isinstance(report, dict) else None
+        raise UserError(f"{path} has report schema {got!r}; this lrcompress reads schema "
+                        f"{SCHEMA}. Re-run the search with this version.")
+    return report
+
+
+def final_accuracy(report: dict) -> tuple[str, dict]:
+    """(stage, accuracy) of the model the run ships: fine-tuned if it was, else decomposed."""
+    acc = report["accuracy"]
+    stage = "finetuned" if acc.get("finetuned") else "decomposed"
+    return stage, acc[stage]
+
+
+# ------------------------------------------------------------------------------------- plots
+def _figure(w=10.0, h=3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _layer_axis(ax, names):
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def plot_ranks(report: dict) -> bytes | None:
+    rows = [r for r in report.get("layers", []) if r["factorization"] != "dense"]
+    if not rows:
+        return None
+    ranks = [r["rank"] if isinstance(r["rank"], list) else [r["rank"]] for r in rows]
+    width = max(len(k) for k in ranks)
+    fig = _figure()
+    ax = fig.add_subplot()
+    bw = 0.8 / width
+    for j in range(width):
+        xs = [i + (j - (width - 1) / 2) * bw for i, k in enumerate(ranks) if j < len(k)]
+        ys = [k[j] for k in ranks if j < len(k)]
+        ax.bar(xs, ys, bw, label=f"rank {j + 1}" if width > 1 else "rank")
+    _layer_axis(ax, [f"{r['name']} ({r['factorization']})" for r in rows])
+    ax.set_ylabel("rank")
+    ax.set_title("Ranks per factorized layer")
+    if width > 1:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_macs(report: dict) -> bytes | None:
+    rows = report.get("layers", [])
+    if not rows:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["macs_before"] / 1e6 for r in rows], 0.4, label="before",
+           color="#9aa5b1")
+    ax.bar([x + 0.2 for x in xs], [r["macs_after"] / 1e6 for r in rows], 0.4, label="after",
+           color="#2f6fb3")
+    _layer_axis(ax, [r["name"] for r in rows])
+    ax.set_ylabel("MACs (millions)")
+    ax.set_title("MACs per layer, before and after")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_trajectory(report: dict) -> bytes | None:
+    steps = [s for s in (report.get("search") or {}).get("steps", [])
+             if isinstance(s, dict) and s.get("expected_cost_ratio")]
+    if not steps:
+        return None
+    fig = _figure(h=3.2)
+    ax = fig.add_subplot()
+    start = 0
+    for k, s in enumerate(steps):
+        ys = s["expected_cost_ratio"]
+        ax.plot(range(start, start + len(ys)), ys, color="#2f6fb3", zorder=3,
+                label="expected cost ratio" if k == 0 else None)
+        if "argmax_cost_ratio" in s:
+            ax.plot([start + len(ys) - 1], [s["argmax_cost_ratio"]], "o", color="#c0392b",
+                    label="argmax plan after the step" if k == 0 else None)
+        start += len(ys)
+        if k < len(steps) - 1:
+            ax.axvline(start - 0.5, color="#999", ls=":", lw=1)
+    tgt = report.get("target", {})
+    ax.axhline(tgt.get("ratio", 0), color="#27ae60", ls="--", zorder=1,
+               label=f"target ({tgt.get('kind')} {tgt.get('ratio')})")
+    repair = (report.get("search") or {}).get("repair") or {}
+    if "final_cost_ratio" in repair:
+        ax.plot([start - 1], [repair["final_cost_ratio"]], "*", ms=12, color="#8e44ad",
+                label="final plan (after budget repair)")
+    ax.set_xlabel("search iteration (dotted lines: step boundaries)")
+    ax.set_ylabel("cost / original cost")
+    ax.set_title("Search: expected cost of the rank mixture")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _acc_points(report: dict, label: str) -> list[tuple[str, float, float]]:
+    tot, acc = report["totals"], report["accuracy"]
+    pts = [(f"{label} decomposed", tot["macs_after"], acc["decomposed"]["top1"])]
+    if acc.get("finetuned"):
+        pts.append((f"{label} fine-tuned", tot["macs_after"], acc["finetuned"]["top1"]))
+    return pts
+
+
+def _run_label(report: dict) -> str:
+    c = report.get("config", {})
+    t = report.get("target", {})
+    return f"{c.get('decomp')}/{c.get('method')} {t.get('kind')}≤{t.get('ratio')}"
+
+
+def plot_accuracy(report: dict, others=()) -> bytes | None:
+    fig = _figure(w=7, h=4)
+    ax = fig.add_subplot()
+    tot = report["totals"]
+    ax.plot([tot["macs_before"] / 1e6], [report["accuracy"]["original"]["top1"]], "s",
+            color="black", label="original")
+    for rep in [report, *others]:
+        for name, macs, top1 in _acc_points(rep, _run_label(rep)):
+            ax.plot([macs / 1e6], [top1], "^" if "fine" in name else "o", label=name)
+    ax.set_xlabel("MACs per sample (millions)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy vs MACs")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _config_label(r: dict) -> str:
+    where = r["device"] if r["engine"] == "torch" else f"ORT {r['device']}"
+    thr = "" if r["threads"] is None else f" {r['threads']}t"
+    return f"{'torch ' if r['engine'] == 'torch' else ''}{where}{thr} b{r['batch']}"
+
+
+def plot_speedup(report: dict) -> bytes | None:
+    lat = (report.get("export") or {}).get("latency")
+    if not lat or not lat.get("runs"):
+        return None
+    runs = lat["runs"]
+    fig = _figure(h=3.4)
+    ax = fig.add_subplot()
+    ax.bar(range(len(runs)), [r["speedup"] for r in runs], 0.6, color="#2f6fb3",
+           label="measured")
+    ax.axhline(lat["ideal_speedup"], color="#27ae60", ls="--",
+               label=f"ideal (MACs ratio) {lat['ideal_speedup']:.2f}x")
+    ax.axhline(1.0, color="#999", lw=1)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([_config_label(r) for r in runs], fontsize=8, rotation=30, ha="right")
+    ax.set_ylabel("speed-up (original / compressed)")
+    ax.set_title("Measured speed-up (median latency)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------ blocks
+def _num(n) -> str:
+    if n is None:
+        return "-"
+    if isinstance(n, float):
+        return f"{n:.4g}"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _rank(r) -> str:
+    if r is None:
+        return "-"
+    return "×".join(map(str, r)) if isinstance(r, list) else str(r)
+
+
+def build_blocks(report: dict, others=()) -> list[tuple]:
+    """The report as ("h1"|"h2"|"p"|"ul"|"table"|"img", ...) blocks."""
+    b: list[tuple] = []
+    m, tot, tgt = report["model"], report["totals"], report["target"]
+    acc = report["accuracy"]
+    stage, fin = final_accuracy(report)
+    b.append(("h1", f"lrcompress report: {m['arch']} → {_run_label(report)}"))
+    achieved = tot["macs_ratio"] if tgt["kind"] == "flops" else tot["params_ratio"]
+    b.append(("p", f"Target: at most {tgt['ratio']} of the original {tgt['kind']}; achieved "
+                   f"{achieved:.4f} (MACs counted by {tot.get('macs_counted_by', '?')}). "
+                   f"Model {m['source']}, input {'×'.join(map(str, m['input_size']))}, "
+                   f"{m['num_classes']} classes. Data {report['data']['spec']} "
+                   f"({report['data']['test_samples']} test samples)."))
+    b.append(("h2", "Summary"))
+    change1 = fin["top1"] - acc["original"]["top1"] + 0.0  # + 0.0: no "-0.00"
+    change5 = fin["top5"] - acc["original"]["top5"] + 0.0
+    b.append(("table", ["", "original", "compressed", "change"], [
+        ["MACs", _num(tot["macs_before"]), _num(tot["macs_after"]),
+         f"×{tot['macs_ratio']:.3f}"],
+        ["params", _num(tot["params_before"]), _num(tot["params_after"]),
+         f"×{tot['params_ratio']:.3f}"],
+        [f"top-1 % ({stage})", f"{acc['original']['top1']:.2f}", f"{fin['top1']:.2f}",
+         f"{change1:+.2f} pts"],
+        [f"top-5 % ({stage})", f"{acc['original']['top5']:.2f}", f"{fin['top5']:.2f}",
+         f"{change5:+.2f} pts"],
+    ]))
+    b.append(("h2", "Accuracy (test split)"))
+    b.append(("table", ["model", "top-1 %", "top-5 %", "loss", "samples"],
+              [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}", str(a["n"])]
+               for k, a in acc.items() if a]))
+    b.append(("h2", "Plots"))
+    for name, png in _plots(report, others).items():
+        b.append(("img", name, png))
+    b += _export_blocks(report)
+    b.append(("h2", "Layers"))
+    b.append(("table", ["layer", "kind", "weight", "factorization", "rank", "MACs before",
+                        "MACs after", "params before", "params after", "rel. error"],
+              [[r["name"], r["kind"], "×".join(map(str, r["shape"])), r["factorization"],
+                _rank(r["rank"]), _num(r["macs_before"]), _num(r["macs_after"]),
+                _num(r["params_before"]), _num(r["params_after"]),
+                "-" if r.get("rel_error") is None else f"{r['rel_error']:.4f}"]
+               for r in report.get("layers", [])]))
+    if report.get("skipped"):
+        b.append(("h2", "Layers kept dense"))
+        b.append(("table", ["layer", "reason"], [[k, v] for k, v in report["skipped"].items()]))
+    b += _search_blocks(report)
+    b.append(("h2", "Run"))
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in (report.get("seconds") or {}).items())
+    vers = ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())
+    b.append(("ul", [f"Time per stage: {secs or '-'}", f"Versions: {vers}",
+                     f"Seed: {report.get('seed')}",
+                     f"Command: {' '.join(map(str, report.get('command') or []))}"]))
+    return b
+
+
+def _search_blocks(report: dict) -> list[tuple]:
+    s = report.get("search") or {}
+    items = []
+    if s.get("steps"):
+        last = s["steps"][-1]
+        items.append(f"{len(s['steps'])} search step(s); argmax plan after the last at "
+                     f"{last.get('argmax_cost_ratio', float('nan')):.4f} of the original cost")
+    if s.get("repair"):
+        r = s["repair"]
+        items.append(f"budget repair: {r.get('layers_changed')} layer(s) changed, final cost "
+                     f"ratio {r.get('final_cost_ratio', float('nan')):.4f}")
+    if s.get("reapplied"):
+        items.append(f"plan re-applied from {s['reapplied']}")
+    return [("h2", "Search"), ("ul", items)] if items else []
+
+
+def _export_blocks(report: dict) -> list[tuple]:
+    ex = report.get("export")
+    if not ex:
+        return [("p", "No export yet: `lrcompress export RUN` writes model.onnx, checks it "
+                      "against PyTorch and measures latency.")]
+    b: list[tuple] = []
+    lat = ex.get("latency")
+    if lat:
+        b.append(("h2", "Measured speed"))
+        b.append(("p", f"Median of {lat['config']['repeats']} runs after "
+                       f"{lat['config']['warmup']} warm-up runs, original and compressed "
+                       f"timed in round-robin in one process; {lat['cpu_count']} CPU core(s). "
+                       f"Ideal speed-up (MACs ratio): {lat['ideal_speedup']:.2f}×. Original "
+                       f"model: {lat.get('original_weights')}."))
+        b.append(("table", ["engine", "device", "threads", "batch", "original ms",
+                            "compressed ms", "speed-up", "of ideal"],
+                  [[r["engine"], r["device"], "-" if r["threads"] is None else str(r["threads"]),
+                    str(r["batch"]), f"{r['median_ms']['original']:.3f}",
+                    f"{r['median_ms']['compressed']:.3f}", f"{r['speedup']:.2f}×",
+                    f"{100 * r['achieved_over_ideal']:.0f} %"] for r in lat["runs"]]))
+        if lat.get("warnings") or lat.get("notes"):
+            b.append(("ul", [f"Warning: {w}" for w in lat.get("warnings", [])]
+                      + list(lat.get("notes", []))))
+        if lat.get("layers"):
+            b.append(("h2", "Per-layer latency (PyTorch eager, 1 CPU thread)"))
+            b.append(("table", ["layer", "factorization", "rank", "batch", "dense ms",
+                                "factorized ms", "speed-up", "ideal", ""],
+                      [[r["name"], r["factorization"], _rank(r["rank"]), str(r["batch"]),
+                        f"{r['dense_ms']:.4f}", f"{r['factorized_ms']:.4f}",
+                        f"{r['speedup']:.2f}×", f"{r['ideal_speedup']:.2f}×",
+                        "SLOWER" if r["slower"] else ""] for r in lat["layers"]]))
+    items = []
+    if ex.get("onnx"):
+        o, p = ex["onnx"], ex["onnx"]["parity"]
+        ops = ", ".join(f"{k} {v}" for k, v in o["ops"].items())
+        items.append(f"ONNX: {o['path']} ({_num(o['bytes'])}B, opset {o['opset']}, input "
+                     f"{o['input']['shape']}), {o['exporter']}; {o['checker']}. Operators: {ops}.")
+        items.append(f"ONNX Runtime vs PyTorch on {p['n']} {p['inputs']}: max |diff| "
+                     f"{p['max_abs_diff']:.3g} (tolerance atol {p['atol']} + rtol {p['rtol']}·|x|"
+                     f"), top-1 agreement {100 * p['top1_agreement']:.1f} %, providers "
+                     f"{', '.join(p['providers'])}.")
+    if ex.get("safetensors"):
+        s = ex["safetensors"]
+        items.append(f"safetensors: {s['path']} ({_num(s['bytes'])}B, sha256 {s['sha256'][:16]}"
+                     f"…): {s['reload']}.")
+    if items:
+        b += [("h2", "Export"), ("ul", items)]
+    return b
+
+
+PLOT_NAMES = ("ranks.png", "macs.png", "search.png", "accuracy_vs_macs.png", "speedup.png")
+
+
+def _plots(report: dict, others=()) -> dict[str, bytes]:
+    plots = dict(zip(PLOT_NAMES, (plot_ranks(report), plot_macs(report),
+                                  plot_trajectory(report), plot_accuracy(report, others),
+                                  plot_speedup(report))))
+    return {k: v for k, v in plots.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------- renderers
+def _md_cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind == "h1":
+            out.append(f"# {blk[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {blk[1]}\n")
+        elif kind == "p":
+            out.append(f"{blk[1]}\n")
+        elif kind == "ul":
+            out.append("\n".join(f"- {i}" for i in blk[1]) + "\n")
+        elif kind == "table":
+            head, rows = blk[1], blk[2]
+            lines = ["| " + " | ".join(map(_md_cell, head)) + " |",
+                     "|" + "|".join("---" for _ in head) + "|"]
+            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+            out.append("\n".join(lines) + "\n")
+        elif kind == "img":
+            out.append(f"![{blk[1][:-4]}]({PLOT_DIR}/{blk[1]})\n")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1100px;padding:0 1em;color:#1f2933;line-height:1.45}
+h1{font-size:1.5em;border-bottom:2px solid #2f6fb3;padding-bottom:.3em}
+h2{font-size:1.2em;margin-top:1.8em;color:#2f6fb3}
+table{border-collapse:collapse;margin:.6em 0;font-size:.86em}
+th,td{border:1px solid #d5dbe1;padding:.25em .6em;text-align:left}
+th{background:#f0f4f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafbfc}
+img{max-width:100%;display:block;margin:.8em 0;border:1px solid #e4e7eb}
+li{margin:.2em 0}td.bad{color:#c0392b;font-weight:600}
+"""
+
+
+_NUMERIC = re.compile(r"^[-+×]?[\d.,]+(e[-+]?\d+)?[KMG]?(B|x|×| %| pts)?$")
+
+
+def _css_class(cell) -> str:
+    if cell == "SLOWER":
+        return ' class="bad"'
+    return ' class="n"' if _NUMERIC.match(str(cell)) else ""
+
+
+def to_html(blocks) -> str:
+    e = html.escape
+    title = next((blk[1] for blk in blocks if blk[0] == "h1"), "lrcompress report")
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "p"):
+            out.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in blk[1]) + "</ul>")
+        elif kind == "table":
+            head, rows = blk[1], blk[2]
+            out.append("<table><thead><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in head)
+                       + "</tr></thead><tbody>")
+            for r in rows:
+                cells = "".join(f"<td{_css_class(c)}>{e(str(c))}</td>" for c in r)
+                out.append(f"<tr>{cells}</tr>")
+            out.append("</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(blk[2]).decode("ascii")
+            out.append(f'<img alt="{e(blk[1][:-4])}" src="data:image/png;base64,{data}">')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def render_reports(report: dict, others=()) -> dict[str, bytes]:
+    """{relative path: bytes} of report.md, report.html and plots/*.png (writes nothing)."""
+    blocks = build_blocks(report, others)
+    files = {"report.md": to_markdown(blocks).encode("utf-8"),
+             "report.html": to_html(blocks).encode("utf-8")}
+    for blk in blocks:
+        if blk[0] == "img":
+            files[f"{PLOT_DIR}/{blk[1]}"] = blk[2]
+    return files
+
+
+def write_reports(out_dir, report: dict, others=()) -> list[Path]:
+    """Write report.md, report.html and plots/ into ``out_dir``, all renamed in at the end.
+
+    ``others``: reports of other runs of the same model, drawn on the accuracy-vs-MACs plot.
+    """
+    out = Path(out_dir)
+    files = render_reports(report, others)
+    written = []
+    with contextlib.ExitStack() as stage:
+        for name, data in files.items():
+            stage.enter_context(atomic_path(out / name)).write_bytes(data)
+            written.append(out / name)
+    remove_stale_plots(out, files)
+    return written
+
+
+def remove_stale_plots(out: Path, files) -> None:
+    """Drop plots an earlier report drew that this one does not (only lrcompress's own names)."""
+    for name in PLOT_NAMES:
+        rel = f"{PLOT_DIR}/{name}"
+        if rel not in files:
+            (out / rel).unlink(missing_ok=True)

@@ -1,0 +1,287 @@
+"""export (ONNX + safetensors, parity, latency), eval and the reports, on tiny real runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from html.parser import HTMLParser
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import lrcompress
+from lrcompress.cli import main
+from lrcompress.data import DataConfig
+from lrcompress.deploy import ExportConfig, export_run
+from lrcompress.errors import UserError
+from lrcompress.latency import LatencyConfig
+from lrcompress.pipeline import SearchConfig, search
+from lrcompress.plan import Target
+from lrcompress.report import plot_trajectory, read_report, write_reports
+
+from .conftest import tiny_resnet
+
+DECOMPS = ("svd", "tucker2", "cp", "tt")
+RTOL, ATOL = 1e-3, 1e-4  # the parity tolerance export states (float32)
+# Every operator the exported test_resnet graphs may contain: standard ONNX only, and each
+# factorized layer becomes plain Conv / Gemm / MatMul nodes.
+STANDARD_OPS = {"Conv", "Gemm", "MatMul", "Relu", "Add", "MaxPool", "AveragePool",
+                "GlobalAveragePool", "ReduceMean", "Reshape", "Flatten", "Identity"}
+FAST_LAT = LatencyConfig(repeats=3, warmup=1, batches=(1, 8), threads=(1,))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_torch():
+    """One intra-op thread: on a loaded 2-core machine multi-threaded PyTorch spends most of its
+    time waking threads (a tiny forward goes from ~1 ms to ~400 ms). And torch.export logs
+    structured DEBUG traces to "torch.__trace", whose records pytest 9's capture handlers would
+    format on every ONNX export."""
+    trace = logging.getLogger("torch.__trace")
+    old_level, old_threads = trace.level, torch.get_num_threads()
+    trace.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    yield
+    trace.setLevel(old_level)
+    torch.set_num_threads(old_threads)
+
+
+def _search(ckpt, out, decomp):
+    cfg = SearchConfig(target=Target("flops", 0.5), decomp=decomp, method="uniform",
+                       rank_multiple=1, calib_batches=2,
+                       data=DataConfig(batch_size=16, test_subset=32), input_size=(1, 32, 32))
+    return search(str(ckpt), "synthetic:64", out, cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One finished RUN per decomposition, from the same test_resnet checkpoint."""
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "test_resnet.pt"
+    torch.save(tiny_resnet().state_dict(), ckpt)
+    return {"ckpt": ckpt, **{d: _search(ckpt, root / d, d).run_dir for d in DECOMPS}}
+
+
+def _snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    return r.exit_code, r.output, r
+
+
+@pytest.mark.parametrize("decomp", DECOMPS)
+def test_onnx_export_checks_and_matches_pytorch(runs, decomp, tmp_path):
+    out = tmp_path / "deploy"
+    res = export_run(runs[decomp], ExportConfig(latency=None, output=str(out)))
+    path = out / "model.onnx"
+    assert res.files == [path, out / "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors"]
+    proto = onnx.load(str(path))  # one self-contained file: no external data
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert set(ops) <= STANDARD_OPS, set(ops) - STANDARD_OPS
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    model = lrcompress.load(runs[decomp])
+    mods = list(model.modules())
+    assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in mods)
+    assert ops.count("Gemm") + ops.count("MatMul") == sum(isinstance(m, nn.Linear) for m in mods)
+    # Our own check, apart from the library's: the file in ONNX Runtime vs PyTorch.
+    sess = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+    par = res.section["onnx"]["parity"]
+    assert par["n"] == 32 and par["inputs"] == "test images of synthetic:64"
+    assert par["max_abs_diff"] < 1e-3 and par["top1_agreement"] == 1.0
+    assert (par["rtol"], par["atol"]) == (RTOL, ATOL)
+    st = res.section["safetensors"]
+    assert st["copied_to"].endswith("model.safetensors") and "bit-exact" in st["reload"]
+    assert (out / "model.safetensors").read_bytes() == (runs[decomp] / "model.safetensors"
+                                                        ).read_bytes()
+    assert read_report(runs[decomp])["export"]["onnx"]["sha256"] == res.section["onnx"]["sha256"]
+
+
+def test_latency_section_and_dynamic_batch(runs):
+    run = runs["tt"]
+    res = export_run(run, ExportConfig(dynamic_batch=True, latency=FAST_LAT))
+    proto = onnx.load(str(run / "model.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch
+    sess = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((3, 1, 32, 32), np.float32)})[0].shape == (3, 10)
+    lat = read_report(run)["export"]["latency"]
+    rep = read_report(run)
+    assert lat == res.section["latency"]
+    assert lat["ideal_speedup"] == pytest.approx(
+        rep["totals"]["macs_before"] / rep["totals"]["macs_after"], rel=1e-3)
+    assert lat["original_weights"].startswith("checkpoint")
+    assert {(r["engine"], r["batch"]) for r in lat["runs"]} == {
+        ("onnxruntime", 1), ("onnxruntime", 8), ("torch", 1), ("torch", 8)}
+    for r in lat["runs"]:
+        m = r["median_ms"]
+        assert m["original"] > 0 and m["compressed"] > 0
+        assert r["speedup"] == pytest.approx(m["original"] / m["compressed"], rel=1e-3)
+        assert r["achieved_over_ideal"] == pytest.approx(r["speedup"] / lat["ideal_speedup"],
+                                                         rel=1e-3)
+    plan = lrcompress.Plan.from_json((run / "plan.json").read_text())
+    assert [(r["name"], r["batch"]) for r in lat["layers"]] == [
+        (lp.name, b) for lp in plan.layers for b in (1, 8)]
+    assert all(r["dense_ms"] > 0 and r["factorized_ms"] > 0 for r in lat["layers"])
+    assert len(lat["warnings"]) == len({r["name"] for r in lat["layers"] if r["slower"]})
+    assert "Measured speed" in (run / "report.html").read_text()
+    assert (run / "plots" / "speedup.png").exists()
+
+
+def test_latency_without_original_checkpoint_uses_random_weights(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(runs["svd"], run)
+    rep = json.loads((run / "report.json").read_text())
+    rep["model"]["source"] = str(tmp_path / "gone.pt")
+    rep.pop("export", None)
+    (run / "report.json").write_text(json.dumps(rep))
+    (run / "state" / "fingerprint.json").unlink()
+    first = export_run(run, ExportConfig(formats=("onnx",), latency=None))
+    assert first.files == [run / "model.onnx"] and "safetensors" not in first.section
+    lat = LatencyConfig(repeats=2, warmup=0, batches=(2,), threads=(1,), onnxruntime=False)
+    res = export_run(run, ExportConfig(formats=("safetensors",), latency=lat))
+    assert res.section["latency"]["original_weights"].startswith("random weights")
+    assert [r["engine"] for r in res.section["latency"]["runs"]] == ["torch"]
+    # What this export skipped keeps the earlier export's record (the model did not change).
+    ex = read_report(run)["export"]
+    assert ex["onnx"] == first.section["onnx"] and ex["latency"] == res.section["latency"]
+
+
+def test_failed_export_leaves_run_untouched(runs, monkeypatch):
+    run = runs["cp"]
+    before = _snapshot(run)
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure while timing")
+
+    # Fails after model.onnx is staged, checked and the safetensors validated.
+    monkeypatch.setattr("lrcompress.deploy.compare", boom)
+    lat = LatencyConfig(repeats=1, warmup=0, batches=(1,), threads=(1,), onnxruntime=False)
+    with pytest.raises(RuntimeError, match="injected"):
+        export_run(run, ExportConfig(latency=lat))
+    assert _snapshot(run) == before  # no model.onnx, report untouched, no temp files
+
+    class WrongSession:  # ONNX Runtime "returns" garbage: a parity error, never a warning
+        def run(self, *_a, **_k):
+            return [np.zeros((1, 10), np.float32)]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr("lrcompress.onnx_export.ort_session", lambda *a, **k: WrongSession())
+    code, out, _ = invoke("export", run, "--no-latency")
+    assert code == 3 and "does not match PyTorch" in out and "Traceback" not in out
+    assert _snapshot(run) == before
+
+
+def test_export_bad_input(runs, tmp_path):
+    code, out, _ = invoke("export", tmp_path / "nope")
+    assert code == 2 and "No such run" in out
+    code, out, _ = invoke("export", runs["svd"], "--format", "tflite")
+    assert code == 2 and "tflite" in out and "onnx, safetensors" in out
+    code, out, _ = invoke("export", runs["svd"], "--opset", "11")
+    assert code == 2 and "--opset 11" in out
+    with pytest.raises(UserError, match="no report.json"):
+        export_run(tmp_path)
+
+
+def test_eval_run_and_checkpoint_json(runs):
+    rep = read_report(runs["tt"])
+    code, out, r = invoke("eval", runs["tt"], "--data", "synthetic:64", "--test-subset", "32",
+                          "--batch-size", "16", "--no-latency", "--json")
+    assert code == 0, out
+    d = json.loads(r.stdout)
+    assert d["model"]["compressed"] and d["data"]["input_size"] == [1, 32, 32]
+    assert d["accuracy"]["n"] == 32
+    # The same data and preprocessing as the search: the same figures.
+    for k in ("top1", "top5"):
+        assert d["accuracy"][k] == pytest.approx(rep["accuracy"]["decomposed"][k])
+    assert d["accuracy"]["loss"] == pytest.approx(rep["accuracy"]["decomposed"]["loss"],
+                                                  rel=1e-4)
+    assert d["macs"] == rep["totals"]["macs_after"]
+    assert d["params"] == rep["totals"]["params_after"]
+    assert d["latency"] is None
+
+    code, out, r = invoke("eval", runs["ckpt"], "--input-size", "1,32,32", "--data",
+                          "synthetic:64", "--test-subset", "32", "--batch-size", "16",
+                          "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,4",
+                          "--threads", "1", "--json")
+    assert code == 0, out
+    d = json.loads(r.stdout)
+    assert not d["model"]["compressed"]
+    assert d["accuracy"]["top1"] == pytest.approx(rep["accuracy"]["original"]["top1"])
+    assert d["macs"] == rep["totals"]["macs_before"]
+    runs_ = d["latency"]["runs"]
+    assert {(x["engine"], x["batch"]) for x in runs_} == {
+        ("onnxruntime", 1), ("onnxruntime", 4), ("torch", 1), ("torch", 4)}
+    assert all(x["median_ms"]["model"] > 0 for x in runs_)
+    code, out, _ = invoke("eval", runs["tt"], "--data", "synthetic:64", "--test-subset", "8",
+                          "--no-latency")
+    assert code == 0 and "top-1" in out and "MACs" in out
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        self.tables += tag == "table"
+
+
+def test_reports_are_written_with_embedded_plots(runs, tmp_path):
+    run = runs["tucker2"]
+    md = (run / "report.md").read_text()
+    assert "## Summary" in md and "## Layers" in md
+    for name in ("ranks", "macs", "accuracy_vs_macs"):
+        assert f"(plots/{name}.png)" in md
+        assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = _Images()
+    p.feed((run / "report.html").read_text())
+    assert p.tables >= 3
+    alts = {i["alt"] for i in p.imgs}
+    assert {"ranks", "macs", "accuracy_vs_macs"} <= alts
+    for img in p.imgs:  # self-contained: every plot is an embedded PNG
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:4] == b"\x89PNG"
+    # Several runs: all on the accuracy-vs-MACs plot; the rene trajectory when present.
+    rep = read_report(run)
+    rep["search"] = {"steps": [{"expected_cost_ratio": [0.9, 0.7, 0.55], "argmax_cost_ratio": 0.6},
+                               {"expected_cost_ratio": [0.52, 0.5], "argmax_cost_ratio": 0.5}]}
+    assert plot_trajectory(rep)[:4] == b"\x89PNG"
+    written = write_reports(tmp_path, rep, others=[read_report(runs["svd"])])
+    assert {p.name for p in written} >= {"report.md", "report.html", "search.png"}
+
+
+def test_python_api_example_runs(runs, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "python_api.py"
+    monkeypatch.setattr("sys.argv", [str(script), str(runs["svd"])])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "-> output (8, 10)" in capsys.readouterr().out
+
+
+def test_help_has_examples():
+    for cmd in ("export", "eval", "gate"):
+        code, out, _ = invoke(cmd, "--help")
+        assert code == 0 and "Examples:" in out, out

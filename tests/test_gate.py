@@ -1,0 +1,153 @@
+"""gate: exit codes 0/1/2 through the CLI, the budget table, JUnit XML, --baseline."""
+
+from __future__ import annotations
+
+import copy
+import json
+from xml.etree import ElementTree as ET
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrcompress.cli import main
+from lrcompress.data import DataConfig
+from lrcompress.gate import GateConfig, gate
+from lrcompress.pipeline import SearchConfig, search
+from lrcompress.plan import Target
+from lrcompress.report import read_report
+
+from .conftest import tiny_resnet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Multi-threaded PyTorch crawls on a loaded 2-core machine (thread wake-ups)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    ckpt = root / "test_resnet.pt"
+    torch.save(tiny_resnet().state_dict(), ckpt)
+    cfg = SearchConfig(target=Target("flops", 0.5), decomp="tt", method="uniform",
+                       rank_multiple=1, calib_batches=2,
+                       data=DataConfig(batch_size=16, test_subset=32), input_size=(1, 32, 32))
+    return search(str(ckpt), "synthetic:64", root / "run", cfg).run_dir
+
+
+def variant(run, tmp_path, name, edit):
+    """A copy of RUN's report.json, edited: enough for gate, which reads nothing else."""
+    rep = copy.deepcopy(read_report(run))
+    edit(rep)
+    d = tmp_path / name
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(rep))
+    return d
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    return r.exit_code, r.output, r
+
+
+def _with_accuracy(top1_orig, top1_final, finetuned=None):
+    def edit(rep):
+        rep["accuracy"]["original"]["top1"] = top1_orig
+        rep["accuracy"]["decomposed"]["top1"] = top1_final
+        if finetuned is not None:
+            rep["accuracy"]["finetuned"] = {**rep["accuracy"]["decomposed"], "top1": finetuned}
+    return edit
+
+
+def _with_latency(speedup):
+    def edit(rep):
+        rows = [{"engine": e, "device": "cpu", "threads": t, "all_threads": t == 2, "batch": b,
+                 "median_ms": {"original": 2.0, "compressed": 2.0 / speedup},
+                 "iqr_ms": {"original": 0.1, "compressed": 0.1}, "speedup": speedup,
+                 "achieved_over_ideal": speedup / 2}
+                for e in ("onnxruntime", "torch") for t in (1, 2) for b in (1, 64)]
+        rep["export"] = {"latency": {"runs": rows, "ideal_speedup": 2.0}}
+    return edit
+
+
+def test_pass_and_fail_exit_codes(run, tmp_path):
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "1.0", "--min-flops-reduction", "0.4")
+    assert code == 0, out
+    assert "top-1 drop <= 1 pts" in out and "MACs reduction >= 0.4" in out and "pass" in out
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "1.0", "--min-flops-reduction", "0.6")
+    assert code == 1, out
+    assert "FAIL" in out and "gate failed: MACs reduction >= 0.6" in out
+    assert "Traceback" not in out
+    # The final model is the fine-tuned one when there is one: 80 -> 79.5 fine-tuned passes 1.0.
+    d = variant(run, tmp_path, "ft", _with_accuracy(80.0, 70.0, finetuned=79.5))
+    assert invoke("gate", d, "--max-top1-drop", "1.0")[0] == 0
+    assert invoke("gate", d, "--max-top1-drop", "0.4")[0] == 1
+    res = gate(d, GateConfig(max_top1_drop=0.4))
+    assert res.checks[0].value == pytest.approx(0.5) and "finetuned 79.50" in res.checks[0].detail
+
+
+def test_json_and_junit(run, tmp_path):
+    xml = tmp_path / "ci" / "gate.xml"
+    code, out, r = invoke("gate", run, "--max-top1-drop", "1", "--min-flops-reduction", "0.9",
+                          "--junit", xml, "--json")
+    assert code == 1
+    d = json.loads(r.stdout)
+    assert d["passed"] is False
+    assert [c["passed"] for c in d["checks"]] == [True, False]
+    root = ET.parse(xml).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None and suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["top-1 drop <= 1 pts", "MACs reduction >= 0.9"]
+    assert cases[0].find("failure") is None
+    fail = cases[1].find("failure")
+    assert fail is not None and "MACs reduction" in fail.get("message") and fail.text
+
+
+def test_speedup_budget(run, tmp_path):
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "1", "--min-speedup", "1.2")
+    assert code == 2 and "lrcompress export" in out and "Traceback" not in out
+    d = variant(run, tmp_path, "fast", _with_latency(1.5))
+    assert invoke("gate", d, "--max-top1-drop", "100", "--min-speedup", "1.2")[0] == 0
+    assert invoke("gate", d, "--max-top1-drop", "100", "--min-speedup", "1.6")[0] == 1
+    res = gate(d, GateConfig(max_top1_drop=100, min_speedup=1.2, speedup_batch=64))
+    assert "onnxruntime cpu, 2 thread(s), batch 64" in res.checks[1].detail
+    code, out, _ = invoke("gate", d, "--max-top1-drop", "1", "--min-speedup", "1.2",
+                          "--speedup-batch", "8")
+    assert code == 2 and "batch 8" in out
+
+
+def test_baseline(run, tmp_path):
+    base = variant(run, tmp_path, "base", _with_accuracy(90.0, 85.0))
+    new = variant(run, tmp_path, "new", _with_accuracy(90.0, 84.5))
+    res = gate(new, GateConfig(max_top1_drop=1.0, baseline=str(base)))
+    assert res.passed and res.checks[0].value == pytest.approx(0.5)  # 85.0 - 84.5, not 90 - 84.5
+    assert "baseline" in res.checks[0].detail
+    assert invoke("gate", new, "--max-top1-drop", "0.2", "--baseline", base)[0] == 1
+    other = variant(run, tmp_path, "other", lambda r: r["data"].update(spec="synthetic:999"))
+    code, out, _ = invoke("gate", new, "--max-top1-drop", "1", "--baseline", other)
+    assert code == 2 and "same test set" in out
+
+
+def test_bad_input_exits_2(run, tmp_path):
+    code, out, _ = invoke("gate", tmp_path / "missing", "--max-top1-drop", "1")
+    assert code == 2 and "No such run" in out
+    (tmp_path / "empty").mkdir()
+    code, out, _ = invoke("gate", tmp_path / "empty", "--max-top1-drop", "1")
+    assert code == 2 and "no report.json" in out and "lrcompress search" in out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "report.json").write_text("{not json")
+    assert invoke("gate", bad, "--max-top1-drop", "1")[0] == 2
+    future = variant(run, tmp_path, "future", lambda r: r.update(schema=99))
+    code, out, _ = invoke("gate", future, "--max-top1-drop", "1")
+    assert code == 2 and "schema" in out
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "1", "--min-flops-reduction", "1.5")
+    assert code == 2 and "[0, 1)" in out
+    code, out, _ = invoke("gate", run)  # the drop budget is required
+    assert code == 2 and "--max-top1-drop" in out
