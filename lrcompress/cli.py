@@ -234,9 +234,10 @@ def _floats(value, name):
 @click.option("--target-params", type=float, help="Keep at most this fraction of the "
               "parameters, 0 < R < 1.")
 @click.option("--method", default="rene", show_default=True,
-              type=click.Choice(["rene", "uniform", "energy", "vbmf", "lsvt", "gsvt", "isvt",
-                                 "bisect"]),
-              help="Rank selection: rene (softmax rank search, budget-aware); baselines: "
+              type=click.Choice(["rene", "sensitivity", "uniform", "energy", "vbmf", "lsvt",
+                                 "gsvt", "isvt", "bisect"]),
+              help="Rank selection: rene (softmax rank search, budget-aware); sensitivity "
+              "(per-layer calibration-loss model, greedy to the target); baselines: "
               "uniform (one rank ratio everywhere), energy (keep a share of Σσ², Yang 2020), "
               "vbmf (VBMF ranks scaled to the target), lsvt / gsvt (LoRITa's per-layer / "
               "global σ/σ₁ truncation), isvt (LoRITa's greedy loss-guided cuts), bisect "

@@ -32,3 +32,8 @@ def resnet_ckpt(tmp_path):
     st = tmp_path / "test_resnet.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
     return {"model": m, "pt": pt, "safetensors": st, "dir": tmp_path}
+
+
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per
+# process make torch dramatically slower (seen: 100x); one thread keeps the suite fast and stable.
+torch.set_num_threads(1)

@@ -122,4 +122,4 @@ def test_mixed_layer_modes_agree_and_probes_estimate_the_weight_loss(method):
     a.mix_outputs, a.probe_weights = True, True
     y_o, est = a(x), a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
     torch.testing.assert_close(y_o, y_w, rtol=1e-4, atol=1e-5)
-    assert abs(float(est) / float(exact) - 1) < 0.05  # 20k probes: a few % of Monte-Carlo noise
+    assert abs(est.item() / exact.item() - 1) < 0.05  # 20k probes: a few % of Monte-Carlo noise

@@ -50,6 +50,16 @@ def test_rene_meets_target_and_is_deterministic(resnet_ckpt, tmp_path, decomp):
     assert a.report["search"]["steps"], "the search trace is recorded"
 
 
+@pytest.mark.parametrize("kind", ["flops", "params"])
+def test_sensitivity_meets_target(resnet_ckpt, tmp_path, kind):
+    res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run",
+                 _cfg(method="sensitivity", target=Target(kind, 0.4)))
+    tot = res.report["totals"]
+    ratio = tot["macs_ratio"] if kind == "flops" else tot["params_ratio"]
+    assert 0.34 <= ratio <= 0.4
+    assert all(v > 0 for v in res.report["search"]["sensitivity"].values())
+
+
 def test_reload_is_bit_exact_and_plan_round_trips(resnet_ckpt, tmp_path):
     res = search(str(resnet_ckpt["safetensors"]), "synthetic:64", tmp_path / "run", _cfg())
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())

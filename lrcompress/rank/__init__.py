@@ -52,7 +52,7 @@ class SelectContext:
 def _load_builtin() -> None:
     if RANK_METHODS:
         return
-    from . import bisect, energy, rene, svt, uniform, vbmf
+    from . import bisect, energy, rene, sensitivity, svt, uniform, vbmf
 
     register("uniform")(uniform.select)
     register("rene")(rene.select)
@@ -62,6 +62,7 @@ def _load_builtin() -> None:
     register("gsvt")(svt.select_gsvt)
     register("isvt")(svt.select_isvt)
     register("bisect")(bisect.select)
+    register("sensitivity")(sensitivity.select)
 
 
 __all__ = ["DENSE", "LayerOptions", "Option", "RankProblem", "SelectContext", "allocate",

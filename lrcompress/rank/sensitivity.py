@@ -1,0 +1,40 @@
+"""``sensitivity``: ranks from a per-layer calibration-loss model, allocated greedily to the target.
+
+For each candidate layer i, the calibration loss is measured once with that layer alone factorized
+at its *smallest* useful rank (a deep truncation, so the loss change stands well above the noise
+of a few calibration batches); with the relative reconstruction errors e_i(r) of every option this
+gives the model ΔL_i(r) ≈ s_i · (e_i(r) / e_i(r_min))² (``_signals.loss_model_scores``). The
+greedy knapsack of ``_problem.allocate`` then keeps the options with the least predicted loss per
+MAC (or parameter) until the budget is met exactly. [PROPOSAL]: the additive, quadratic loss
+model is ours (in the spirit of second-order saliency and of methods.md §5's loss-bound rank
+selection); it is the rank-selection part that `rene` reuses for its final budget repair.
+
+Config (``ctx.config["sensitivity"]``): ``calib_batches`` (default 4) — batches per measurement.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ._problem import allocate
+from ._signals import error_curves, loss_model_scores, sensitivities
+
+KEYS = {"calib_batches"}
+
+
+def select(ctx) -> tuple:
+    cfg = dict(ctx.config.get("sensitivity") or {})
+    unknown = set(cfg) - KEYS
+    if unknown:
+        raise UserError(f"Unknown sensitivity settings {sorted(unknown)}: valid are "
+                        f"{sorted(KEYS)}.")
+    n = int(cfg.get("calib_batches", 4))
+    problem = ctx.problem
+    problem.check_feasible()
+    ref = [0] * len(problem.layers)
+    errs = error_curves(ctx.model, problem, ctx.cache)
+    sens = sensitivities(ctx.model, problem, ref, ctx.batches[:n], ctx.device, ctx.cache,
+                         progress=lambda _n: ctx.tick())
+    choice = allocate(problem, loss_model_scores(errs, sens, ref))
+    trace = {"sensitivity": {lo.spec.name: s for lo, s in zip(problem.layers, sens)},
+             "calib_batches": min(n, len(ctx.batches))}
+    return problem.to_plan(choice, "sensitivity"), trace
