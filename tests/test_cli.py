@@ -97,3 +97,34 @@ def test_search_bad_targets(resnet_ckpt, tmp_path):
                            "--input-size", "1,32,32", "--data", "nosuch:/x", "-o",
                            tmp_path / "r"), "nosuch")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case", ["truncated_pt", "truncated_st", "missing_keys", "whole_module",
+                                  "not_a_state_dict"])
+def test_bad_checkpoints_through_the_cli(resnet_ckpt, tmp_path, case):
+    src = resnet_ckpt["model"]
+    p = tmp_path / f"bad_{case}_test_resnet.pt"
+    if case == "truncated_pt":
+        data = resnet_ckpt["pt"].read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+        words = ("truncated",)
+    elif case == "truncated_st":
+        p = p.with_suffix(".safetensors")
+        data = resnet_ckpt["safetensors"].read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+        words = ("truncated",)
+    elif case == "missing_keys":
+        sd = src.state_dict()
+        for k in ("fc.weight", "fc.bias"):
+            sd.pop(k)
+        torch.save(sd, p)
+        words = ("missing key(s): fc.weight",)
+    elif case == "whole_module":
+        torch.save(src, p)
+        words = ("whole pickled model", "--trust-pickle")
+    else:
+        torch.save([1, 2, 3], p)
+        words = ("not a state_dict",)
+    before = p.read_bytes()
+    assert_user_error(*run("inspect", p, "--arch", "timm:test_resnet"), *words)
+    assert p.read_bytes() == before  # the input is never modified
