@@ -100,7 +100,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"Unknown --device {name!r}: use auto, cpu, cuda or cuda:N.") from e
 
 
-RESULT_FILES = ("model.safetensors", "plan.json", "report.json", "report.md", "report.html")
+RESULT_FILES = ("model.safetensors", "plan.json", "report.json", "report.md", "report.html",
+                "model.onnx", "model.onnx.data")
 
 
 def fingerprint(model_spec: str, data_spec: str, cfg: SearchConfig, extra: dict) -> dict:

@@ -108,3 +108,14 @@ def test_report_has_the_main_fields(resnet_ckpt, tmp_path):
         assert key in rep
     row = next(r for r in rep["layers"] if r["factorization"] != "dense")
     assert row["macs_after"] < row["macs_before"] and 0 <= row["rel_error"] < 1
+
+
+def test_run_files_have_normal_permissions(resnet_ckpt, tmp_path):
+    import os
+    import stat
+
+    search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", _cfg())
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = stat.S_IMODE((tmp_path / "run" / "plan.json").stat().st_mode)
+    assert mode == 0o666 & ~mask

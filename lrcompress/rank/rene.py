@@ -9,7 +9,7 @@ Faithful to the paper (methods.md §2):
 * alternating updates (§2.4): a *weight step* on the factors minimising the reconstruction error
   of W_mix (data-free; SGD-Nesterov), then an *α step* on a calibration batch; a warm-up of
   weight-only steps starts every search step;
-* multi-step narrowing (§2.5, Figure 3): around the argmax r̄, candidates r̄ ± s/2 at step s/f,
+* multi-step narrowing (§2.5, Figure 3): around the chosen r̄, candidates r̄ ± s/2 at step s/f,
   branches and logits re-initialised, until the step reaches one grid unit.
 
 Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
@@ -28,7 +28,9 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   Layers that cannot pay off (a 1-channel stem) are never candidates (§10.1).
 * **α optimiser.** Adam (lr 0.05) on the logits instead of SGD 1e-3, so that p moves within the
   100 iterations on every layer size; the factors keep the paper's SGD-Nesterov.
-* **Repair.** The argmax plan is then made to meet the budget exactly by the greedy allocator
+* **Choice.** Each step's r̄ is the candidate nearest the layer's expected cost, not the argmax
+  (see :func:`expected_cost_choice`).
+* **Repair.** The searched plan is then made to meet the budget exactly by the greedy allocator
   (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
 """
 
@@ -194,7 +196,7 @@ def _narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[i
 
 
 def search(ctx, cfg: ReneConfig) -> tuple[list[int], dict]:
-    """Run the multi-step search; returns (argmax choice per layer, trace)."""
+    """Run the multi-step search; returns (chosen option per layer, trace)."""
     problem: RankProblem = ctx.problem
     kind = problem.target.kind
     model = ctx.model
