@@ -118,13 +118,10 @@ def render_export(res) -> None:
     con = console()
     sec = res.section
     if "onnx" in sec:
-        o, p = sec["onnx"], sec["onnx"]["parity"]
-        ops = ", ".join(f"{k} {v}" for k, v in o["ops"].items())
-        con.print(f"ONNX: {o['path']} ({human(o['bytes'])}B, opset {o['opset']}, input "
-                  f"{o['input']['shape']}); onnx.checker passed. Operators: {ops}.")
-        con.print(f"ONNX Runtime ({', '.join(p['providers'])}) vs PyTorch on {p['n']} "
-                  f"{p['inputs']}: max |diff| {p['max_abs_diff']:.3g} within atol {p['atol']} + "
-                  f"rtol {p['rtol']}·|x|; top-1 agreement {100 * p['top1_agreement']:.1f}%.")
+        from .report import onnx_summary
+
+        for line in onnx_summary(sec["onnx"]):
+            con.print(line)
     if "safetensors" in sec:
         s = sec["safetensors"]
         where = s.get("copied_to", s["path"])

@@ -130,9 +130,9 @@ def plot_trajectory(report: dict) -> bytes | None:
         ys = s["expected_cost_ratio"]
         ax.plot(range(start, start + len(ys)), ys, color="#2f6fb3", zorder=3,
                 label="expected cost ratio" if k == 0 else None)
-        if "argmax_cost_ratio" in s:
-            ax.plot([start + len(ys) - 1], [s["argmax_cost_ratio"]], "o", color="#c0392b",
-                    label="argmax plan after the step" if k == 0 else None)
+        if "chosen_cost_ratio" in s:
+            ax.plot([start + len(ys) - 1], [s["chosen_cost_ratio"]], "o", color="#c0392b",
+                    label="plan chosen after the step" if k == 0 else None)
         start += len(ys)
         if k < len(steps) - 1:
             ax.axvline(start - 0.5, color="#999", ls=":", lw=1)
@@ -285,8 +285,8 @@ def _search_blocks(report: dict) -> list[tuple]:
     items = []
     if s.get("steps"):
         last = s["steps"][-1]
-        items.append(f"{len(s['steps'])} search step(s); argmax plan after the last at "
-                     f"{last.get('argmax_cost_ratio', float('nan')):.4f} of the original cost")
+        items.append(f"{len(s['steps'])} search step(s); plan chosen after the last at "
+                     f"{last.get('chosen_cost_ratio', float('nan')):.4f} of the original cost")
     if s.get("repair"):
         r = s["repair"]
         items.append(f"budget repair: {r.get('layers_changed')} layer(s) changed, final cost "
@@ -329,14 +329,7 @@ def _export_blocks(report: dict) -> list[tuple]:
                         "SLOWER" if r["slower"] else ""] for r in lat["layers"]]))
     items = []
     if ex.get("onnx"):
-        o, p = ex["onnx"], ex["onnx"]["parity"]
-        ops = ", ".join(f"{k} {v}" for k, v in o["ops"].items())
-        items.append(f"ONNX: {o['path']} ({_num(o['bytes'])}B, opset {o['opset']}, input "
-                     f"{o['input']['shape']}), {o['exporter']}; {o['checker']}. Operators: {ops}.")
-        items.append(f"ONNX Runtime vs PyTorch on {p['n']} {p['inputs']}: max |diff| "
-                     f"{p['max_abs_diff']:.3g} (tolerance atol {p['atol']} + rtol {p['rtol']}·|x|"
-                     f"), top-1 agreement {100 * p['top1_agreement']:.1f} %, providers "
-                     f"{', '.join(p['providers'])}.")
+        items += onnx_summary(ex["onnx"])
     if ex.get("safetensors"):
         s = ex["safetensors"]
         items.append(f"safetensors: {s['path']} ({_num(s['bytes'])}B, sha256 {s['sha256'][:16]}"
@@ -466,3 +459,15 @@ def remove_stale_plots(out: Path, files) -> None:
         rel = f"{PLOT_DIR}/{name}"
         if rel not in files:
             (out / rel).unlink(missing_ok=True)
+
+
+def onnx_summary(o: dict) -> list[str]:
+    """Two sentences on an exported graph and its ONNX Runtime parity (terminal and reports)."""
+    p = o["parity"]
+    ops = ", ".join(f"{k} {v}" for k, v in o["ops"].items())
+    return [f"ONNX: {o['path']} ({_num(o['bytes'])}B, opset {o['opset']}, input "
+            f"{o['input']['shape']}), {o['exporter']}; {o['checker']}. Operators: {ops}.",
+            f"ONNX Runtime vs PyTorch on {p['n']} {p['inputs']}: max |diff| "
+            f"{p['max_abs_diff']:.3g} (tolerance atol {p['atol']} + rtol {p['rtol']}·|x|), "
+            f"top-1 agreement {100 * p['top1_agreement']:.1f} %, providers "
+            f"{', '.join(p['providers'])}."]
