@@ -33,7 +33,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            click.echo("Interrupted. Finished stages and fine-tuning epochs are kept in "
+                       "RUN/state/: re-run the same command to resume from there.", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the last line of defence: exit 3, not a crash
             if ctx.obj and ctx.obj.get("debug"):
@@ -59,12 +60,28 @@ def main(ctx, debug, verbose):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _stop_cleanly_on_sigterm()
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, a scheduler) stops like Ctrl-C: atomic writes finish or roll back,
+    and the resume hint is printed, instead of dying mid-write."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # ------------------------------------------------------------------ shared option groups

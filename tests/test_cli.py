@@ -128,3 +128,29 @@ def test_bad_checkpoints_through_the_cli(resnet_ckpt, tmp_path, case):
     before = p.read_bytes()
     assert_user_error(*run("inspect", p, "--arch", "timm:test_resnet"), *words)
     assert p.read_bytes() == before  # the input is never modified
+
+
+def test_sigterm_stops_cleanly_with_a_resume_hint(resnet_ckpt, tmp_path):
+    """A search killed by SIGTERM exits 130 with the hint, no traceback; the input is untouched."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = resnet_ckpt["pt"].read_bytes()
+    cmd = [sys.executable, "-m", "lrcompress.cli", "search", str(resnet_ckpt["pt"]),
+           "--input-size", "1,32,32", "--data", "synthetic:64", "--target-flops", "0.5",
+           "--method", "rene", "--search-iters", "100000", "--rank-multiple", "1",
+           "-o", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "run" / "state" / "eval_original.json"
+    deadline = time.time() + 60
+    while not state.exists() and time.time() < deadline:  # wait until the search is under way
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    assert resnet_ckpt["pt"].read_bytes() == before
+    assert not list((tmp_path / "run").glob("**/.*.tmp"))  # no half-written temp files
