@@ -119,3 +119,28 @@ def test_run_files_have_normal_permissions(resnet_ckpt, tmp_path):
     os.umask(mask)
     mode = stat.S_IMODE((tmp_path / "run" / "plan.json").stat().st_mode)
     assert mode == 0o666 & ~mask
+
+
+def test_unfinished_run_resumes_from_its_state(resnet_ckpt, tmp_path):
+    from lrcompress.finetune import FinetuneConfig
+
+    cfg = _cfg(method="rene", finetune=FinetuneConfig(epochs=2, lr=0.01))
+    out = tmp_path / "run"
+    first = search(str(resnet_ckpt["pt"]), "synthetic:64", out, cfg)
+    first_weights = lrcompress.load(out).state_dict()
+    # A kill after the last epoch but before the results were written:
+    for name in ("report.json", "model.safetensors", "plan.json"):
+        (out / name).unlink()
+    again = search(str(resnet_ckpt["pt"]), "synthetic:64", out, cfg)
+    assert again.report["resumed"] is True
+    assert again.report["search"] == first.report["search"]  # the search was not re-run
+    assert again.report["finetune"]["resumed_from_epoch"] == 2
+    assert again.plan.to_dict() == first.plan.to_dict()
+    resumed_weights = lrcompress.load(out).state_dict()
+    assert all(torch.equal(resumed_weights[k], first_weights[k]) for k in first_weights)
+    # A finished run is not silently redone, and a different command does not resume it.
+    with pytest.raises(UserError, match="already holds the finished result"):
+        search(str(resnet_ckpt["pt"]), "synthetic:64", out, cfg)
+    (out / "report.json").unlink()
+    with pytest.raises(UserError, match="different command"):
+        search(str(resnet_ckpt["pt"]), "synthetic:64", out, _cfg(method="uniform"))
