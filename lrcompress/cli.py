@@ -14,7 +14,7 @@ import traceback
 import click
 
 from . import __version__
-from .errors import EXIT_INTERNAL, LrcError, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LrcError, UserError
 
 log = logging.getLogger("lrcompress")
 
@@ -39,6 +39,11 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the last line of defence: exit 3, not a crash
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
+            if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+                click.echo(f"Out of GPU memory ({str(e).splitlines()[0]}). Use a smaller "
+                           "--batch-size (and --calib-batches), or --device cpu. A re-run with the "
+                           "same command resumes from the last finished stage.", err=True)
+                sys.exit(EXIT_BAD_INPUT)
             click.echo(f"Internal error ({type(e).__name__}: {e}). This is a bug in lrcompress: "
                        "re-run with --debug and report the traceback.", err=True)
             sys.exit(EXIT_INTERNAL)

@@ -154,3 +154,24 @@ def test_sigterm_stops_cleanly_with_a_resume_hint(resnet_ckpt, tmp_path):
     assert "re-run the same command to resume" in err and "Traceback" not in err
     assert resnet_ckpt["pt"].read_bytes() == before
     assert not list((tmp_path / "run").glob("**/.*.tmp"))  # no half-written temp files
+
+
+def test_cuda_out_of_memory_gets_advice_not_a_traceback(resnet_ckpt, tmp_path, monkeypatch):
+    import lrcompress.pipeline as pipeline
+
+    def oom(*a, **k):  # injected, as CI has no GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "search", oom)
+    code, out = run("search", resnet_ckpt["pt"], "--input-size", "1,32,32", "--data",
+                    "synthetic:64", "--target-flops", "0.5", "-o", tmp_path / "r")
+    assert_user_error(code, out, "Out of GPU memory", "--batch-size")
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(resnet_ckpt, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out = run("search", resnet_ckpt["pt"], "--input-size", "1,32,32", "--data",
+                    "synthetic:64", "--target-flops", "0.5", "--device", "cuda",
+                    "-o", tmp_path / "r")
+    assert_user_error(code, out, "no CUDA GPU")
