@@ -175,3 +175,11 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(resnet_ckpt, tmp_path):
                     "synthetic:64", "--target-flops", "0.5", "--device", "cuda",
                     "-o", tmp_path / "r")
     assert_user_error(code, out, "no CUDA GPU")
+
+
+def test_no_factorizable_layer_is_refused_before_writing(resnet_ckpt, tmp_path):
+    out = tmp_path / "r"
+    code, text = run("search", resnet_ckpt["pt"], "--input-size", "1,32,32", "--data",
+                     "synthetic:64", "--target-flops", "0.5", "--exclude", "*", "-o", out)
+    assert_user_error(code, text, "No layer", "can be factorized")
+    assert not out.exists()
