@@ -149,6 +149,9 @@ def finetune_options(f):
         click.option("--orth", type=click.Choice(["dso", "so"]),
                      help="Orthogonality on factor matrices: dso (ELRT) or so."),
         click.option("--orth-weight", default=1e-3, show_default=True, type=float),
+        click.option("--hoyer", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Hoyer sparsity of each factorized layer's singular values, "
+                     "Σ(‖s‖₁/‖s‖₂ − 1) (SVD training; 0: off)."),
         click.option("--grad-clip", default=5.0, show_default=True, type=float,
                      help="Gradient-norm clip (0: off)."),
         click.option("--precision", default="auto", show_default=True,
@@ -165,7 +168,7 @@ def _finetune_config(kw: dict):
 
     keys = ("epochs", "max_steps", "lr", "optimizer", "weight_decay", "warmup_steps", "lam",
             "diss_reduction", "kd", "kd_temperature", "frobenius_decay", "orth", "orth_weight",
-            "grad_clip", "precision")
+            "hoyer", "grad_clip", "precision")
     vals = {k: kw.pop(k) for k in keys}
     vals["grad_clip"] = vals["grad_clip"] or None
     return FinetuneConfig(**vals)
@@ -325,6 +328,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18-ft
       lrcompress search resnet18.pt --plan runs/r18-tt30/plan.json --data ... -o runs/again
     """
+    from . import distributed
     from .data import DataConfig
     from .pipeline import SearchConfig
     from .pipeline import search as run_search
@@ -357,9 +361,13 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
         plan_path=plan_path, overwrite=overwrite,
     )
+    distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel
+    main_rank = distributed.is_main()
     res = run_search(model, data_spec, out, cfg, arch=arch, num_classes=num_classes,
-                     in_chans=in_chans, trust_pickle=trust_pickle, progress=RichProgress(),
-                     command=sys.argv)
+                     in_chans=in_chans, trust_pickle=trust_pickle,
+                     progress=RichProgress() if main_rank else None, command=sys.argv)
+    if not main_rank:
+        return
     if as_json:
         _emit_json(res.report)
     else:

@@ -12,7 +12,13 @@ Regularizers (each recorded in the report):
 * Frobenius decay (Khodak et al. 2021, methods.md §7.2): (μ/2)·‖Ŵ_i‖²_F on the *product*, and the
   factors leave plain weight decay;
 * ``orth``: ELRT's double soft orthogonality (DSO, Bansal et al. 2018) ‖UᵀU − I‖² + ‖UUᵀ − I‖²,
-  or soft orthogonality (SO) on the smaller Gram, on every 1×1/linear factor matrix of the chains.
+  or soft orthogonality (SO) on the smaller Gram, on every 1×1/linear factor matrix of the chains;
+* ``hoyer`` (SVD training, Yang et al. 2020, methods.md §5.2): Σ_i (‖s_i‖₁/‖s_i‖₂ − 1) on the
+  singular values s_i of each reconstructed weight (matricized T × rest), pushing ranks down.
+
+Under ``torchrun`` (torch.distributed initialized) the student is wrapped in DDP, the train loader
+is sharded by a seeded DistributedSampler, the epoch statistics and calibration result are the same
+on every rank, and only rank 0 writes the state file.
 
 The best epoch is chosen on the *calibration* split (held out from training), never on test.
 Each epoch's state is saved atomically under RUN/state/ so an interrupted run resumes.
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist_
 from ._io import atomic_path
 from .errors import LrcError, UserError
 from .factorizations import chain_factors, get_factorization
@@ -53,6 +60,7 @@ class FinetuneConfig:
     frobenius_decay: float = 0.0  # μ of Frobenius decay on reconstructed weights (0 = off)
     orth: str | None = None  # None | "dso" | "so"
     orth_weight: float = 1e-3
+    hoyer: float = 0.0  # λ_R of Hoyer sparsity on singular values (SVD training; 0 = off)
     grad_clip: float | None = 5.0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
 
@@ -67,6 +75,8 @@ class FinetuneConfig:
             raise UserError(f"--orth {self.orth!r}: use dso or so.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"--precision {self.precision!r}: use auto, fp32, bf16 or fp16.")
+        if self.hoyer < 0:
+            raise UserError(f"--hoyer {self.hoyer} must be >= 0.")
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr} must be positive.")
 
@@ -108,6 +118,22 @@ def orthogonality(student: nn.Module, plan: Plan, kind: str) -> torch.Tensor:
             g_big = u.T @ u if u.shape[0] <= u.shape[1] else u @ u.T
             eye = torch.eye(g_big.shape[0], device=u.device, dtype=u.dtype)
             total = total + (g_big - eye).pow(2).sum()
+    return total
+
+
+def hoyer_value(w: torch.Tensor) -> torch.Tensor:
+    """‖s‖₁/‖s‖₂ − 1 for the singular values s of ``w`` matricized as (rows, rest)."""
+    s = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
+    return s.sum() / s.norm() - 1
+
+
+def hoyer(student: nn.Module, plan: Plan) -> torch.Tensor:
+    """Σ_i (‖s_i‖₁/‖s_i‖₂ − 1) over factorized layers: Hoyer sparsity of singular values (§5.2)."""
+    total = 0.0
+    for lp in plan.layers:
+        w = get_factorization(lp.method).reconstruct(
+            chain_factors(student.get_submodule(lp.name)), lp.spec)
+        total = total + hoyer_value(w.float())
     return total
 
 
@@ -177,9 +203,42 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
     batches as an uninterrupted one (like DistributedSampler.set_epoch)."""
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch)
+    sampler_epoch = getattr(loader.sampler, "set_epoch", None)
+    if sampler_epoch is not None:  # a DistributedSampler: shuffles by its seed + epoch
+        sampler_epoch(epoch)
     set_epoch = getattr(loader.dataset, "set_epoch", None)
     if set_epoch is not None:
         set_epoch(epoch)
+
+
+def shard_loader(loader, seed: int, num_replicas: int, rank: int):
+    """``loader`` with a seeded DistributedSampler: rank r gets every num_replicas-th sample of
+    one permutation (seed·1000003 + epoch), each rank batches its share at the loader's batch size,
+    so the global batch is num_replicas × batch size. With num_replicas=1 it is the single-process
+    equivalent (the same permutation, whole batches), used to check DDP against one process."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(loader.dataset, num_replicas=num_replicas, rank=rank,
+                                 shuffle=True, seed=seed * 1_000_003, drop_last=True)
+    # a last batch of 1 breaks BatchNorm in training mode (as in data.build_loaders)
+    drop_last = len(sampler) > loader.batch_size
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                      num_workers=loader.num_workers, drop_last=drop_last,
+                      persistent_workers=loader.num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _all_reduce_sums(sums: dict, device: torch.device) -> dict:
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return {k: (int(v) if k == "n" else float(v)) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _broadcast_calib(calib, device: torch.device):
+    t = torch.tensor([calib.loss, calib.top1], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t[0]), float(t[1])
 
 
 def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: FinetuneConfig,
@@ -193,7 +252,11 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
         p.requires_grad_(False)
     names = [lp.name for lp in plan.layers]
     teacher_w = {n: teacher.get_submodule(n).weight.detach() for n in names}
-    steps_per_epoch = len(loaders.train)
+    distributed = dist_.active()
+    train_loader = loaders.train
+    if distributed:
+        train_loader = shard_loader(loaders.train, seed, dist_.world_size(), dist_.rank())
+    steps_per_epoch = len(train_loader)
     epochs = cfg.epochs or math.ceil(cfg.max_steps / steps_per_epoch)
     total_steps = min(epochs * steps_per_epoch, cfg.max_steps or 10**12)
 
@@ -232,21 +295,28 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
         best = (st["best_loss"], st["best_epoch"], st["best_state"])
         log.info("resuming fine-tuning after epoch %d", start_epoch)
 
+    model = student
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Wrapped after resuming: DDP broadcasts rank 0's weights, and all ranks read one file.
+        model = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
     s_taps, t_taps = _Taps(student, names), _Taps(teacher, names)
     try:
         for epoch in range(start_epoch, epochs):
             if step >= total_steps:
                 break
-            _seed_epoch(loaders.train, seed, epoch)
+            _seed_epoch(train_loader, seed, epoch)
             student.train()
             sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
             te = time.perf_counter()
-            for x, y in loaders.train:
+            for x, y in train_loader:
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast:
-                    logits = student(x).float()
+                    logits = model(x).float()
                     with torch.no_grad():
                         t_logits = teacher(x).float()
                     ce = F.cross_entropy(logits, y)
@@ -265,6 +335,8 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
                         loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
                     if cfg.orth:
                         loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
+                    if cfg.hoyer:
+                        loss = loss + cfg.hoyer * hoyer(student, plan)
                 if not torch.isfinite(loss):
                     raise LrcError(f"fine-tuning diverged at epoch {epoch + 1}, step {step + 1} "
                                    f"(loss {float(loss)}). Lower --lr or keep --grad-clip.")
@@ -284,23 +356,29 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
                 if progress is not None:
                     progress(b)
             calib = evaluate(student, loaders.calib, device)
+            calib_loss, calib_top1 = calib.loss, calib.top1
+            if distributed:  # every rank logs the same numbers and keeps the same best epoch
+                sums = _all_reduce_sums(sums, device)
+                calib_loss, calib_top1 = _broadcast_calib(calib, device)
             row = {"epoch": epoch + 1, "steps": step,
                    **{k: sums[k] / max(sums["n"], 1) for k in ("loss", "ce", "diss", "kd")},
-                   "calib_loss": calib.loss, "calib_top1": calib.top1,
+                   "calib_loss": calib_loss, "calib_top1": calib_top1,
                    "lr": sched.get_last_lr()[0],
                    "images_per_s": sums["n"] / max(time.perf_counter() - te, 1e-9)}
             history.append(row)
-            log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"], calib.top1)
-            if calib.loss < best[0]:
-                best = (calib.loss, epoch + 1,
+            log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"], calib_top1)
+            if calib_loss < best[0]:
+                best = (calib_loss, epoch + 1,
                         {k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
-            if state_file is not None:
+            if state_file is not None and dist_.is_main():
                 with atomic_path(state_file) as tmp:
                     torch.save({"fingerprint": fingerprint, "student": student.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "rng": torch.get_rng_state(), "history": history, "step": step,
                                 "epoch": epoch + 1, "best_loss": best[0], "best_epoch": best[1],
                                 "best_state": best[2]}, tmp)
+            if state_file is not None:
+                dist_.barrier()  # the other ranks go on once rank 0's state is on disk
     finally:
         s_taps.remove()
         t_taps.remove()

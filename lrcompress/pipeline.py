@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from ._io import write_json, write_text
 from .census import make_selection
 from .checkpoint import read_checkpoint
@@ -240,12 +240,20 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     loaders = build_loaders(dspec, pre, cfg.data, num_classes=info.num_classes)
     times["load"] = time.perf_counter() - t
 
-    # All inputs are valid: from here on RUN/ is written.
-    if cfg.overwrite and out.is_dir():
-        _clear_results(out)
+    # All inputs are valid: from here on RUN/ is written (under torchrun by rank 0 only; the
+    # barriers keep every rank's view of the stage files the same).
+    main_rank = distributed.is_main()
+    distributed.barrier()
     state = out / "state"
-    state.mkdir(parents=True, exist_ok=True)
-    write_json(state / "fingerprint.json", fp)
+    if main_rank:
+        if cfg.overwrite and out.is_dir():
+            _clear_results(out)
+        state.mkdir(parents=True, exist_ok=True)
+        write_json(state / "fingerprint.json", fp)
+    distributed.barrier()
+    plan_file, dec_file = state / "plan.json", state / "decomposed.safetensors"
+    have_plan, have_dec = plan_file.exists(), dec_file.exists()
+    distributed.barrier()
     if resume:
         log.info("resuming the unfinished run in %s", out)
     model.to(device).eval()
@@ -261,8 +269,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         batches.append((x, y))
         if len(batches) >= cfg.calib_batches:
             break
-    plan_file = state / "plan.json"
-    if plan_file.exists():
+    if have_plan:
         plan = Plan.from_json(plan_file.read_text())
         trace = json.loads((state / "trace.json").read_text())
     elif given_plan is not None:
@@ -274,13 +281,13 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
                             cfg.seed, {**cfg.method_config, "rene": cfg.rene},
                             tick=progress.advance)
         plan, trace = get_method(cfg.method)(ctx)
-    write_json(state / "trace.json", trace)
-    write_text(plan_file, plan.to_json() + "\n")
+    if main_rank:
+        write_json(state / "trace.json", trace)
+        write_text(plan_file, plan.to_json() + "\n")
     times["rank_selection"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dec_file = state / "decomposed.safetensors"
-    if dec_file.exists():
+    if have_dec:
         student = build_compressed(plan)
         student.load_state_dict(read_checkpoint(dec_file)[0])
         results_rows = json.loads((state / "decomposed.json").read_text())
@@ -289,8 +296,9 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         student = copy.deepcopy(model).cpu()
         res = decompose_(student, plan, progress=lambda _n: progress.advance())
         results_rows = {r.name: r.rel_error for r in res}
-        save_compressed(student, plan, dec_file)
-        write_json(state / "decomposed.json", results_rows)
+        if main_rank:
+            save_compressed(student, plan, dec_file)
+            write_json(state / "decomposed.json", results_rows)
     student.to(device).eval()
     times["decompose"] = time.perf_counter() - t
 
@@ -331,8 +339,9 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
 
     t = time.perf_counter()
     progress.stage("saving")
-    save_compressed(student, plan, out / "model.safetensors")
-    write_text(out / "plan.json", plan.to_json() + "\n")
+    if main_rank:
+        save_compressed(student, plan, out / "model.safetensors")
+        write_text(out / "plan.json", plan.to_json() + "\n")
     specs = find_layers(model, pre.input_size)
     report = {
         "schema": 1,
@@ -364,8 +373,9 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     }
     times["save"] = time.perf_counter() - t
     report["seconds"] = {k: round(v, 3) for k, v in times.items()}
-    write_json(out / "report.json", report)
-    write_reports(out, report)
+    if main_rank:
+        write_json(out / "report.json", report)
+        write_reports(out, report)
     progress.end()
     return SearchResult(out, plan, report)
 
@@ -376,7 +386,8 @@ def _cached_eval(path: Path, model, loader, device, progress):
     if path.exists():
         return Accuracy(**json.loads(path.read_text()))
     acc = evaluate(model, loader, device, progress=progress.advance)
-    write_json(path, acc.to_dict())
+    if distributed.is_main():
+        write_json(path, acc.to_dict())
     return acc
 
 
