@@ -117,9 +117,18 @@ def test_mixed_layer_modes_agree_and_probes_estimate_the_weight_loss(method):
     with torch.no_grad():
         a.alpha.copy_(torch.tensor([0.3, -0.2]))
     x = torch.randn(4, 12, 9, 9)
-    a.mix_outputs, a.probe_weights = False, False
-    y_w, exact = a(x), a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
-    a.mix_outputs, a.probe_weights = True, True
-    y_o, est = a(x), a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(y_o, y_w, rtol=1e-4, atol=1e-5)
+    grads = []
+    for mode in (False, True):
+        a.mix_outputs = a.probe_weights = mode
+        xi = x.clone().requires_grad_(True)
+        a.alpha.grad = None
+        y = a(xi)
+        y.square().sum().backward()  # the gradient must reach the input and α in both modes
+        grads.append((y.detach(), xi.grad, a.alpha.grad.clone()))
+        if mode:
+            est = a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
+        else:
+            exact = a.weight_loss(a.probs(), torch.Generator().manual_seed(0))
+    for w_mode, o_mode in zip(grads[0], grads[1]):
+        torch.testing.assert_close(o_mode, w_mode, rtol=1e-4, atol=1e-5)
     assert abs(est.item() / exact.item() - 1) < 0.05  # 20k probes: a few % of Monte-Carlo noise

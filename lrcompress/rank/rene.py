@@ -63,6 +63,7 @@ class ReneConfig:
     lr_alpha: float = 0.05  # Adam on the logits [PROPOSAL]
     grad_clip: float | None = None  # the RENE README recommends 5 for CP
     probes: int = 64  # Gaussian probes for the weight-step estimate on large layers
+    alpha_optimizer: str = "adam"  # adam | normsgd (gradient / its global max-abs) [PROPOSAL]
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -152,9 +153,10 @@ class MixedLayer(nn.Module):
     def forward(self, x):
         p = self.probs()
         if self.mix_outputs:
-            with torch.no_grad():
-                outs = [_chain_apply(c, [f.detach() for f in b], x)
-                        for c, b in zip(self.chains, self.branches)]
+            # Factors detached (the α step must not move them), but NOT under no_grad: the
+            # gradient has to reach x, or every layer upstream gets no α gradient at all.
+            outs = [_chain_apply(c, [f.detach() for f in b], x)
+                    for c, b in zip(self.chains, self.branches)]
             y = sum(pk * o for pk, o in zip(p, outs))
             if self.bias is not None:
                 y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
@@ -332,7 +334,17 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
             ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
-            opt_a.step()
+            if cfg.alpha_optimizer == "normsgd":
+                # One global scale for every logit: layers keep their relative sensitivity
+                # (Adam's per-coordinate scaling lets insensitive layers move as fast as
+                # sensitive ones, which a shared budget turns into the wrong trade).
+                with torch.no_grad():
+                    top = max(float(a.grad.abs().max()) for a in alphas if a.grad is not None)
+                    for a in alphas:
+                        if a.grad is not None and top > 0:
+                            a -= cfg.lr_alpha * a.grad / top
+            else:
+                opt_a.step()
             mu, exp_cost = project_budget(layers, costs, fixed, budget)
             ce_v = ce.item()
             if not math.isfinite(ce_v):
