@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -74,8 +73,3 @@ def load(path) -> nn.Module:
                               "checkpoints.")
     return load_compressed(path, sd, meta).model
 
-
-@torch.no_grad()
-def same_outputs(a: nn.Module, b: nn.Module, input_size, atol=0.0) -> bool:
-    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
-    return torch.allclose(a.eval()(x), b.eval()(x), rtol=0, atol=atol)

@@ -181,7 +181,7 @@ def build_problem(model, info, input_size, cfg: SearchConfig) -> RankProblem:
                         f"(reasons: {'; '.join(sorted(set(skipped.values())))}). Try another "
                         "--decomp or --include more layers (see `lrcompress inspect`).")
     problem = RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
-                          info.num_classes, info.in_chans, tuple(input_size), skipped)
+                          info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
     problem.check_feasible()
     return problem
 
@@ -342,7 +342,6 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     if main_rank:
         save_compressed(student, plan, out / "model.safetensors")
         write_text(out / "plan.json", plan.to_json() + "\n")
-    specs = find_layers(model, pre.input_size)
     report = {
         "schema": 1,
         "lrcompress_version": __version__,
@@ -363,7 +362,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         },
         "accuracy": accuracy,
         "finetune": ft_report,
-        "layers": _layer_rows(plan, specs, results_rows),
+        "layers": _layer_rows(plan, problem.specs, results_rows),
         "skipped": problem.skipped,
         "search": trace,
         "resumed": resume,

@@ -42,12 +42,6 @@ def swap_modules(model: nn.Module, new: dict[str, nn.Module]):
             _set_module(model, name, mod)
 
 
-def replace_modules_(model: nn.Module, new: dict[str, nn.Module]) -> None:
-    """Permanently replace modules by name."""
-    for name, mod in new.items():
-        _set_module(model, name, mod)
-
-
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists and has the shape the plan was made for."""
     modules = dict(model.named_modules())

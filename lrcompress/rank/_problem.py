@@ -58,6 +58,7 @@ class RankProblem:
     in_chans: int
     input_size: tuple[int, int, int]
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason it stays dense
+    specs: list[LayerSpec] = field(default_factory=list)  # every conv/linear layer (census)
 
     @property
     def base_cost(self) -> int:
