@@ -304,13 +304,25 @@ def _floats(value, name):
               help="Where decompositions/sensitivities are cached (default RUN/cache); share it "
               "between runs at other targets to reuse the work.")
 @finetune_options
+@click.option("--lorita", "lorita_factors", default=0, show_default=True,
+              type=click.IntRange(min=0),
+              help="LoRITa pre-tuning: train each selected weight as a product of N factors "
+              "(balanced SVD split of the pretrained weight) with weight decay, collapse, then "
+              "select ranks (pair with --method lsvt/gsvt/isvt). N=3 is the paper's advice; "
+              "0: off.")
+@click.option("--lorita-steps", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Distillation steps of the over-parameterised model.")
+@click.option("--lorita-lr", default=0.01, show_default=True, type=float)
+@click.option("--lorita-wd", default=1e-3, show_default=True, type=float,
+              help="Weight decay on every factor (a Schatten-2/N penalty on each weight).")
 @click.option("--overwrite", is_flag=True, help="Replace results in a non-empty RUN directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, method, data_spec, out, include, exclude, rank_multiple, plan_path,
            seed, device, batch_size, workers, calib_fraction, calib_batches, test_subset,
            search_iters, search_warmup, vbmf_weaken, max_loss_increase, mean, std, train_subset,
-           cache_dir, overwrite, as_json, **finetune_kw):
+           lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
+           **finetune_kw):
     """Compress MODEL to a FLOPs or params target: rank search, decomposition, evaluation.
 
     Writes RUN/model.safetensors (reload with lrcompress.load), RUN/plan.json and
@@ -330,6 +342,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
     """
     from . import distributed
     from .data import DataConfig
+    from .lorita import LoritaConfig
     from .pipeline import SearchConfig
     from .pipeline import search as run_search
     from .plan import Target
@@ -354,6 +367,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
                         seed=seed, test_subset=test_subset, train_subset=train_subset),
         finetune=_finetune_config(finetune_kw), cache_dir=cache_dir,
+        lorita=LoritaConfig(factors=lorita_factors, steps=lorita_steps, lr=lorita_lr,
+                            weight_decay=lorita_wd),
         method_config={**({"vbmf": {"weaken": vbmf_weaken}} if vbmf_weaken is not None else {}),
                        **({"bisect": {"max_loss_increase": max_loss_increase}}
                           if max_loss_increase is not None else {})},

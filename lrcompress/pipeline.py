@@ -30,6 +30,7 @@ from .errors import LrcError, TargetError, UserError
 from .export import build_compressed, save_compressed
 from .factorizations import ALIASES, FACTORIZATIONS
 from .finetune import FinetuneConfig, distill
+from .lorita import LoritaConfig, lorita_train
 from .measure import evaluate, independent_macs, param_count
 from .models import load_model
 from .plan import Plan, Target
@@ -66,6 +67,7 @@ class SearchConfig:
     std: tuple[float, ...] | None = None
     plan_path: str | None = None  # re-apply this plan instead of searching
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lorita: LoritaConfig = field(default_factory=LoritaConfig)  # over-parameterised pre-tuning
     cache_dir: str | None = None  # decomposition/sensitivity cache (default RUN/cache)
     overwrite: bool = False
 
@@ -269,6 +271,13 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         batches.append((x, y))
         if len(batches) >= cfg.calib_batches:
             break
+    source, lorita_report = model, None
+    if cfg.lorita.enabled:
+        t = time.perf_counter()
+        source, lorita_report = _lorita_stage(model, info, pre.input_size, problem, loaders,
+                                              cfg, device, state, fp, progress)
+        times["lorita"] = time.perf_counter() - t
+        t = time.perf_counter()
     if have_plan:
         plan = Plan.from_json(plan_file.read_text())
         trace = json.loads((state / "trace.json").read_text())
@@ -277,7 +286,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     else:
         progress.stage(f"rank selection ({cfg.method})")
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-        ctx = SelectContext(model, problem, batches, device, Cache(cache_dir / "signals.json"),
+        ctx = SelectContext(source, problem, batches, device, Cache(cache_dir / "signals.json"),
                             cfg.seed, {**cfg.method_config, "rene": cfg.rene},
                             tick=progress.advance)
         plan, trace = get_method(cfg.method)(ctx)
@@ -293,7 +302,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         results_rows = json.loads((state / "decomposed.json").read_text())
     else:
         progress.stage("decomposing", total=len(plan.layers))
-        student = copy.deepcopy(model).cpu()
+        student = copy.deepcopy(source).cpu()
         res = decompose_(student, plan, progress=lambda _n: progress.advance())
         results_rows = {r.name: r.rel_error for r in res}
         if main_rank:
@@ -362,6 +371,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         },
         "accuracy": accuracy,
         "finetune": ft_report,
+        "lorita": lorita_report,
         "layers": _layer_rows(plan, problem.specs, results_rows),
         "skipped": problem.skipped,
         "search": trace,
@@ -377,6 +387,34 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         write_reports(out, report)
     progress.end()
     return SearchResult(out, plan, report)
+
+
+def _lorita_stage(model, info, input_size, problem, loaders, cfg: SearchConfig, device, state,
+                  fp, progress):
+    """LoRITa pre-tuning of the selected layers (resumable: RUN/state/lorita.*)."""
+    weights, summary_file = state / "lorita.safetensors", state / "lorita.json"
+    if weights.exists() and summary_file.exists():
+        dense = copy.deepcopy(model).cpu()
+        dense.load_state_dict(read_checkpoint(weights)[0])
+        return dense.to(device).eval(), json.loads(summary_file.read_text())
+    names = [lo.spec.name for lo in problem.layers]
+    stub = Plan(info.arch, info.num_classes, info.in_chans, tuple(input_size), (),
+                problem.base_macs, problem.base_params)
+    progress.stage(f"LoRITa pre-tuning (N={cfg.lorita.factors})",
+                   total=cfg.lorita.steps * cfg.data.batch_size)
+    sub = state / "lorita"
+    if distributed.is_main():
+        sub.mkdir(parents=True, exist_ok=True)
+    dense, summary = lorita_train(model, names, cfg.lorita, loaders, device, stub,
+                                  state_dir=sub, progress=progress.advance,
+                                  fingerprint=json.dumps(fp, sort_keys=True), seed=cfg.seed)
+    progress.stage("evaluating the LoRITa-tuned dense model", total=len(loaders.test.dataset))
+    summary["dense_accuracy"] = evaluate(dense, loaders.test, device,
+                                         progress=progress.advance).to_dict()
+    if distributed.is_main():
+        save_compressed(dense, stub, weights)  # a plan with no layers: the dense architecture
+        write_json(summary_file, summary)
+    return dense, summary
 
 
 def _cached_eval(path: Path, model, loader, device, progress):

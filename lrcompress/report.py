@@ -293,6 +293,13 @@ def _search_blocks(report: dict) -> list[tuple]:
                      f"ratio {r.get('final_cost_ratio', float('nan')):.4f}")
     if s.get("reapplied"):
         items.append(f"plan re-applied from {s['reapplied']}")
+    lo = report.get("lorita")
+    if lo:
+        dense = (lo.get("dense_accuracy") or {}).get("top1")
+        items.append(f"LoRITa pre-tuning: N={lo['factors']} factors per weight, {lo['steps']} "
+                     f"steps, weight decay {lo['weight_decay']}; Schatten-2/N penalty "
+                     f"{lo['schatten_before']:.4g} → {lo['schatten_after']:.4g}"
+                     + (f"; dense top-1 after it {dense:.2f} %" if dense is not None else ""))
     return [("h2", "Search"), ("ul", items)] if items else []
 
 

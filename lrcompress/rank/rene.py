@@ -64,11 +64,22 @@ class ReneConfig:
     grad_clip: float | None = None  # the RENE README recommends 5 for CP
     probes: int = 64  # Gaussian probes for the weight-step estimate on large layers
     alpha_optimizer: str = "adam"  # adam | normsgd (gradient / its global max-abs) [PROPOSAL]
+    # α step objective: "ce" (the paper: calibration cross-entropy) or "kd" (KL divergence to
+    # the original model's calibration logits: a lower-variance signal of the damage done).
+    alpha_loss: str = "ce"
+    # Initial logits: "zero" (the paper) or "loss_model" (α_r = −ΔL̂(r)/τ from the
+    # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
+    prior: str = "zero"
+    prior_temp: float = 0.05
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
             raise ValueError(f"bad ReneConfig {self}: iters>=1, warmup>=0, n_candidates>=2, "
                              "refine>=2")
+        if self.alpha_loss not in ("ce", "kd") or self.prior not in ("zero", "loss_model"):
+            raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
+        if self.prior_temp <= 0:
+            raise ValueError(f"bad ReneConfig {self}: prior_temp must be > 0")
 
 
 def _chain_apply(seq: nn.Sequential, factors, x):
@@ -197,14 +208,24 @@ def _narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[i
     return sorted({idx[k] for k in range(lo_i, hi_i + 1, new)} | {best}), new
 
 
-def search(ctx, cfg: ReneConfig) -> tuple[list[int], dict]:
-    """Run the multi-step search; returns (chosen option per layer, trace)."""
+def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
+           ) -> tuple[list[int], dict]:
+    """Run the multi-step search; returns (chosen option per layer, trace).
+
+    ``prior[i][j]``, when given, is minus the predicted loss increase of option j of layer i;
+    every step's logits start at prior/τ instead of 0.
+    """
     problem: RankProblem = ctx.problem
     kind = problem.target.kind
     model = ctx.model
     torch.manual_seed(ctx.seed)
     for p in model.parameters():
         p.requires_grad_(False)
+    teacher = None
+    if cfg.alpha_loss == "kd":
+        with torch.no_grad():
+            model.eval()
+            teacher = [model(x.to(ctx.device)).float() for x, _ in ctx.batches]
     state = []  # per layer: (candidate option indices, step per method)
     for lo in problem.layers:
         cands, steps = _initial_candidates(lo, cfg.n_candidates)
@@ -225,10 +246,15 @@ def search(ctx, cfg: ReneConfig) -> tuple[list[int], dict]:
                     base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
                 factors_by_j.update(zip(js, fs))
             cl = [(j, lo.options[j].method, lo.options[j].rank) for j in cands]
-            mixed[lo.spec.name] = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands],
-                                             batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
+            mx = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands],
+                            batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
+            if prior is not None:
+                i = len(mixed)
+                with torch.no_grad():
+                    mx.alpha.copy_(torch.tensor([prior[i][j] / cfg.prior_temp for j in cands]))
+            mixed[lo.spec.name] = mx
             ctx.tick()
-        step_trace = _optimise(ctx, problem, mixed, cfg, kind)
+        step_trace = _optimise(ctx, problem, mixed, cfg, kind, teacher)
         choice = expected_cost_choice(problem, list(mixed.values()))
         step_trace["chosen_ranks"] = {lo.spec.name: [lo.options[j].method, lo.options[j].rank]
                                       for lo, j in zip(problem.layers, choice)}
@@ -300,7 +326,7 @@ def expected_cost_choice(problem: RankProblem, layers: list[MixedLayer]) -> list
     return choice
 
 
-def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
+def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=None) -> dict:
     params_w = [p for mx in mixed.values() for p in mx.branches.parameters()]
     alphas = [mx.alpha for mx in mixed.values()]
     opt_w = torch.optim.SGD(params_w, lr=cfg.lr_w, momentum=0.9, nesterov=True)
@@ -328,9 +354,15 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str) -> dict:
             if it < cfg.warmup:
                 continue
             # α step (Eq. 9): calibration CE through the budget-projected distribution.
-            x, y = batches[it % len(batches)]
+            b = it % len(batches)
+            x, y = batches[b]
             opt_a.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(model(x.to(ctx.device)).float(), y.to(ctx.device))
+            out = model(x.to(ctx.device)).float()
+            if teacher is None:
+                ce = F.cross_entropy(out, y.to(ctx.device))
+            else:
+                ce = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[b], 1),
+                              reduction="batchmean", log_target=True)
             ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
@@ -363,9 +395,14 @@ def select(ctx) -> tuple:
     from ._signals import error_curves, loss_model_scores, sensitivities
 
     cfg = ctx.config.get("rene") or ReneConfig()
-    choice, trace = search(ctx, cfg)
-    before = ctx.problem.cost_of(choice)
     errs = error_curves(ctx.model, ctx.problem, ctx.cache)
+    prior = None
+    if cfg.prior == "loss_model":
+        ref = [0] * len(ctx.problem.layers)  # the smallest useful rank, as `sensitivity` does
+        s0 = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache)
+        prior = loss_model_scores(errs, s0, ref)
+    choice, trace = search(ctx, cfg, prior)
+    before = ctx.problem.cost_of(choice)
     sens = sensitivities(ctx.model, ctx.problem, choice, ctx.batches[:4], ctx.device, ctx.cache)
     scores = loss_model_scores(errs, sens, choice)
     final = allocate(ctx.problem, scores, start=choice)
