@@ -144,3 +144,45 @@ def test_unfinished_run_resumes_from_its_state(resnet_ckpt, tmp_path):
     (out / "report.json").unlink()
     with pytest.raises(UserError, match="different command"):
         search(str(resnet_ckpt["pt"]), "synthetic:64", out, _cfg(method="uniform"))
+
+
+def _rene_ctx(resnet_ckpt, poison):
+    """A rene SelectContext on test_resnet with two calibration batches; ``poison`` picks which
+    of them get a NaN input image."""
+    from lrcompress.models import load_model
+    from lrcompress.pipeline import build_problem
+    from lrcompress.rank import SelectContext
+    from lrcompress.rank._signals import Cache
+
+    lm = load_model(str(resnet_ckpt["pt"]))
+    problem = build_problem(lm.model, lm.info, (1, 32, 32), _cfg(method="rene"))
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(2):
+        x = torch.randn(8, 1, 32, 32, generator=g)
+        if i in poison:
+            x[0, 0, 0, 0] = float("nan")
+        batches.append((x, torch.randint(0, 10, (8,), generator=g)))
+    return SelectContext(lm.model, problem, batches, torch.device("cpu"), Cache(None), 0,
+                         {"rene": FAST_RENE})
+
+
+def test_rene_rolls_back_non_finite_steps(resnet_ckpt):
+    """Every second α step sees a NaN batch: those steps are skipped (recorded), the logits stay
+    finite and the search still ends with a plan."""
+    from lrcompress.rank.rene import search as rene_search
+
+    ctx = _rene_ctx(resnet_ckpt, poison={1})
+    choice, trace = rene_search(ctx, FAST_RENE)
+    assert len(choice) == len(ctx.problem.layers)
+    skipped = [s for st in trace["steps"] for s in st.get("skipped_steps", [])]
+    assert skipped and set(skipped) == {"α"}
+    assert all(torch.isfinite(torch.tensor(st["ce"])).all() for st in trace["steps"])
+
+
+def test_rene_stops_with_the_stage_named_when_nan_persists(resnet_ckpt):
+    from lrcompress.rank.rene import search as rene_search
+
+    ctx = _rene_ctx(resnet_ckpt, poison={0, 1})
+    with pytest.raises(UserError, match=r"the α step produced NaN/Inf 3 times in a row"):
+        rene_search(ctx, FAST_RENE)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import LrcError
+from ..errors import UserError
 from ..factorizations import get_factorization
 from ..surgery import swap_modules
 from ._problem import DENSE, LayerOptions, RankProblem
@@ -71,6 +71,12 @@ class ReneConfig:
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
     prior: str = "zero"
     prior_temp: float = 0.05
+    # Softmax temperature at the end of each search step, annealed geometrically from 1 over
+    # the α iterations (1 = off, the paper). A sharp p makes the mixed layer compute what one
+    # candidate computes, so the searched mixture and the discrete plan chosen from it agree
+    # (the weight mixture of spread-out p is a better, higher-rank weight than any one
+    # candidate of the same expected cost, which the α step otherwise exploits) [PROPOSAL].
+    anneal: float = 1.0
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -78,6 +84,8 @@ class ReneConfig:
                              "refine>=2")
         if self.alpha_loss not in ("ce", "kd") or self.prior not in ("zero", "loss_model"):
             raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
+        if not 0 < self.anneal <= 1:
+            raise ValueError(f"bad ReneConfig {self}: anneal in (0, 1]")
         if self.prior_temp <= 0:
             raise ValueError(f"bad ReneConfig {self}: prior_temp must be > 0")
 
@@ -113,6 +121,7 @@ class MixedLayer(nn.Module):
             nn.ParameterList([nn.Parameter(f.detach().clone()) for f in fs]) for fs in factors)
         self.alpha = nn.Parameter(torch.zeros(len(cands), device=base.weight.device))
         self.register_buffer("shift", torch.zeros(len(cands), device=base.weight.device))
+        self.temp = 1.0  # softmax temperature (annealed by the search)
         self.facts = [get_factorization(m) for _, m, _ in cands]
         dev, dt = base.weight.device, base.weight.dtype
         nobias = replace(spec, bias=False)
@@ -137,8 +146,9 @@ class MixedLayer(nn.Module):
         self.n_probes = probes
 
     def probs(self) -> torch.Tensor:
-        """p = softmax(α − μ·c): the budget shift μ·c is set by the projection each iteration."""
-        return torch.softmax(self.alpha - self.shift, dim=0)
+        """p = softmax((α − μ·c)/τ): the budget shift μ·c is set by the projection each
+        iteration, the temperature τ by the annealing schedule."""
+        return torch.softmax((self.alpha - self.shift) / self.temp, dim=0)
 
     def recon(self) -> list[torch.Tensor]:
         return [f.reconstruct(list(b), self.spec) for f, b in zip(self.facts, self.branches)]
@@ -290,7 +300,7 @@ def project_budget(mixed: list[MixedLayer], costs: list[torch.Tensor], fixed: fl
         scaled = [c / budget for c in costs]
 
         def expected(mu: float) -> float:
-            return fixed + sum(float((torch.softmax(mx.alpha - mu * c, 0) * cc).sum())
+            return fixed + sum(float((torch.softmax((mx.alpha - mu * c) / mx.temp, 0) * cc).sum())
                                for mx, c, cc in zip(mixed, scaled, costs))
 
         lo, hi = 0.0, 1.0
@@ -340,6 +350,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
     batches = ctx.batches
     model = ctx.model
     gen = torch.Generator().manual_seed(ctx.seed)
+    health = _Health(mixed, hist)
     with swap_modules(model, mixed):
         model.eval()  # BN statistics stay those of the pretrained model
         mu, exp_cost = project_budget(layers, costs, fixed, budget)
@@ -350,9 +361,15 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             rec_loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
-            opt_w.step()
+            if health.ok("weight", rec_loss, params_w):
+                opt_w.step()
             if it < cfg.warmup:
                 continue
+            frac = (it - cfg.warmup) / max(1, cfg.iters - 1)
+            if cfg.anneal < 1:
+                for mx in layers:
+                    mx.temp = cfg.anneal ** frac
+                project_budget(layers, costs, fixed, budget)  # the budget at the new τ
             # α step (Eq. 9): calibration CE through the budget-projected distribution.
             b = it % len(batches)
             x, y = batches[b]
@@ -366,6 +383,8 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
+            if not health.ok("α", ce, alphas):
+                continue
             if cfg.alpha_optimizer == "normsgd":
                 # One global scale for every logit: layers keep their relative sensitivity
                 # (Adam's per-coordinate scaling lets insensitive layers move as fast as
@@ -379,15 +398,45 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
                 opt_a.step()
             mu, exp_cost = project_budget(layers, costs, fixed, budget)
             ce_v = ce.item()
-            if not math.isfinite(ce_v):
-                raise LrcError(f"rene search diverged (calibration loss {ce_v}) at "
-                               f"iteration {it}; try another --decomp or fewer --search-iters.")
             hist["ce"].append(round(ce_v, 5))
             hist["expected_cost_ratio"].append(round(exp_cost / problem.base_cost, 5))
             hist["mu"].append(round(mu, 5))
             hist["recon"].append(round(rec_loss.item(), 6))
             ctx.tick()
     return hist
+
+
+class _Health:
+    """Skips (rolls back) a search step whose loss or gradients are NaN/Inf, and stops the search
+    after ``limit`` such steps in a row, naming the stage and the first layer that went bad."""
+
+    def __init__(self, mixed: dict, hist: dict, limit: int = 3):
+        self.mixed, self.hist, self.limit = mixed, hist, limit
+        self.bad: dict[str, int] = {}  # consecutive failures per stage
+
+    def ok(self, stage: str, loss: torch.Tensor, params) -> bool:
+        finite = bool(torch.isfinite(loss)) and all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.bad[stage] = 0
+            return True
+        n = self.bad[stage] = self.bad.get(stage, 0) + 1
+        self.hist.setdefault("skipped_steps", []).append(stage)
+        log.warning("rene %s step skipped: non-finite loss or gradient (%d in a row)", stage, n)
+        if n >= self.limit:
+            raise UserError(
+                f"rene search stopped: the {stage} step produced NaN/Inf {n} times in a "
+                f"row (first non-finite layer: {self._culprit()}). Exclude that layer "
+                "(--exclude), choose another --decomp, or lower the search learning rates.")
+        return False
+
+    def _culprit(self) -> str:
+        for name, mx in self.mixed.items():
+            ts = [mx.alpha, *mx.branches.parameters()]
+            if any(not bool(torch.isfinite(t).all()) or (
+                    t.grad is not None and not bool(torch.isfinite(t.grad).all())) for t in ts):
+                return name
+        return "none found in the weights: the calibration batch or the loss"
 
 
 def select(ctx) -> tuple:
