@@ -288,7 +288,8 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
         ctx = SelectContext(source, problem, batches, device, Cache(cache_dir / "signals.json"),
                             cfg.seed, {**cfg.method_config, "rene": cfg.rene},
-                            tick=progress.advance)
+                            tick=progress.advance,
+                            state_dir=state if main_rank else None)
         plan, trace = get_method(cfg.method)(ctx)
     if main_rank:
         write_json(state / "trace.json", trace)

@@ -186,3 +186,39 @@ def test_rene_stops_with_the_stage_named_when_nan_persists(resnet_ckpt):
     ctx = _rene_ctx(resnet_ckpt, poison={0, 1})
     with pytest.raises(UserError, match=r"the α step produced NaN/Inf 3 times in a row"):
         rene_search(ctx, FAST_RENE)
+
+
+def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path, monkeypatch):
+    """Killed in its second narrowing step, the search resumes there (step 1 is not redone) and
+    ends with the same plan and trace as an uninterrupted search."""
+    import lrcompress.rank.rene as rene
+
+    ctx = _rene_ctx(resnet_ckpt, poison=set())
+    full_choice, full_trace = rene.search(ctx, FAST_RENE)
+    assert len(full_trace["steps"]) >= 2, "the tiny problem must need several steps"
+
+    ctx.state_dir = tmp_path
+    real, calls = rene._optimise, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rene, "_optimise", dying)
+    with pytest.raises(KeyboardInterrupt):
+        rene.search(ctx, FAST_RENE)
+    assert (tmp_path / "rene_steps.json").exists()
+    monkeypatch.setattr(rene, "_optimise", real)
+    calls_after = {"n": 0}
+
+    def counting(*a, **k):
+        calls_after["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(rene, "_optimise", counting)
+    choice, trace = rene.search(ctx, FAST_RENE)
+    assert calls_after["n"] == len(full_trace["steps"]) - 1
+    assert choice == full_choice
+    assert json.dumps(trace, sort_keys=True) == json.dumps(full_trace, sort_keys=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class SelectContext:
     seed: int = 0
     config: dict = field(default_factory=dict)  # per-method configs, e.g. {"rene": ReneConfig}
     tick: Callable[[], None] = lambda: None  # progress callback
+    state_dir: Path | None = None  # RUN/state: where a long search checkpoints (None: nowhere)
 
 
 def _load_builtin() -> None:

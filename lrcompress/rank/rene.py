@@ -36,15 +36,18 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .._io import write_json
 from ..errors import UserError
 from ..factorizations import get_factorization
 from ..surgery import swap_modules
@@ -242,8 +245,14 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
         state.append((cands, steps))
     trace = {"config": asdict(cfg), "steps": []}
     step_no = 0
+    ckpt = _StepCheckpoint(ctx, cfg, prior is not None)
+    resumed = ckpt.load()
+    if resumed is not None:
+        step_no, state, trace = resumed
+        log.info("rene: resuming after search step %d", step_no)
     while True:
         step_no += 1
+        torch.manual_seed(ctx.seed + step_no)  # each step reproducible on its own (resume)
         mixed = {}
         for lo, (cands, _) in zip(problem.layers, state):
             base = model.get_submodule(lo.spec.name)
@@ -285,6 +294,38 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
         state = new_state
         if done or all(len(c) == 1 for c, _ in state):
             return choice, trace
+        ckpt.save(step_no, state, trace)
+
+
+class _StepCheckpoint:
+    """The search state after each narrowing step (candidate sets, step sizes, trace) in
+    RUN/state/rene_steps.json, so that a killed search resumes at the last finished step. Each
+    step starts from fresh decompositions and logits, so nothing else needs saving."""
+
+    def __init__(self, ctx, cfg: ReneConfig, with_prior: bool):
+        d = getattr(ctx, "state_dir", None)
+        self.path = None if d is None else Path(d) / "rene_steps.json"
+        self.key = json.dumps({"config": asdict(cfg), "seed": ctx.seed, "prior": with_prior,
+                               "target": [ctx.problem.target.kind, ctx.problem.target.ratio],
+                               "layers": [[lo.spec.name, len(lo.options)]
+                                          for lo in ctx.problem.layers]}, sort_keys=True)
+
+    def load(self):
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable %s", self.path)
+            return None
+        if d.get("key") != self.key:
+            return None
+        return d["step_no"], [(c, s) for c, s in d["state"]], d["trace"]
+
+    def save(self, step_no: int, state, trace) -> None:
+        if self.path is not None:
+            write_json(self.path, {"key": self.key, "step_no": step_no,
+                                   "state": [[c, s] for c, s in state], "trace": trace})
 
 
 def project_budget(mixed: list[MixedLayer], costs: list[torch.Tensor], fixed: float,
