@@ -19,7 +19,7 @@ Checklist (issue #7 §1 item -> CASES id, or the test function below the table):
   never retry with weights_only=False ....... test_failed_safe_load_is_never_retried_unsafely
   whole pickled module (needs --trust-pickle) whole_module
   state_dict of another architecture ........ other_architecture
-  wrong num_classes ......................... wrong_num_classes
+  wrong num_classes ......................... wrong_num_classes, num_classes_below_the_data
   NaN / Inf weights ......................... nan_weights, inf_weights
   extra / missing keys ...................... extra_keys, missing_keys
   unknown --arch ............................ unknown_arch
@@ -229,6 +229,12 @@ CASES = [
          ("does not fit", "timm:test_efficientnet", "--arch")),
     Case("wrong_num_classes", _ckpt_case(lambda e: e.pt, "--num-classes", "5"),
          ("--num-classes 5 contradicts", "has 10", "Drop --num-classes")),
+    Case("num_classes_below_the_data", lambda e: (
+        ["search", e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=5).state_dict()),
+         "--input-size", "1,28,28", "--data", f"fashionmnist:{fake_mnist(e.tmp / 'fm')}",
+         "--target-flops", "0.5", "--method", "uniform", "-o", e.out],
+        [e.tmp / "in" / "test_resnet.pt", e.tmp / "fm"]),
+        ("has 10 classes but the model has 5 outputs", "num_classes=10")),
     Case("nan_weights", _ckpt_case(
         lambda e: e.state_dict_file("test_resnet.pt", _poisoned(float("nan")))),
         ("NaN or Inf", "layer1.0.conv1.weight", "before training diverged")),
@@ -364,14 +370,21 @@ def test_old_torch_refuses_pt_files(resnet_ckpt, monkeypatch):
     assert run("inspect", resnet_ckpt["safetensors"], "--input-size", "1,32,32")[0] == 0
 
 
-@pytest.mark.parametrize("kind", ["entries", "length", "shape"])
+@pytest.mark.parametrize("kind", ["entries", "values", "length", "shape"])
 def test_absurd_safetensors_refused_before_allocating(tmp_path, monkeypatch, kind):
-    """Absurd headers are refused from the header alone: safetensors never reads the file."""
+    """Absurd headers are refused from the header alone: safetensors never reads the file, and
+    a header with absurdly many values is refused before it is even parsed."""
     import safetensors.torch
 
-    loads = []
+    loads, parsed = [], []
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: loads.append(a) or {})
-    if kind == "entries":
+    real_json = checkpoint.json.loads
+    monkeypatch.setattr(checkpoint.json, "loads", lambda s: parsed.append(1) or real_json(s))
+    if kind == "values":
+        monkeypatch.setattr(checkpoint, "MAX_ENTRIES", 8)
+        header = {"a": {"dtype": "U8", "shape": [1] * 200, "data_offsets": [0, 1]}}
+        data, words = _safetensors(header, bytes(1)), "more than 8 tensors would need"
+    elif kind == "entries":
         monkeypatch.setattr(checkpoint, "MAX_ENTRIES", 8)
         header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
                   for i in range(9)}
@@ -386,6 +399,7 @@ def test_absurd_safetensors_refused_before_allocating(tmp_path, monkeypatch, kin
     code, text = run("inspect", p, "--arch", "timm:test_resnet", "--input-size", "1,32,32")
     assert code == 2 and words in text, text
     assert loads == []
+    assert parsed == ([] if kind in ("values", "length") else [1])
 
 
 # ---------------------------------------------------------------------- --overwrite
