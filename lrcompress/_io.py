@@ -29,6 +29,21 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def cannot_write_in(folder) -> str:
+    """Why no file can be created in ``folder`` ("" when one can), by really creating one.
+
+    ``os.access`` is not enough: it says yes to root everywhere, and knows nothing of read-only
+    mounts or pseudo file systems (/proc, /sys). The probe is an anonymous temporary file, so
+    nothing is left behind either way.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

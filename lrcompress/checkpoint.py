@@ -37,7 +37,8 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "mod
 # in 2.6, CVE-2026-24747 fixed in 2.10).
 MIN_SAFE_TORCH = (2, 10)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_ENTRIES = 1_000_000
+MAX_ENTRIES = 200_000  # tensors in one file (image models have hundreds to a few thousand)
+VALUES_PER_ENTRY = 16  # JSON values an entry may take (dtype, shape, offsets), on average
 
 _ST_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -77,6 +78,13 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
             raise _fail(path, f"the header claims {n} bytes but the file has {size - 8} after "
                         "the length field", "The file is truncated or not a safetensors file.")
         raw = f.read(n)
+    # Every JSON value past the first of its container needs a comma, so this bounds how many
+    # Python objects parsing would create: a crafted header cannot make json.loads build
+    # tens of millions of them (gigabytes) before the entry count is checked.
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > VALUES_PER_ENTRY * MAX_ENTRIES:
+        raise _fail(path, f"its header holds about {values} JSON values, more than "
+                    f"{MAX_ENTRIES} tensors would need", "The file is corrupt or crafted.")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -22,6 +22,11 @@ log = logging.getLogger("lrcompress")
 class _Group(click.Group):
     """Maps lrcompress errors to exit codes and one-paragraph messages (tracebacks only --debug)."""
 
+    def parse_args(self, ctx, args):
+        # The exact command line, for reports (sys.argv is not it when called as a library).
+        ctx.meta["lrcompress.argv"] = [ctx.info_name or "lrcompress", *args]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -40,9 +45,11 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
-                click.echo(f"Out of GPU memory ({str(e).splitlines()[0]}). Use a smaller "
-                           "--batch-size (and --calib-batches), or --device cpu. A re-run with the "
-                           "same command resumes from the last finished stage.", err=True)
+                click.echo(f"Out of GPU memory ({str(e).splitlines()[0]}). Re-run the same "
+                           "command with --auto-batch (halves the batch and retries) or "
+                           "--device cpu: either resumes from the stages finished in RUN/state/. "
+                           "Or use a smaller --batch-size (and --calib-batches) with --overwrite "
+                           "or a new -o.", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             click.echo(f"Internal error ({type(e).__name__}: {e}). This is a bug in lrcompress: "
                        "re-run with --debug and report the traceback.", err=True)
@@ -280,6 +287,9 @@ def _floats(value, name):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--auto-batch", is_flag=True, help="On CUDA out-of-memory, halve the batch "
+              "(search calibration batches; fine-tuning micro-batches) and retry, down to 1; "
+              "the report records the size used. Not under torchrun.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes.")
 @click.option("--calib-fraction", default=0.1, show_default=True, type=float,
@@ -322,7 +332,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
            seed, device, batch_size, workers, calib_fraction, calib_batches, test_subset,
            search_iters, search_warmup, vbmf_weaken, max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
-           **finetune_kw):
+           auto_batch, **finetune_kw):
     """Compress MODEL to a FLOPs or params target: rank search, decomposition, evaluation.
 
     Writes RUN/model.safetensors (reload with lrcompress.load), RUN/plan.json and
@@ -374,13 +384,14 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
                           if max_loss_increase is not None else {})},
         rene=ReneConfig(iters=search_iters, warmup=search_warmup),
         input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-        plan_path=plan_path, overwrite=overwrite,
+        plan_path=plan_path, overwrite=overwrite, auto_batch=auto_batch,
     )
     distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel
     main_rank = distributed.is_main()
     res = run_search(model, data_spec, out, cfg, arch=arch, num_classes=num_classes,
                      in_chans=in_chans, trust_pickle=trust_pickle,
-                     progress=RichProgress() if main_rank else None, command=sys.argv)
+                     progress=RichProgress() if main_rank else None,
+                     command=click.get_current_context().meta.get("lrcompress.argv", sys.argv))
     if not main_rank:
         return
     if as_json:

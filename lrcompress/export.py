@@ -7,6 +7,8 @@ skeletons as the plan says, and loads the weights: no pickle and no other file i
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -36,7 +38,30 @@ def save_compressed(model: nn.Module, plan: Plan, path) -> Path:
             "format": "pt"}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=meta)
+        sort_metadata(tmp)
     return path
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes the metadata map in hash order, which changes from process to process, so
+    the same model gave different bytes (a CI cache or a checksum would see a new file). The
+    header keeps its length (only keys move), and is left alone if it would not.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n or len(new) != len(raw.rstrip(b" ")):
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def build_compressed(plan: Plan) -> nn.Module:

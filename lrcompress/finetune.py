@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,19 @@ from torch import nn
 
 from . import distributed as dist_
 from ._io import atomic_path
-from .errors import LrcError, UserError
+from .errors import UserError
 from .factorizations import chain_factors, get_factorization
 from .measure import evaluate
+from .numerics import (
+    BufferSnapshot,
+    NonFiniteGuard,
+    all_finite,
+    first_nonfinite,
+    first_nonfinite_output,
+    nonfinite_grad,
+)
 from .plan import Plan
+from .resources import retry_halving
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +196,8 @@ class FinetuneResult:
     seconds: float
     config: dict
     resumed_from_epoch: int = 0
+    skipped_steps: int = 0  # steps skipped and rolled back for NaN/Inf (all epochs)
+    micro_batch: int | None = None  # micro-batch size after --auto-batch halvings, if any
 
 
 def _schedule(cfg: FinetuneConfig, total_steps: int):
@@ -243,8 +255,14 @@ def _broadcast_calib(calib, device: torch.device):
 
 def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: FinetuneConfig,
             device: torch.device, state_dir=None, progress=None, fingerprint: str = "",
-            seed: int = 0) -> FinetuneResult:
-    """Fine-tune ``student`` in place; on return it holds the best epoch's weights."""
+            seed: int = 0, auto_batch: bool = False) -> FinetuneResult:
+    """Fine-tune ``student`` in place; on return it holds the best epoch's weights.
+
+    A step whose loss or gradients are NaN/Inf is skipped and rolled back (no update, BatchNorm
+    statistics restored); three in a row stop the run with a UserError naming the step and the
+    first non-finite layer. ``auto_batch``: on CUDA out-of-memory the step is retried in
+    micro-batches of half the size (gradients accumulated), down to 1.
+    """
     t0 = time.perf_counter()
     student.to(device)
     teacher.to(device).eval()
@@ -303,6 +321,57 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
         model = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     s_taps, t_taps = _Taps(student, names), _Taps(teacher, names)
+
+    def loss_of(x, y):
+        """The loss of one (micro-)batch and its parts (loss, ce, diss, kd)."""
+        with autocast:
+            logits = model(x).float()
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+            ce = F.cross_entropy(logits, y)
+            loss = ce
+            diss = diss_loss(student, plan, teacher_w, s_taps, t_taps,
+                             cfg.diss_reduction) if cfg.lam else torch.zeros(())
+            loss = loss + cfg.lam * diss
+            kd = torch.zeros((), device=device)
+            if cfg.kd:
+                tt = cfg.kd_temperature
+                kd = F.kl_div(F.log_softmax(logits / tt, 1),
+                              F.log_softmax(t_logits / tt, 1),
+                              reduction="batchmean", log_target=True) * tt * tt
+                loss = loss + cfg.kd * kd
+            if fd:
+                loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
+            if cfg.orth:
+                loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
+            if cfg.hoyer:
+                loss = loss + cfg.hoyer * hoyer(student, plan)
+        return loss, ce, diss, kd
+
+    def forward_backward(x, y, size):
+        """Gradients of the batch, accumulated over micro-batches of ``size`` (smaller than the
+        batch only after --auto-batch halved it); the batch's mean (loss, ce, diss, kd), or None
+        when a loss was NaN/Inf (single process: then nothing was back-propagated; under DDP
+        every rank back-propagates and the gradient check skips the step on all of them)."""
+        opt.zero_grad(set_to_none=True)
+        vals = [0.0] * 4
+        for i in range(0, len(x), size):
+            parts = loss_of(x[i:i + size], y[i:i + size])
+            if not distributed and not torch.isfinite(parts[0]):
+                return None
+            share = min(size, len(x) - i) / len(x)
+            scaler.scale(parts[0] * share).backward()
+            vals = [a + float(v.detach()) * share for a, v in zip(vals, parts)]
+        return vals
+
+    def rollback(buffers, *_):
+        opt.zero_grad(set_to_none=True)
+        buffers.restore()  # BatchNorm statistics the bad forward pass changed
+
+    guard = NonFiniteGuard("Fine-tuning", advice=(
+        "Lower --lr, keep --grad-clip on, use --precision fp32, or check the data for NaN/Inf. "
+        "Finished epochs are kept in RUN/state/: the same command resumes after the last one."))
+    micro = None  # micro-batch size once --auto-batch halved it (None: whole batches)
     try:
         for epoch in range(start_epoch, epochs):
             if step >= total_steps:
@@ -310,49 +379,51 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
             _seed_epoch(train_loader, seed, epoch)
             student.train()
             sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
+            skipped_before = guard.skipped
             te = time.perf_counter()
-            for x, y in train_loader:
+            for batch_no, (x, y) in enumerate(train_loader, 1):
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    logits = model(x).float()
-                    with torch.no_grad():
-                        t_logits = teacher(x).float()
-                    ce = F.cross_entropy(logits, y)
-                    loss = ce
-                    diss = diss_loss(student, plan, teacher_w, s_taps, t_taps,
-                                     cfg.diss_reduction) if cfg.lam else torch.zeros(())
-                    loss = loss + cfg.lam * diss
-                    kd = torch.zeros((), device=device)
-                    if cfg.kd:
-                        tt = cfg.kd_temperature
-                        kd = F.kl_div(F.log_softmax(logits / tt, 1),
-                                      F.log_softmax(t_logits / tt, 1),
-                                      reduction="batchmean", log_target=True) * tt * tt
-                        loss = loss + cfg.kd * kd
-                    if fd:
-                        loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
-                    if cfg.orth:
-                        loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
-                    if cfg.hoyer:
-                        loss = loss + cfg.hoyer * hoyer(student, plan)
-                if not torch.isfinite(loss):
-                    raise LrcError(f"fine-tuning diverged at epoch {epoch + 1}, step {step + 1} "
-                                   f"(loss {float(loss)}). Lower --lr or keep --grad-clip.")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                where = f"epoch {epoch + 1}, batch {batch_no}"
+                buffers = BufferSnapshot(student)
+                vals, size = retry_halving(
+                    partial(forward_backward, x, y), min(micro or len(x), len(x)),
+                    enabled=auto_batch and not distributed, what="fine-tuning step",
+                    on_halve=partial(rollback, buffers))
+                if size < len(x):
+                    micro = size
+                if vals is None:  # NaN/Inf loss: skip the step, find the layer
+                    with autocast:
+                        layer = first_nonfinite_output(student, partial(student, x))
+                    rollback(buffers)
+                    guard.skip(where, "loss", layer and f"the output of layer {layer!r}")
+                    continue
+                if not scaler.is_enabled() and not all_finite(
+                        p.grad for p in student.parameters()):  # (fp16: the scaler skips)
+                    bad = nonfinite_grad(student)
+                    rollback(buffers)
+                    guard.skip(where, "gradient", bad and f"the gradient of {bad!r}")
+                    continue
                 if cfg.grad_clip:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
+                if not all_finite(student.parameters()):
+                    bad = first_nonfinite(student.named_parameters())
+                    raise UserError(
+                        f"Fine-tuning stopped at {where}: the optimizer step made weight {bad!r} "
+                        "NaN/Inf although the loss and gradients were finite. Lower --lr or use "
+                        "--optimizer sgd. Finished epochs are kept in RUN/state/: the same "
+                        "command resumes after the last one.")
+                guard.ok()
                 step += 1
                 b = y.numel()
                 sums["n"] += b
-                for k, v in (("loss", loss), ("ce", ce), ("diss", diss), ("kd", kd)):
-                    sums[k] += float(v.detach()) * b
+                for k, v in zip(("loss", "ce", "diss", "kd"), vals, strict=True):
+                    sums[k] += v * b
                 if progress is not None:
                     progress(b)
             calib = evaluate(student, loaders.calib, device)
@@ -364,7 +435,8 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
                    **{k: sums[k] / max(sums["n"], 1) for k in ("loss", "ce", "diss", "kd")},
                    "calib_loss": calib_loss, "calib_top1": calib_top1,
                    "lr": sched.get_last_lr()[0],
-                   "images_per_s": sums["n"] / max(time.perf_counter() - te, 1e-9)}
+                   "images_per_s": sums["n"] / max(time.perf_counter() - te, 1e-9),
+                   "skipped_steps": guard.skipped - skipped_before}
             history.append(row)
             log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"], calib_top1)
             if calib_loss < best[0]:
@@ -386,4 +458,6 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
         student.load_state_dict(best[2])
     student.eval()
     return FinetuneResult(history, best[1], step, time.perf_counter() - t0, asdict(cfg),
-                          resumed_from_epoch=start_epoch)
+                          resumed_from_epoch=start_epoch,
+                          skipped_steps=sum(r.get("skipped_steps", 0) for r in history),
+                          micro_batch=micro)

@@ -160,11 +160,17 @@ def _io_layers(model: nn.Module) -> tuple[str | None, str | None]:
     names = {n for n, _ in model.named_modules()}
     stem = cfg.get("first_conv") if isinstance(cfg.get("first_conv"), str) else None
     head = cfg.get("classifier") if isinstance(cfg.get("classifier"), str) else None
-    if stem not in names:
-        stem = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-    if head not in names:
+    # The config may name a container (a deep stem's 'conv1' Sequential): its first conv / last
+    # linear then; without a usable name, the model's.
+    mods = dict(model.named_modules())
+    if stem not in names or not isinstance(mods[stem], nn.Conv2d):
+        within = [n for n in names if stem in names and n.startswith(f"{stem}.")]
+        stem = next((n for n, m in model.named_modules()
+                     if isinstance(m, nn.Conv2d) and (not within or n in within)), None)
+    if head not in names or not isinstance(mods[head], nn.Linear):
+        within = [n for n in names if head in names and n.startswith(f"{head}.")]
         head = next((n for n, m in reversed(list(model.named_modules()))
-                     if isinstance(m, nn.Linear)), None)
+                     if isinstance(m, nn.Linear) and (not within or n in within)), None)
     return stem, head
 
 

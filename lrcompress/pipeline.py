@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed
-from ._io import write_json, write_text
+from ._io import cannot_write_in, write_json, write_text
 from .census import make_selection
 from .checkpoint import read_checkpoint
 from .costs import count_model, dense_macs, dense_params
@@ -40,6 +40,8 @@ from .rank._problem import LayerOptions, RankProblem, layer_options
 from .rank._signals import Cache
 from .rank.rene import ReneConfig
 from .report import write_reports
+from .resources import rebatch, retry_halving
+from .search_state import SearchState
 from .surgery import decompose_
 from .targets import find_layers, skip_reason
 
@@ -70,6 +72,7 @@ class SearchConfig:
     lorita: LoritaConfig = field(default_factory=LoritaConfig)  # over-parameterised pre-tuning
     cache_dir: str | None = None  # decomposition/sensitivity cache (default RUN/cache)
     overwrite: bool = False
+    auto_batch: bool = False  # CUDA out-of-memory: halve the batch and retry (search, fine-tuning)
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -109,7 +112,7 @@ RESULT_FILES = ("model.safetensors", "plan.json", "report.json", "report.md", "r
 def fingerprint(model_spec: str, data_spec: str, cfg: SearchConfig, extra: dict) -> dict:
     """What must be equal for a re-run to continue the previous one."""
     d = _config_dict(cfg)
-    for k in ("overwrite", "device", "cache_dir"):
+    for k in ("overwrite", "device", "cache_dir", "auto_batch"):
         d.pop(k, None)
     d["data"].pop("workers", None)
     path = Path(model_spec)
@@ -132,10 +135,15 @@ def _prepare_run_dir(out: Path, overwrite: bool, fp: dict) -> bool:
     probe = out if out.is_dir() else parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"Cannot write to {probe}: permission denied. Choose another -o.")
-    if not (out.is_dir() and any(out.iterdir())):
-        return False
+    if not probe.is_dir():
+        raise UserError(f"Cannot create output directory {out}: {probe} is a file, not a "
+                        "directory. Choose another -o.")
+    why = "permission denied" if not os.access(probe, os.W_OK) else cannot_write_in(probe)
+    if why:
+        raise UserError(f"Cannot write to {probe}: creating a file there failed ({why}). "
+                        "Choose another -o.")
+    if not (out.is_dir() and _holds_files(out)):
+        return False  # absent, empty, or only the empty folders of a run killed at its start
     fp_file = out / "state" / "fingerprint.json"
     if fp_file.exists() and not overwrite:
         old = json.loads(fp_file.read_text())
@@ -152,6 +160,10 @@ def _prepare_run_dir(out: Path, overwrite: bool, fp: dict) -> bool:
         raise UserError(f"Output directory {out} is not empty. Choose another -o, or pass "
                         "--overwrite to replace its results.")
     return False
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(not p.is_dir() for p in folder.rglob("*"))
 
 
 def _clear_results(out: Path) -> None:
@@ -188,7 +200,7 @@ def build_problem(model, info, input_size, cfg: SearchConfig) -> RankProblem:
     return problem
 
 
-def _layer_rows(plan: Plan, specs, errs: dict) -> list[dict]:
+def _layer_rows(plan: Plan, specs, errs: dict, retries: dict | None = None) -> list[dict]:
     planned = {lp.name: lp for lp in plan.layers}
     rows = []
     for s in specs:
@@ -200,6 +212,7 @@ def _layer_rows(plan: Plan, specs, errs: dict) -> list[dict]:
             "macs_before": dense_macs(s), "macs_after": lp.macs if lp else dense_macs(s),
             "params_before": dense_params(s), "params_after": lp.params if lp else dense_params(s),
             "rel_error": errs.get(s.name),
+            "decomposition_retries": (retries or {}).get(s.name, 0),
         })
     return rows
 
@@ -289,26 +302,37 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         ctx = SelectContext(source, problem, batches, device, Cache(cache_dir / "signals.json"),
                             cfg.seed, {**cfg.method_config, "rene": cfg.rene},
                             tick=progress.advance,
-                            state_dir=state if main_rank else None)
-        plan, trace = get_method(cfg.method)(ctx)
+                            state=SearchState(state / f"search-{cfg.method}.pt",
+                                              json.dumps(fp, sort_keys=True)))
+
+        def select(size):  # --auto-batch: the same calibration samples in smaller batches
+            ctx.batches = rebatch(batches, size)
+            return get_method(cfg.method)(ctx)
+
+        (plan, trace), calib_bs = retry_halving(select, batches[0][0].shape[0],
+                                                enabled=cfg.auto_batch, what="the rank search")
+        trace["calib_batch_size"] = calib_bs
     if main_rank:
         write_json(state / "trace.json", trace)
         write_text(plan_file, plan.to_json() + "\n")
+        (state / f"search-{cfg.method}.pt").unlink(missing_ok=True)  # superseded by the plan
     times["rank_selection"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if have_dec:
         student = build_compressed(plan)
         student.load_state_dict(read_checkpoint(dec_file)[0])
-        results_rows = json.loads((state / "decomposed.json").read_text())
+        dec = json.loads((state / "decomposed.json").read_text())
+        results_rows, retries = dec["rel_error"], dec["retries"]
     else:
         progress.stage("decomposing", total=len(plan.layers))
         student = copy.deepcopy(source).cpu()
         res = decompose_(student, plan, progress=lambda _n: progress.advance())
         results_rows = {r.name: r.rel_error for r in res}
-        if main_rank:
+        retries = {r.name: r.retries for r in res if r.retries}
+        if main_rank:  # decomposed.safetensors last: its presence means the stage is complete
+            write_json(state / "decomposed.json", {"rel_error": results_rows, "retries": retries})
             save_compressed(student, plan, dec_file)
-            write_json(state / "decomposed.json", results_rows)
     student.to(device).eval()
     times["decompose"] = time.perf_counter() - t
 
@@ -337,7 +361,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         progress.stage("fine-tuning (distillation)", total=steps * cfg.data.batch_size)
         ft = distill(student, model, plan, loaders, cfg.finetune, device, state_dir=state,
                      progress=progress.advance, fingerprint=json.dumps(fp, sort_keys=True),
-                     seed=cfg.seed)
+                     seed=cfg.seed, auto_batch=cfg.auto_batch)
         times["finetune"] = time.perf_counter() - t
         t = time.perf_counter()
         progress.stage("evaluating the fine-tuned model", total=len(loaders.test.dataset))
@@ -345,7 +369,8 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
                                          progress=progress.advance).to_dict()
         times["eval_finetuned"] = time.perf_counter() - t
         ft_report = {"config": ft.config, "history": ft.history, "best_epoch": ft.best_epoch,
-                     "steps": ft.steps, "resumed_from_epoch": ft.resumed_from_epoch}
+                     "steps": ft.steps, "resumed_from_epoch": ft.resumed_from_epoch,
+                     "skipped_steps": ft.skipped_steps, "micro_batch": ft.micro_batch}
 
     t = time.perf_counter()
     progress.stage("saving")
@@ -373,19 +398,22 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
         "accuracy": accuracy,
         "finetune": ft_report,
         "lorita": lorita_report,
-        "layers": _layer_rows(plan, problem.specs, results_rows),
+        "layers": _layer_rows(plan, problem.specs, results_rows, retries),
         "skipped": problem.skipped,
         "search": trace,
         "resumed": resume,
         "seconds": {},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+        "versions": {"python": platform.python_version(), **_versions(),
                      "lrcompress": __version__, "device": str(device)},
+        "resources": {"auto_batch": cfg.auto_batch, "batch_size": cfg.data.batch_size,
+                      "calib_batch_size": trace.get("calib_batch_size"),
+                      "finetune_micro_batch": ft_report and ft_report["micro_batch"]},
     }
     times["save"] = time.perf_counter() - t
     report["seconds"] = {k: round(v, 3) for k, v in times.items()}
     if main_rank:
-        write_json(out / "report.json", report)
         write_reports(out, report)
+        write_json(out / "report.json", report)  # last: its presence means the run finished
     progress.end()
     return SearchResult(out, plan, report)
 
@@ -427,6 +455,19 @@ def _cached_eval(path: Path, model, loader, device, progress):
     if distributed.is_main():
         write_json(path, acc.to_dict())
     return acc
+
+
+def _versions() -> dict:
+    """Versions of the libraries that decide the numbers (for the report)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for pkg in ("timm", "tensorly", "torchvision", "numpy", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _config_dict(cfg: SearchConfig) -> dict:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import UserError
 from .factorizations import chain_factors, get_factorization
+from .factorizations._base import collect_notes
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class LayerResult:
     name: str
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the factorized weight (nan for skeletons)
     seconds: float
+    retries: int = 0  # extra attempts the decomposition needed (CP-ALS re-initialisations)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -71,8 +73,11 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
         t0 = time.perf_counter()
         mod = model.get_submodule(lp.name)
         fact = get_factorization(lp.method)
+        retries = 0
         if weights:
-            chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank, **opts)
+            with collect_notes() as notes:
+                chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank, **opts)
+            retries = sum(n.get("retries", 0) for n in notes)
             w = mod.weight.detach().double()
             rec = fact.reconstruct([f.double() for f in chain_factors(chain)], lp.spec)
             err = float(torch.linalg.norm(w - rec) / torch.linalg.norm(w).clamp_min(1e-30))
@@ -81,7 +86,7 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
                                   device=mod.weight.device)
             err = float("nan")
         _set_module(model, lp.name, chain)
-        results.append(LayerResult(lp.name, err, time.perf_counter() - t0))
+        results.append(LayerResult(lp.name, err, time.perf_counter() - t0, retries))
         if progress is not None:
             progress(lp.name)
     return results

@@ -349,7 +349,7 @@ def test_cp_degeneration_raises_decomposition_error(monkeypatch):
     fact, spec = get_factorization("cp"), SHAPES["3x3"]
     w, _ = weights(spec)
 
-    def broken(x, init, n_iter_max, tol):
+    def broken(x, init, n_iter_max, tol, ridge=1e-12):
         return [torch.full_like(t, float("nan")) for t in init]
 
     monkeypatch.setattr(cp_module, "cp_als", broken)

@@ -185,3 +185,17 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         load_model(str(p))
     with pytest.raises(CheckpointError, match="No such file"):
         load_model(str(tmp_path / "nope.pt"))
+
+
+def test_a_deep_stem_checkpoint_gives_its_channels_and_classes(tmp_path):
+    """timm's config names the deep stem's container ('conv1', a Sequential): in_chans comes
+    from its first conv, not the default 3."""
+    import timm
+
+    arch = "timm:resnet18(channels=(1,1,1,1),stem_type='deep',stem_width=1)"
+    m = timm.create_model("resnet18", channels=(1, 1, 1, 1), stem_type="deep", stem_width=1,
+                          num_classes=7, in_chans=1)
+    p = tmp_path / "tiny.pt"
+    torch.save(m.state_dict(), p)
+    lm = load_model(str(p), arch=arch)
+    assert (lm.info.in_chans, lm.info.num_classes) == (1, 7)

@@ -184,7 +184,7 @@ def test_rene_stops_with_the_stage_named_when_nan_persists(resnet_ckpt):
     from lrcompress.rank.rene import search as rene_search
 
     ctx = _rene_ctx(resnet_ckpt, poison={0, 1})
-    with pytest.raises(UserError, match=r"the α step produced NaN/Inf 3 times in a row"):
+    with pytest.raises(UserError, match=r"rene, α step.*NaN/Inf on 3 consecutive steps"):
         rene_search(ctx, FAST_RENE)
 
 
@@ -197,7 +197,9 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     full_choice, full_trace = rene.search(ctx, FAST_RENE)
     assert len(full_trace["steps"]) >= 2, "the tiny problem must need several steps"
 
-    ctx.state_dir = tmp_path
+    from lrcompress.search_state import SearchState
+
+    ctx.state = SearchState(tmp_path / "search-rene.pt", "fingerprint")
     real, calls = rene._optimise, {"n": 0}
 
     def dying(*a, **k):
@@ -209,7 +211,7 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     monkeypatch.setattr(rene, "_optimise", dying)
     with pytest.raises(KeyboardInterrupt):
         rene.search(ctx, FAST_RENE)
-    assert (tmp_path / "rene_steps.json").exists()
+    assert (tmp_path / "search-rene.pt").exists()
     monkeypatch.setattr(rene, "_optimise", real)
     calls_after = {"n": 0}
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 import numbers
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import LrcError
+from ..errors import UserError
 from ..targets import LayerSpec
 
 Rank = int | tuple[int, ...]
@@ -38,9 +39,32 @@ FACTORIZATIONS: dict[str, Factorization] = {}
 ALIASES = {"tucker": "tucker2"}
 
 
-class DecompositionError(LrcError):
-    """A decomposition that failed numerically (e.g. CP-ALS diverged); the message names the layer,
-    the rank and what happened, so the caller can record it as the layer's skip reason."""
+class DecompositionError(UserError):
+    """A decomposition that failed numerically (e.g. CP-ALS diverged even after its retries); the
+    message names the layer, the rank and what to do, so the caller can record it as the layer's
+    skip reason, and the CLI answers it with exit code 2."""
+
+
+_NOTES: ContextVar[list | None] = ContextVar("lrcompress_decomposition_notes", default=None)
+
+
+@contextmanager
+def collect_notes():
+    """Collects what decompositions inside the block report through :func:`note` (e.g. CP-ALS
+    retries), as a list of dicts."""
+    notes: list[dict] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def note(**info) -> None:
+    """Report something about the running decomposition to the enclosing :func:`collect_notes`."""
+    notes = _NOTES.get()
+    if notes is not None:
+        notes.append(info)
 
 
 def register(cls):

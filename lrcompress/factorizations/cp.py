@@ -27,12 +27,18 @@ mode first (two ``(T·k·S)×R`` GEMMs per sweep, all modes' updates share them)
 lean. It is the same algorithm from the same initialisation: ``impl="tensorly"`` runs ``parafac``
 instead, and the tests check both agree.
 
-CP-ALS can degenerate (NaN, or worse than the zero tensor): then :class:`DecompositionError` is
-raised, naming layer, rank and what happened, and the caller records that as the layer's reason.
+CP-ALS can degenerate (NaN/Inf factors, or an error worse than the zero tensor). Each layer and
+rank is then fitted again from seeded random factors, and if that degenerates too, from random
+factors with damped ALS (a 1e-3 relative ridge on the Gram solves, which keeps collinear
+components bounded); each retry is logged and reported through ``_base.note`` (surgery records
+the count per layer). Only when every attempt fails is :class:`DecompositionError` raised (a
+UserError), naming layer, rank and what happened, and suggesting ``--exclude LAYER`` or another
+``--decomp``; callers that try many ranks (the rank baselines) record it as that rank's reason.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -44,18 +50,23 @@ from ._base import (
     in_positions,
     is_int,
     khw,
+    note,
     register,
     relative_error,
     tensorly_context,
 )
 
+log = logging.getLogger(__name__)
 _LETTERS = "abcdefgh"
+# After a degenerate fit: (initialisation, relative ridge of the Gram solves) of each retry.
+RETRIES = (("random", 1e-12), ("random, damped", 1e-3))
 
 
-def _solve_gram(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``M V⁻¹`` for the symmetric PSD Gram product V (R×R), by Cholesky with a 1e-12 relative
-    ridge (keeps collinear components finite; far below any error the tests resolve)."""
-    ridge = 1e-12 * v.diagonal().mean().clamp_min(torch.finfo(v.dtype).tiny)
+def _solve_gram(v: torch.Tensor, m: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+    """``M V⁻¹`` for the symmetric PSD Gram product V (R×R), by Cholesky with a relative ridge
+    (1e-12 keeps collinear components finite, far below any error the tests resolve; a larger
+    one damps the ALS steps)."""
+    ridge = ridge * v.diagonal().mean().clamp_min(torch.finfo(v.dtype).tiny)
     eye = torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
     chol, info = torch.linalg.cholesky_ex(v + ridge * eye)
     if int(info) == 0:
@@ -68,8 +79,10 @@ def _unit_columns(f: torch.Tensor) -> torch.Tensor:
     return f / torch.where(n > 0, n, torch.ones_like(n))
 
 
-def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int, tol: float):
+def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int, tol: float,
+           ridge: float = 1e-12):
     """CP-ALS of an N-way tensor from ``init`` factors; returns the factors (scale in the last).
+    ``ridge``: relative Tikhonov damping of every least-squares solve (see :func:`_solve_gram`).
 
     The MTTKRP of modes 0..N-2 contracts the last mode first (``x_(N) @ F_N``, one GEMM, shared by
     those N-1 updates since F_N does not change until the last update); the last mode contracts the
@@ -94,7 +107,7 @@ def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int, tol: floa
             expr = ",".join([lead + "r"] + [lead[m] + "r" for m in others]) + f"->{lead[n]}r"
             mttkrp = torch.einsum(expr, y, *[f[m] for m in others])
             v = _hadamard([grams[m] for m in range(n_modes) if m != n])
-            f[n] = _unit_columns(_solve_gram(v, mttkrp))
+            f[n] = _unit_columns(_solve_gram(v, mttkrp, ridge))
             grams[n] = f[n].T @ f[n]
         z = (f[0].T @ x_first).reshape(rank, *dims[1:])
         tail = _LETTERS[1:n_modes]
@@ -102,7 +115,7 @@ def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int, tol: floa
         expr = ",".join(["r" + tail] + [tail[m - 1] + "r" for m in mids]) + f"->{tail[-1]}r"
         mttkrp = torch.einsum(expr, z, *[f[m] for m in mids])
         v = _hadamard(grams[:-1])
-        f[-1] = _solve_gram(v, mttkrp)
+        f[-1] = _solve_gram(v, mttkrp, ridge)
         grams[-1] = f[-1].T @ f[-1]
         # ‖X − X̂‖² = ‖X‖² − 2⟨X, X̂⟩ + ‖X̂‖², all from quantities at hand.
         fit2 = norm2 - 2 * float((mttkrp * f[-1]).sum()) + float((v * grams[-1]).sum())
@@ -156,21 +169,32 @@ class _CP(Factorization):
             else:
                 factors = _parafac(x, init, n_iter, float(tol))
             chain = self._chain(_fold(factors), spec)
-            self._check(w, chain, spec, r)
+            what = self._problem(w, chain, spec)
+            for k, (how, ridge) in enumerate(RETRIES, 1):
+                if not what:
+                    break
+                log.warning("%s of layer %r at rank %d: CP-ALS %s; retrying from %s factors",
+                            self.name, spec.name, r, what, how)
+                init = _random_init(x.shape, r, seed * 1000 + 7 * k, x.dtype, x.device)
+                chain = self._chain(_fold(cp_als(x, init, n_iter, float(tol), ridge)), spec)
+                what = self._problem(w, chain, spec)
+                note(layer=spec.name, rank=r, retries=1, init=how, ok=not what)
+            if what:
+                raise DecompositionError(
+                    f"{self.name} decomposition of layer {spec.name!r} at rank {r}: CP-ALS {what}, "
+                    f"also from {len(RETRIES)} other initialisations. Keep the layer dense with "
+                    f"--exclude '{spec.name}', or use another --decomp (tt, tucker2).")
             out.append(chain)
         return out
 
-    def _check(self, w, chain, spec, rank):
-        approx = self._conv_reconstruct(chain, spec)
-        finite = all(bool(torch.isfinite(t).all()) for t in chain)
-        err = relative_error(w, approx) if finite else math.nan
-        if not finite or not err < 1.0:
-            what = ("produced non-finite factors" if not finite else
-                    f"ended worse than the zero tensor (relative error {err:.3g})")
-            raise DecompositionError(
-                f"{self.name} decomposition of layer {spec.name!r} at rank {rank}: CP-ALS {what}. "
-                "Try a smaller rank, more iterations (n_iter_max), or another method (tt, tucker2)."
-            )
+    def _problem(self, w, chain, spec) -> str:
+        """What is wrong with a fitted chain ("" when nothing)."""
+        if not all(bool(torch.isfinite(t).all()) for t in chain):
+            return "produced non-finite factors"
+        err = relative_error(w, self._conv_reconstruct(chain, spec))
+        if not err < 1.0:
+            return f"ended worse than the zero tensor (relative error {err:.3g})"
+        return ""
 
 
 def _svd_init_bases(x: torch.Tensor):
@@ -202,6 +226,13 @@ def _svd_init(bases, rank: int, seed: int) -> list[torch.Tensor]:
             f = torch.cat([f, extra.to(u.device)], dim=1)
         init.append(f)
     return init
+
+
+def _random_init(shape, rank: int, seed: int, dtype, device) -> list[torch.Tensor]:
+    """Seeded Gaussian factors with unit-norm expected columns (a restart after a bad fit)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(d, rank, generator=g, dtype=dtype) / math.sqrt(d)).to(device)
+            for d in shape]
 
 
 def _parafac(x, init, n_iter_max, tol):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..search_state import SearchState
 from ._problem import DENSE, LayerOptions, Option, RankProblem, allocate, layer_options
 from ._signals import Cache
 
@@ -48,7 +48,9 @@ class SelectContext:
     seed: int = 0
     config: dict = field(default_factory=dict)  # per-method configs, e.g. {"rene": ReneConfig}
     tick: Callable[[], None] = lambda: None  # progress callback
-    state_dir: Path | None = None  # RUN/state: where a long search checkpoints (None: nowhere)
+    # Mid-search progress under RUN/state/ (search_state.SearchState): load() at the start,
+    # save() every so often, so a killed search resumes inside its loop. None: not kept.
+    state: SearchState | None = None
 
 
 def _load_builtin() -> None:

@@ -40,16 +40,14 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .._io import write_json
-from ..errors import UserError
 from ..factorizations import get_factorization
+from ..numerics import NonFiniteGuard, all_finite, first_nonfinite
 from ..surgery import swap_modules
 from ._problem import DENSE, LayerOptions, RankProblem
 
@@ -298,34 +296,28 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
 
 
 class _StepCheckpoint:
-    """The search state after each narrowing step (candidate sets, step sizes, trace) in
-    RUN/state/rene_steps.json, so that a killed search resumes at the last finished step. Each
-    step starts from fresh decompositions and logits, so nothing else needs saving."""
+    """The search state after each narrowing step (candidate sets, step sizes, trace) through the
+    pipeline's ``ctx.state`` (RUN/state/search-rene.pt, tied to the run's fingerprint), so that a
+    killed search resumes at the last finished step. Each step starts from fresh decompositions
+    and logits and reseeds the RNG, so nothing else needs saving."""
 
     def __init__(self, ctx, cfg: ReneConfig, with_prior: bool):
-        d = getattr(ctx, "state_dir", None)
-        self.path = None if d is None else Path(d) / "rene_steps.json"
+        self.store = getattr(ctx, "state", None)
         self.key = json.dumps({"config": asdict(cfg), "seed": ctx.seed, "prior": with_prior,
                                "target": [ctx.problem.target.kind, ctx.problem.target.ratio],
                                "layers": [[lo.spec.name, len(lo.options)]
                                           for lo in ctx.problem.layers]}, sort_keys=True)
 
     def load(self):
-        if self.path is None or not self.path.exists():
+        d = self.store.load() if self.store is not None else None
+        if not isinstance(d, dict) or d.get("key") != self.key:
             return None
-        try:
-            d = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable %s", self.path)
-            return None
-        if d.get("key") != self.key:
-            return None
-        return d["step_no"], [(c, s) for c, s in d["state"]], d["trace"]
+        return d["step_no"], [(c, s) for c, s in d["state"]], json.loads(d["trace"])
 
     def save(self, step_no: int, state, trace) -> None:
-        if self.path is not None:
-            write_json(self.path, {"key": self.key, "step_no": step_no,
-                                   "state": [[c, s] for c, s in state], "trace": trace})
+        if self.store is not None:
+            self.store.save({"key": self.key, "step_no": step_no,
+                             "state": [[c, s] for c, s in state], "trace": json.dumps(trace)})
 
 
 def project_budget(mixed: list[MixedLayer], costs: list[torch.Tensor], fixed: float,
@@ -402,7 +394,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             rec_loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
-            if health.ok("weight", rec_loss, params_w):
+            if health.ok("weight", rec_loss, params_w, f"iteration {it}"):
                 opt_w.step()
             if it < cfg.warmup:
                 continue
@@ -424,7 +416,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
-            if not health.ok("α", ce, alphas):
+            if not health.ok("α", ce, alphas, f"iteration {it}"):
                 continue
             if cfg.alpha_optimizer == "normsgd":
                 # One global scale for every logit: layers keep their relative sensitivity
@@ -448,36 +440,29 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
 
 
 class _Health:
-    """Skips (rolls back) a search step whose loss or gradients are NaN/Inf, and stops the search
-    after ``limit`` such steps in a row, naming the stage and the first layer that went bad."""
+    """Skips (rolls back) a search step whose loss or gradients are NaN/Inf; one
+    :class:`~lrcompress.numerics.NonFiniteGuard` per step kind stops the search after 3 in a row,
+    naming the stage and the first layer whose logits or factors went bad."""
 
-    def __init__(self, mixed: dict, hist: dict, limit: int = 3):
-        self.mixed, self.hist, self.limit = mixed, hist, limit
-        self.bad: dict[str, int] = {}  # consecutive failures per stage
+    ADVICE = ("Exclude that layer (--exclude), choose another --decomp, or lower the search "
+              "learning rates.")
 
-    def ok(self, stage: str, loss: torch.Tensor, params) -> bool:
-        finite = bool(torch.isfinite(loss)) and all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-        if finite:
-            self.bad[stage] = 0
+    def __init__(self, mixed: dict, hist: dict):
+        self.mixed, self.hist = mixed, hist
+        self.guards = {k: NonFiniteGuard(f"Rank search (rene, {k} step)", advice=self.ADVICE)
+                       for k in ("weight", "α")}
+
+    def ok(self, stage: str, loss: torch.Tensor, params, where: str) -> bool:
+        if all_finite([loss]) and all_finite(p.grad for p in params):
+            self.guards[stage].ok()
             return True
-        n = self.bad[stage] = self.bad.get(stage, 0) + 1
         self.hist.setdefault("skipped_steps", []).append(stage)
-        log.warning("rene %s step skipped: non-finite loss or gradient (%d in a row)", stage, n)
-        if n >= self.limit:
-            raise UserError(
-                f"rene search stopped: the {stage} step produced NaN/Inf {n} times in a "
-                f"row (first non-finite layer: {self._culprit()}). Exclude that layer "
-                "(--exclude), choose another --decomp, or lower the search learning rates.")
+        culprit = first_nonfinite(
+            (name, t) for name, mx in self.mixed.items()
+            for t in (mx.alpha, mx.alpha.grad, *mx.branches.parameters(),
+                      *(f.grad for f in mx.branches.parameters())))
+        self.guards[stage].skip(where, "loss or gradient", culprit)
         return False
-
-    def _culprit(self) -> str:
-        for name, mx in self.mixed.items():
-            ts = [mx.alpha, *mx.branches.parameters()]
-            if any(not bool(torch.isfinite(t).all()) or (
-                    t.grad is not None and not bool(torch.isfinite(t.grad).all())) for t in ts):
-                return name
-        return "none found in the weights: the calibration batch or the loss"
 
 
 def select(ctx) -> tuple:

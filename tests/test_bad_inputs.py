@@ -1,0 +1,428 @@
+"""The bad-input corpus of issue #7 (Build §1), every case through the CLI.
+
+Each case must end in exit code 2 with an ``Error:`` message that names the problem and how to
+fix it (the ``words`` below), no traceback, every input file byte-for-byte unchanged (SHA-256),
+and no output left behind: the RUN directory absent (or, if it existed, exactly as before) and no
+temporary files anywhere.
+
+Checklist (issue #7 §1 item -> CASES id, or the test function below the table):
+
+  empty file ................................ empty_pt, empty_safetensors
+  truncated .pt / .safetensors .............. truncated_pt, truncated_safetensors
+  safetensors: overlapping offsets .......... st_overlapping_offsets
+  safetensors: out-of-range offsets ......... st_offsets_past_the_end
+  safetensors: absurd sizes / entry counts .. st_absurd_header_length, st_absurd_shape;
+                                              test_absurd_safetensors_refused_before_allocating
+  a pickle that would run code on load ...... pickle_runs_code_zip, pickle_runs_code_legacy;
+                                              test_code_running_pickle_never_runs
+  torch with known weights_only bypasses .... test_old_torch_refuses_pt_files
+  never retry with weights_only=False ....... test_failed_safe_load_is_never_retried_unsafely
+  whole pickled module (needs --trust-pickle) whole_module
+  state_dict of another architecture ........ other_architecture
+  wrong num_classes ......................... wrong_num_classes, num_classes_below_the_data
+  NaN / Inf weights ......................... nan_weights, inf_weights
+  extra / missing keys ...................... extra_keys, missing_keys
+  unknown --arch ............................ unknown_arch
+  target <= 0, >= 1, unreachable ............ target_zero, target_negative, target_nan,
+                                              target_one, target_above_one,
+                                              target_params_zero, target_unreachable
+  --data missing / malformed dataset ........ data_missing_dir, data_empty_dir,
+                                              data_bad_idx_file, data_labels_out_of_range,
+                                              data_unknown_kind
+  unwritable output directory ............... output_parent_is_a_file, output_unwritable
+  output is a file .......................... output_is_a_file
+  non-empty output (refused w/o --overwrite)  output_not_empty;
+                                              test_overwrite_replaces_results_only
+  no decomposable layer ..................... no_decomposable_layer, everything_excluded
+  layers too small to gain .................. layers_too_small
+  --device cuda without a GPU ............... device_cuda_without_gpu
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+from lrcompress import checkpoint
+from lrcompress.cli import main
+
+from .conftest import tiny_resnet
+from .test_data import fake_mnist
+
+SEARCH = ("--input-size", "1,32,32", "--data", "synthetic:16", "--method", "uniform",
+          "--batch-size", "8")
+TINY_ARCH = "timm:resnet18(channels=(1,1,1,1),stem_type='deep',stem_width=1)"
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    return r.exit_code, r.output
+
+
+def _digest(path: Path) -> dict:
+    """SHA-256 of a file, or of every file under a folder."""
+    if path.is_dir():
+        return {str(p.relative_to(path)): _digest(p) for p in sorted(path.rglob("*"))
+                if p.is_file()}
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _safetensors(header: dict, data: bytes, length: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+class _RunsCode:
+    """Unpickling this calls builtins.exec, which would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+# --------------------------------------------------------------------------- the cases
+@dataclass
+class Env:
+    tmp: Path
+    pt: Path  # a good test_resnet state_dict (10 classes, 1 channel)
+    st: Path  # the same as safetensors
+    out: Path  # where -o points unless a case says otherwise
+
+    def file(self, name: str, data: bytes) -> Path:
+        p = self.tmp / "in" / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    def state_dict_file(self, name: str, sd: dict) -> Path:
+        p = self.tmp / "in" / name
+        p.parent.mkdir(exist_ok=True)
+        torch.save(sd, p)
+        return p
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Env], tuple[list, list[Path]]]  # -> (CLI args, inputs to keep unchanged)
+    words: tuple[str, ...]  # what the message must say (the problem and the fix)
+
+
+def search(model, *extra, target=("--target-flops", "0.5"), env=None):
+    return ["search", model, *SEARCH, *target, "-o", env.out, *extra]
+
+
+def _sd(**changes):
+    sd = tiny_resnet().state_dict()
+    for k, v in changes.items():
+        if v is None:
+            sd.pop(k)
+        else:
+            sd[k] = v
+    return sd
+
+
+def _poisoned(value):
+    sd = tiny_resnet().state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = value
+    return sd
+
+
+def _tiny_resnet18(env: Env) -> Path:
+    m = timm.create_model(TINY_ARCH.split(":", 1)[1].split("(")[0], pretrained=False,
+                          num_classes=10, in_chans=1, channels=(1, 1, 1, 1), stem_type="deep",
+                          stem_width=1)
+    return env.state_dict_file("tiny.pt", m.state_dict())
+
+
+def _efficientnet(env: Env) -> Path:
+    torch.manual_seed(0)
+    m = timm.create_model("test_efficientnet", pretrained=False, num_classes=10, in_chans=1)
+    return env.state_dict_file("test_efficientnet.pt", m.state_dict())
+
+
+def _fmnist_with(env: Env, broken: str) -> Path:
+    root = fake_mnist(env.tmp / "fm")
+    if broken == "idx":
+        (root / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip, not IDX")
+    elif broken == "labels":
+        import gzip
+
+        n = 200
+        data = struct.pack(">BBBBI", 0, 0, 8, 1, n) + bytes([42] * n)
+        with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(data)
+    return root
+
+
+def _data_case(spec: Callable[[Env], str]):
+    def build(env):
+        d = spec(env)
+        root = Path(d.split(":", 1)[1]) if ":" in d else None
+        ins = [env.pt] + ([root] if root is not None and root.exists() else [])
+        return ["search", env.pt, "--input-size", "1,28,28", "--data", d, "--target-flops",
+                "0.5", "--method", "uniform", "-o", env.out], ins
+    return build
+
+
+def _ckpt_case(make: Callable[[Env], Path], *extra, arch="timm:test_resnet"):
+    def build(env):
+        p = make(env)
+        return search(p, "--arch", arch, *extra, env=env), [p]
+    return build
+
+
+def _target_case(*target):
+    return lambda env: (search(env.pt, target=target, env=env), [env.pt])
+
+
+CASES = [
+    Case("empty_pt", _ckpt_case(lambda e: e.file("test_resnet.pt", b"")),
+         ("empty", "Re-save")),
+    Case("empty_safetensors", _ckpt_case(lambda e: e.file("test_resnet.safetensors", b"")),
+         ("0 bytes", "truncated", "re-download")),
+    Case("truncated_pt", _ckpt_case(
+        lambda e: e.file("test_resnet.pt", e.pt.read_bytes()[: e.pt.stat().st_size // 3])),
+        ("truncated", "re-save")),
+    Case("truncated_safetensors", _ckpt_case(
+        lambda e: e.file("test_resnet.safetensors",
+                         e.st.read_bytes()[: e.st.stat().st_size // 3])),
+        ("truncated",)),
+    Case("st_overlapping_offsets", _ckpt_case(lambda e: e.file("test_resnet.safetensors", (
+        _safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                     bytes(12))))),
+        ("overlap", "corrupt")),
+    Case("st_offsets_past_the_end", _ckpt_case(lambda e: e.file("test_resnet.safetensors", (
+        _safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                     bytes(8))))),
+        ("offsets 0..16", "data section of 8 bytes", "truncated")),
+    Case("st_absurd_header_length", _ckpt_case(lambda e: e.file("test_resnet.safetensors", (
+        _safetensors({}, b"", length=2**62)))),
+        ("header claims", "not a safetensors file")),
+    Case("st_absurd_shape", _ckpt_case(lambda e: e.file("test_resnet.safetensors", (
+        _safetensors({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}},
+                     bytes(8))))),
+        ("offsets 0..8", "corrupt")),
+    Case("pickle_runs_code_zip", _ckpt_case(
+        lambda e: e.state_dict_file("test_resnet.pt", {"w": _RunsCode(e.tmp / "ran")})),
+        ("imports __builtin__.exec", "run code", "--trust-pickle", "state_dict")),
+    Case("pickle_runs_code_legacy", _ckpt_case(
+        lambda e: e.file("test_resnet.pt", pickle.dumps({"w": _RunsCode(e.tmp / "ran")}))),
+        ("imports builtins.exec", "run code", "--trust-pickle")),
+    Case("whole_module", _ckpt_case(lambda e: e.state_dict_file("test_resnet.pt", tiny_resnet())),
+         ("whole pickled model", "--trust-pickle")),
+    Case("other_architecture", _ckpt_case(lambda e: e.pt, arch="timm:test_efficientnet"),
+         ("does not fit", "timm:test_efficientnet", "--arch")),
+    Case("wrong_num_classes", _ckpt_case(lambda e: e.pt, "--num-classes", "5"),
+         ("--num-classes 5 contradicts", "has 10", "Drop --num-classes")),
+    Case("num_classes_below_the_data", lambda e: (
+        ["search", e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=5).state_dict()),
+         "--input-size", "1,28,28", "--data", f"fashionmnist:{fake_mnist(e.tmp / 'fm')}",
+         "--target-flops", "0.5", "--method", "uniform", "-o", e.out],
+        [e.tmp / "in" / "test_resnet.pt", e.tmp / "fm"]),
+        ("has 10 classes but the model has 5 outputs", "num_classes=10")),
+    Case("nan_weights", _ckpt_case(
+        lambda e: e.state_dict_file("test_resnet.pt", _poisoned(float("nan")))),
+        ("NaN or Inf", "layer1.0.conv1.weight", "before training diverged")),
+    Case("inf_weights", _ckpt_case(
+        lambda e: e.state_dict_file("test_resnet.pt", _poisoned(float("-inf")))),
+        ("NaN or Inf", "layer1.0.conv1.weight")),
+    Case("extra_keys", _ckpt_case(lambda e: e.state_dict_file(
+        "test_resnet.pt", _sd(**{"head.extra.weight": torch.zeros(3)}))),
+        ("unexpected key(s): head.extra.weight", "--arch")),
+    Case("missing_keys", _ckpt_case(lambda e: e.state_dict_file(
+        "test_resnet.pt", _sd(**{"fc.weight": None, "fc.bias": None}))),
+        ("missing key(s): fc.weight", "--arch")),
+    Case("unknown_arch", _ckpt_case(lambda e: e.pt, arch="timm:test_resnett"),
+         ("Unknown architecture 'test_resnett'", "Close matches: test_resnet")),
+    Case("target_zero", _target_case("--target-flops", "0"), ("strictly between 0 and 1",)),
+    Case("target_negative", _target_case("--target-flops", "-0.3"),
+         ("strictly between 0 and 1",)),
+    Case("target_nan", _target_case("--target-flops", "nan"), ("strictly between 0 and 1",)),
+    Case("target_one", _target_case("--target-flops", "1"), ("strictly between 0 and 1",)),
+    Case("target_above_one", _target_case("--target-flops", "1.5"),
+         ("strictly between 0 and 1", "e.g. 0.3")),
+    Case("target_params_zero", _target_case("--target-params", "0"),
+         ("--target-params", "strictly between 0 and 1")),
+    Case("target_unreachable", _target_case("--target-flops", "0.01"),
+         ("cannot be reached", "Ask for")),
+    Case("data_missing_dir", _data_case(lambda e: f"fashionmnist:{e.tmp / 'nowhere'}"),
+         ("does not exist", "apt-get install dataset-fashion-mnist")),
+    Case("data_empty_dir", _data_case(
+        lambda e: f"fashionmnist:{(e.tmp / 'empty').mkdir() or e.tmp / 'empty'}"),
+        ("No fashionmnist files", "train-images-idx3-ubyte")),
+    Case("data_bad_idx_file", _data_case(lambda e: f"fashionmnist:{_fmnist_with(e, 'idx')}"),
+         ("not a valid IDX file", "re-download")),
+    Case("data_labels_out_of_range", _data_case(
+        lambda e: f"fashionmnist:{_fmnist_with(e, 'labels')}"),
+        ("labels span [42, 42]", "not fashionmnist")),
+    Case("data_unknown_kind", _data_case(lambda e: "imagenet:/data/imagenet"),
+         ("Cannot read --data", "imagefolder")),
+    Case("output_parent_is_a_file", lambda e: (
+        search(e.pt, env=Env(e.tmp, e.pt, e.st, e.file("notes.txt", b"mine") / "run")),
+        [e.pt, e.tmp / "in" / "notes.txt"]),
+        ("is a file, not a directory", "Choose another -o")),
+    Case("output_unwritable", lambda e: (
+        search(e.pt, env=Env(e.tmp, e.pt, e.st, Path("/proc/lrcompress-test/run"))), [e.pt]),
+        ("Cannot write to /proc", "Choose another -o")),
+    Case("output_is_a_file", lambda e: (
+        search(e.pt, env=Env(e.tmp, e.pt, e.st, e.file("run.txt", b"mine"))),
+        [e.pt, e.tmp / "in" / "run.txt"]),
+        ("exists and is not a directory", "Choose another -o")),
+    Case("output_not_empty", lambda e: (
+        (e.out.mkdir(), (e.out / "keep.txt").write_text("mine"), search(e.pt, env=e))[-1],
+        [e.pt]),
+        ("is not empty", "--overwrite")),
+    Case("no_decomposable_layer", lambda e: (
+        ["search", _efficientnet(e), *SEARCH, "--target-flops", "0.5", "--include", "*conv_dw",
+         "-o", e.out], [e.tmp / "in" / "test_efficientnet.pt"]),
+        ("No layer of timm:test_efficientnet can be factorized", "depthwise", "--include")),
+    Case("everything_excluded", lambda e: (search(e.pt, "--exclude", "*", env=e), [e.pt]),
+         ("No layer", "excluded by --exclude", "--include more layers")),
+    Case("layers_too_small", lambda e: (
+        ["search", _tiny_resnet18(e), "--arch", TINY_ARCH, *SEARCH, "--target-flops", "0.5",
+         "--decomp", "svd", "--include", "layer*", "-o", e.out], [e.tmp / "in" / "tiny.pt"]),
+        ("No layer", "too small", "no svd rank saves MACs and params", "another --decomp")),
+    pytest.param(
+        Case("device_cuda_without_gpu", _ckpt_case(lambda e: e.pt, "--device", "cuda"),
+             ("no CUDA GPU", "--device cpu")),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+]
+
+
+def _ids(c):
+    return c.id
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_bad_input_exit_2_message_nothing_written(case, resnet_ckpt, tmp_path):
+    env = Env(tmp_path, resnet_ckpt["pt"], resnet_ckpt["safetensors"], tmp_path / "run")
+    args, inputs = case.build(env)
+    out = Path(args[args.index("-o") + 1])
+    inputs = [*inputs, env.pt, env.st]
+    before = {p: _digest(p) for p in inputs}
+    out_before = _digest(out) if out.is_dir() else None
+    code, text = run(*args)
+    assert code == 2, text
+    assert text.count("Error: ") == 1 and "Traceback" not in text, text
+    for w in case.words:
+        assert w in text, f"{w!r} not in: {text}"
+    assert {p: _digest(p) for p in inputs} == before, "an input was modified"
+    if out_before is None:
+        assert not out.exists() or out.is_file(), f"{out} was created"
+    else:
+        assert _digest(out) == out_before, f"{out} was changed"
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+    assert not (tmp_path / "ran").exists(), "code in a pickle was executed"
+
+
+# --------------------------------------------------------------- pickle and header safety
+def test_code_running_pickle_never_runs(tmp_path, monkeypatch):
+    """The pickle is refused from its globals alone: torch.load is never even called, so the
+    code in it cannot run, and neither --arch nor the file name changes that."""
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or {})
+    marker = tmp_path / "ran"
+    p = tmp_path / "test_resnet.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _RunsCode(marker)}, p)
+    code, text = run("inspect", p, "--input-size", "1,32,32")
+    assert code == 2 and "exec" in text, text
+    assert calls == [] and not marker.exists()
+
+
+def test_failed_safe_load_is_never_retried_unsafely(resnet_ckpt, monkeypatch):
+    """torch's own error suggests weights_only=False; lrcompress must not follow it."""
+    calls = []
+
+    def failing_load(*a, **k):
+        calls.append(k.get("weights_only"))
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with "
+                                     "`weights_only` set to `False` will likely succeed")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    code, text = run("inspect", resnet_ckpt["pt"], "--input-size", "1,32,32")
+    assert code == 2 and "weights_only=True" in text and "Traceback" not in text, text
+    assert calls == [True]
+
+
+def test_old_torch_refuses_pt_files(resnet_ckpt, monkeypatch):
+    monkeypatch.setattr(checkpoint, "torch_version", lambda: (2, 9))
+    code, text = run("inspect", resnet_ckpt["pt"], "--input-size", "1,32,32")
+    assert code == 2, text
+    for w in ("CVE-2025-32434", "CVE-2026-24747", "torch>=2.10", ".safetensors"):
+        assert w in text, text
+    assert checkpoint.MIN_SAFE_TORCH >= (2, 10)
+    # safetensors holds no pickle: it stays readable with any torch
+    assert run("inspect", resnet_ckpt["safetensors"], "--input-size", "1,32,32")[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["entries", "values", "length", "shape"])
+def test_absurd_safetensors_refused_before_allocating(tmp_path, monkeypatch, kind):
+    """Absurd headers are refused from the header alone: safetensors never reads the file, and
+    a header with absurdly many values is refused before it is even parsed."""
+    import safetensors.torch
+
+    loads, parsed = [], []
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: loads.append(a) or {})
+    real_json = checkpoint.json.loads
+    monkeypatch.setattr(checkpoint.json, "loads", lambda s: parsed.append(1) or real_json(s))
+    if kind == "values":
+        monkeypatch.setattr(checkpoint, "MAX_ENTRIES", 8)
+        header = {"a": {"dtype": "U8", "shape": [1] * 200, "data_offsets": [0, 1]}}
+        data, words = _safetensors(header, bytes(1)), "more than 8 tensors would need"
+    elif kind == "entries":
+        monkeypatch.setattr(checkpoint, "MAX_ENTRIES", 8)
+        header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
+                  for i in range(9)}
+        data, words = _safetensors(header, bytes(9)), "lists 9 tensors"
+    elif kind == "length":
+        data, words = _safetensors({}, b"", length=2**63 - 1), "header claims"
+    else:
+        header = {"a": {"dtype": "F64", "shape": [2**31, 2**31, 2**31], "data_offsets": [0, 8]}}
+        data, words = _safetensors(header, bytes(8)), "offsets 0..8"
+    p = tmp_path / "test_resnet.safetensors"
+    p.write_bytes(data)
+    code, text = run("inspect", p, "--arch", "timm:test_resnet", "--input-size", "1,32,32")
+    assert code == 2 and words in text, text
+    assert loads == []
+    assert parsed == ([] if kind in ("values", "length") else [1])
+
+
+# ---------------------------------------------------------------------- --overwrite
+def test_overwrite_replaces_results_only(resnet_ckpt, tmp_path):
+    """A non-empty RUN is refused (case output_not_empty); with --overwrite the run goes ahead
+    and the user's own files in it are left alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5",
+                     "--rank-multiple", "1", "-o", out, "--overwrite")
+    assert code == 0, text
+    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_corpus_covers_every_item_of_the_issue():
+    """The checklist in the module docstring names only cases and tests that exist."""
+    names = {(c.values[0] if hasattr(c, "values") else c).id for c in CASES}
+    names |= {n for n in globals() if n.startswith("test_")}
+    listed = __doc__.split("Checklist", 1)[1]
+    tokens = set(re.findall(r"\b[a-z]+(?:_[a-z0-9]+)+\b", listed))
+    tokens -= {"weights_only", "num_classes", "state_dict"}  # words of the issue, not ids
+    assert len(tokens) > 40
+    assert tokens <= names, f"listed but not defined: {sorted(tokens - names)}"
+    assert {c for c in names if not c.startswith("test_")} <= tokens, "a case is not listed"
