@@ -302,6 +302,13 @@ def _floats(value, name):
               help="rene: joint iterations per search step.")
 @click.option("--search-warmup", default=20, show_default=True, type=click.IntRange(min=0),
               help="rene: weight-only iterations before each step.")
+@click.option("--search-loss", default="kd", show_default=True, type=click.Choice(["kd", "ce"]),
+              help="rene's α objective: kd = KL divergence to the original model's calibration "
+              "outputs; ce = cross-entropy on the labels (the paper).")
+@click.option("--search-prior", default="loss-model", show_default=True,
+              type=click.Choice(["loss-model", "zero"]),
+              help="rene's initial logits: loss-model = minus each candidate's predicted loss "
+              "increase (one calibration pass per layer); zero = the paper.")
 @click.option("--vbmf-weaken", type=click.FloatRange(0, 1),
               help="vbmf: r = r_full − w·(r_full − r_vbmf); 1 = pure VBMF (default).")
 @click.option("--max-loss-increase", type=click.FloatRange(min=0),
@@ -330,7 +337,8 @@ def _floats(value, name):
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, method, data_spec, out, include, exclude, rank_multiple, plan_path,
            seed, device, batch_size, workers, calib_fraction, calib_batches, test_subset,
-           search_iters, search_warmup, vbmf_weaken, max_loss_increase, mean, std, train_subset,
+           search_iters, search_warmup, search_loss, search_prior, vbmf_weaken,
+           max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
            auto_batch, **finetune_kw):
     """Compress MODEL to a FLOPs or params target: rank search, decomposition, evaluation.
@@ -382,7 +390,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         method_config={**({"vbmf": {"weaken": vbmf_weaken}} if vbmf_weaken is not None else {}),
                        **({"bisect": {"max_loss_increase": max_loss_increase}}
                           if max_loss_increase is not None else {})},
-        rene=ReneConfig(iters=search_iters, warmup=search_warmup),
+        rene=ReneConfig(iters=search_iters, warmup=search_warmup, alpha_loss=search_loss,
+                        prior=search_prior.replace("-", "_")),
         input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
         plan_path=plan_path, overwrite=overwrite, auto_batch=auto_batch,
     )

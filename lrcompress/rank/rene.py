@@ -30,6 +30,14 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   100 iterations on every layer size; the factors keep the paper's SGD-Nesterov.
 * **Choice.** Each step's r̄ is the candidate nearest the layer's expected cost, not the argmax
   (see :func:`expected_cost_choice`).
+* **Objective.** The α step minimises the KL divergence to the original model's outputs on the
+  calibration batch (``alpha_loss="kd"``) rather than the labels' cross-entropy: it measures the
+  damage the compression does, with less variance than the labels (``"ce"`` is the paper's).
+* **Prior.** Every step's logits start from the second-order loss model of ``_signals`` (minus
+  each candidate's predicted calibration-loss increase, over τ = 0.05 nats) rather than from 0,
+  so the search refines a data-driven allocation instead of a cost-only one. On resnet18 /
+  Fashion-MNIST at tucker2, 30 % MACs this took the plan from 83.0 % to 86.7 % top-1 before
+  fine-tuning (uniform: 77.0 %). ``prior="zero"`` is the paper's.
 * **Repair.** The searched plan is then made to meet the budget exactly by the greedy allocator
   (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
 """
@@ -67,10 +75,10 @@ class ReneConfig:
     alpha_optimizer: str = "adam"  # adam | normsgd (gradient / its global max-abs) [PROPOSAL]
     # α step objective: "ce" (the paper: calibration cross-entropy) or "kd" (KL divergence to
     # the original model's calibration logits: a lower-variance signal of the damage done).
-    alpha_loss: str = "ce"
+    alpha_loss: str = "kd"
     # Initial logits: "zero" (the paper) or "loss_model" (α_r = −ΔL̂(r)/τ from the
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
-    prior: str = "zero"
+    prior: str = "loss_model"
     prior_temp: float = 0.05
     # Softmax temperature at the end of each search step, annealed geometrically from 1 over
     # the α iterations (1 = off, the paper). A sharp p makes the mixed layer compute what one
