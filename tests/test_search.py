@@ -224,3 +224,19 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     assert calls_after["n"] == len(full_trace["steps"]) - 1
     assert choice == full_choice
     assert json.dumps(trace, sort_keys=True) == json.dumps(full_trace, sort_keys=True)
+
+
+def test_narrow_deep_stem_model_does_not_crash_the_search(tmp_path):
+    """oneDNN's CPU conv backward segfaulted in rene's α step on this model (8-channel layers at
+    224×224); the search must finish (in a subprocess, so a crash fails the test, not pytest)."""
+    import os
+    import subprocess
+    import sys
+
+    arch = "timm:resnet18(channels=(8,8,8,8),stem_type='deep',stem_width=8)"
+    cmd = [sys.executable, "-m", "lrcompress.cli", "search", arch, "--data", "synthetic:16",
+           "--target-flops", "0.5", "--batch-size", "8", "--search-iters", "10",
+           "--search-warmup", "2", "-o", str(tmp_path / "run")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -392,6 +392,12 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
     model = ctx.model
     gen = torch.Generator().manual_seed(ctx.seed)
     health = _Health(mixed, hist)
+    # oneDNN's CPU backward crashed the process (SIGSEGV, heap corruption) on a resnet18 with
+    # 8-channel layers at 224×224; no single conv reproduced it. Layers that narrow cost nothing
+    # on the reference kernels, which are 3.5× slower on resnet18-sized layers, so only
+    # narrow models take them.
+    use_onednn = min(min(mx.spec.in_ch, mx.spec.out_ch) for mx in layers) >= 16
+    hist["onednn_backward"] = use_onednn
     with swap_modules(model, mixed):
         model.eval()  # BN statistics stay those of the pretrained model
         mu, exp_cost = project_budget(layers, costs, fixed, budget)
@@ -421,7 +427,8 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             else:
                 ce = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[b], 1),
                               reduction="batchmean", log_target=True)
-            ce.backward()
+            with torch.backends.mkldnn.flags(enabled=use_onednn):
+                ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
             if not health.ok("α", ce, alphas, f"iteration {it}"):
