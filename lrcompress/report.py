@@ -119,7 +119,8 @@ def plot_macs(report: dict) -> bytes | None:
 
 
 def plot_trajectory(report: dict) -> bytes | None:
-    steps = [s for s in (report.get("search") or {}).get("steps", [])
+    raw = (report.get("search") or {}).get("steps")  # rene: a list of steps (isvt: a count)
+    steps = [s for s in (raw if isinstance(raw, list) else [])
              if isinstance(s, dict) and s.get("expected_cost_ratio")]
     if not steps:
         return None
@@ -283,7 +284,7 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
 def _search_blocks(report: dict) -> list[tuple]:
     s = report.get("search") or {}
     items = []
-    if s.get("steps"):
+    if isinstance(s.get("steps"), list) and s["steps"]:
         last = s["steps"][-1]
         items.append(f"{len(s['steps'])} search step(s); plan chosen after the last at "
                      f"{last.get('chosen_cost_ratio', float('nan')):.4f} of the original cost")

@@ -240,3 +240,13 @@ def test_narrow_deep_stem_model_does_not_crash_the_search(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["energy", "vbmf", "lsvt", "gsvt", "isvt", "bisect"])
+def test_every_baseline_writes_its_reports(resnet_ckpt, tmp_path, method):
+    """Each method's trace has its own shape (isvt's "steps" is a count, rene's a list): the
+    Markdown/HTML reports must render for all of them (isvt crashed the report once)."""
+    cfg = _cfg(method=method, target=Target("params", 0.5),
+               method_config={"isvt": {"steps": 3}})
+    search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", cfg)
+    assert {"report.md", "report.html"} <= {p.name for p in (tmp_path / "run").iterdir()}
