@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from lrcompress._io import write_json
+from lrcompress.deploy import _sha256 as file_sha256
 
 from ._profiles import DECOMPS, FMNIST, TP, ModelSpec, Profile
 
@@ -76,14 +77,6 @@ def plan_rows(models, targets, decomps, methods) -> list[Row]:
 
 
 # ------------------------------------------------------------------ provenance
-
-
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_hash(repo: Path = REPO) -> str:
@@ -232,9 +225,9 @@ class Runner:
         """What a stored result must match to be reused."""
         ck = self.ckpt(row.model)
         if str(ck) not in self._ckpt_sha:
-            self._ckpt_sha[str(ck)] = file_sha1(ck)
+            self._ckpt_sha[str(ck)] = file_sha256(ck)
         key = {"budget": self.profile.budget(), "data": self.data, "code": self.code,
-               "checkpoint_sha1": self._ckpt_sha[str(ck)]}
+               "checkpoint_sha256": self._ckpt_sha[str(ck)]}
         return json.loads(json.dumps(key))  # as stored: tuples become lists
 
     def result_path(self, row_id: str) -> Path:

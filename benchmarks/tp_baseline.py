@@ -9,8 +9,11 @@ Pruning (the ``torch-pruning`` package, a benchmark-only dependency: ``pip insta
 ``torch_pruning.pruner.BasePruner`` on the dependency graph of the model, with group-magnitude
 importance (``GroupMagnitudeImportance``, L2 by default: the group-norm criterion of DepGraph,
 Fang et al. 2023), the classifier kept whole, channel counts rounded to ``--round-to`` (8, like
-lrcompress's ``--rank-multiple``). ``--scope local`` prunes every layer group by the same ratio;
-``global`` ranks all groups together. The ratio is solved by bisection so that the pruned model's
+lrcompress's ``--rank-multiple``). ``--scope global`` (the default) ranks all channel groups of
+the model together, so layers lose different shares; ``local`` cuts every group by the same
+ratio. With rounding to 8, local pruning moves every layer in lock-step and lands well under the
+target (resnet18: 0.483 for 0.5, 0.274 for 0.3), which would handicap the baseline; global lands
+within about 1 % of it. The ratio is solved by bisection so that the pruned model's
 MACs, counted by torch's ``FlopCounterMode`` (``lrcompress.measure.independent_macs``), are at most
 the target and as close to it as the rounding allows.
 
@@ -81,7 +84,7 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def prune_once(model: nn.Module, input_size, ratio: float, *, importance: str = "l2",
-               scope: str = "local", round_to: int | None = 8) -> nn.Module:
+               scope: str = "global", round_to: int | None = 8) -> nn.Module:
     """A pruned copy of ``model``: every prunable channel group cut by ``ratio`` (local scope) or
     the least important groups of the whole model (global scope)."""
     tp = _import_tp()
@@ -96,7 +99,7 @@ def prune_once(model: nn.Module, input_size, ratio: float, *, importance: str = 
 
 
 def prune_to_macs(model: nn.Module, input_size, target: float, *, importance: str = "l2",
-                  scope: str = "local", round_to: int | None = 8, max_ratio: float = 0.9,
+                  scope: str = "global", round_to: int | None = 8, max_ratio: float = 0.9,
                   iters: int = 16) -> tuple[nn.Module, dict]:
     """Bisection on the pruning ratio: the least-pruned model whose FlopCounterMode MACs are
     at most ``target`` × the original's. Returns (pruned model, record of the search)."""
@@ -199,7 +202,7 @@ def load_pruned(path) -> nn.Module:
 
 def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
         input_size=None, mean=None, std=None, finetune=None, data: DataConfig | None = None,
-        device: str = "auto", seed: int = 0, importance: str = "l2", scope: str = "local",
+        device: str = "auto", seed: int = 0, importance: str = "l2", scope: str = "global",
         round_to: int | None = 8, overwrite: bool = False, command=None) -> dict:
     """Prune, evaluate, fine-tune, evaluate, save and export; returns the report."""
     data = data or DataConfig()
@@ -296,7 +299,7 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
 @click.option("-o", "--output", "out", required=True, help="Run directory to write.")
 @click.option("--importance", default="l2", show_default=True, type=click.Choice(["l2", "l1"]),
               help="Group-magnitude importance norm (l2: group norm).")
-@click.option("--scope", default="local", show_default=True,
+@click.option("--scope", default="global", show_default=True,
               type=click.Choice(["local", "global"]),
               help="local: one ratio for every layer group; global: rank all groups together.")
 @click.option("--round-to", default=8, show_default=True, type=click.IntRange(min=1),
