@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -159,6 +160,10 @@ def tail(path: Path, n: int = 12) -> str:
         return "(no log)"
 
 
+class BenchError(Exception):
+    """Bad usage or a missing prerequisite: compare.py prints the message and exits 2."""
+
+
 class CommandFailed(Exception):
     def __init__(self, stage: str, record: dict, log: Path):
         self.record, self.log = record, log
@@ -262,7 +267,7 @@ class Runner:
             cmd += ["--threads", str(self.profile.threads)]
         if not ck.exists():
             if not self.train_missing:
-                raise SystemExit(f"The reference checkpoint {ck} is missing. Train it with:\n  "
+                raise BenchError(f"The reference checkpoint {ck} is missing. Train it with:\n  "
                                  f"{self.shown(cmd)}\nor run without --no-train.")
             self.say(f"training the {model.name} reference ({self.profile.reference_recipe} "
                      f"recipe): {self.shown(cmd)}")
@@ -455,7 +460,8 @@ class Runner:
         return {
             "run_dir": self.rel(run_dir),
             "test_samples": acc["original"]["n"],
-            "top1": {"original": acc["original"]["top1"], "before_ft": acc["decomposed"]["top1"],
+            "top1": {"original": acc["original"]["top1"],
+                     "before_ft": acc["pruned" if row.is_tp else "decomposed"]["top1"],
                      "after_ft": (acc.get("finetuned") or {}).get("top1")},
             "macs": {"original": base_macs, "compressed": macs, "ratio": macs / base_macs,
                      "reported_ratio": rep["totals"]["macs_ratio"],
@@ -471,7 +477,7 @@ class Runner:
 def _failure_status(e: CommandFailed) -> str:
     # exit 2 from a search whose target cannot be reached is a result, not a crash
     text = tail(e.log, 40)
-    if e.record["returncode"] == 2 and ("cannot reach" in text or "smallest reachable" in text):
+    if e.record["returncode"] == 2 and re.search(r"cannot (be )?reach", text):
         return "infeasible"
     return "failed"
 

@@ -8,6 +8,7 @@ profile, and so which budget, produced it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 FMNIST = "fashionmnist:/usr/share/datasets/fashion-mnist"
 TP = "torch-pruning"
@@ -49,6 +50,7 @@ class Profile:
     search_iters: int | None = None  # rene --search-iters (None: lrcompress's default)
     search_warmup: int | None = None  # rene --search-warmup
     seed: int = 0
+    precision: str = "auto"  # fine-tuning --precision (auto: bf16 on CUDA, fp32 on CPU)
     tp_scope: str = "global"  # Torch-Pruning ranking scope (tp_baseline.py --scope)
     tp_round_to: int = 8  # channels rounded like lrcompress's --rank-multiple 8
     lat_threads: tuple[int, ...] = (1, 2)  # ONNX Runtime CPU intra-op threads (0: all)
@@ -67,9 +69,10 @@ class Profile:
         return d
 
     def finetune_args(self) -> list[str]:
+        prec = [] if self.precision == "auto" else ["--precision", self.precision]
         if self.max_steps is not None:
-            return ["--max-steps", str(self.max_steps)]
-        return ["--finetune-epochs", str(self.finetune_epochs)]
+            return ["--max-steps", str(self.max_steps), *prec]
+        return ["--finetune-epochs", str(self.finetune_epochs), *prec]
 
     def eval_args(self) -> list[str]:
         return [] if self.test_subset is None else ["--test-subset", str(self.test_subset)]
@@ -86,16 +89,28 @@ class Profile:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 instructions (AVX512-BF16 or AMX): bf16 autocast is then faster than fp32 on CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 PROFILES = {
     "quick": Profile(
-        name="quick", device="cpu", threads=1, reference_recipe="cpu", max_steps=200,
+        name="quick", device="cpu", threads=1, reference_recipe="cpu", max_steps=100,
         finetune_epochs=0, test_subset=2000, search_iters=30, search_warmup=10,
+        # 1.5x faster fine-tuning where the CPU has bf16 instructions (measured on the 2-core
+        # AMD EPYC boxes); every row of a run uses the same precision.
+        precision="bf16" if cpu_has_bf16() else "fp32",
         notes=("CPU profile for the shared 2-core machines: every run on one thread.",),
     ),
     "full": Profile(
         name="full", device="cuda", threads=0, reference_recipe="gpu", max_steps=None,
-        finetune_epochs=3, test_subset=None, lat_threads=(1, 0), lat_repeats=50,
+        finetune_epochs=2, test_subset=None, lat_threads=(1, 0), lat_repeats=50,
         lat_warmup=10, lat_torch=True,
-        notes=("GPU profile: fine-tuning 3 epochs, the whole test set, rene at its defaults.",),
+        notes=("GPU profile: fine-tuning 2 epochs, the whole test set, rene at its defaults.",),
     ),
 }

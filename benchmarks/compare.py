@@ -32,7 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import REPO, CommandFailed, Paths, Runner, now, plan_rows  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    REPO,
+    BenchError,
+    CommandFailed,
+    Paths,
+    Runner,
+    now,
+    plan_rows,
+)
 from benchmarks._profiles import (  # noqa: E402
     DECOMPS,
     FMNIST,
@@ -51,7 +59,7 @@ def _list(text: str, allowed, what: str, conv=str) -> tuple:
     vals = tuple(conv(v.strip()) for v in text.split(",") if v.strip())
     bad = [v for v in vals if v not in allowed]
     if bad or not vals:
-        raise SystemExit(f"--{what} {text!r}: choose from {', '.join(map(str, allowed))} "
+        raise BenchError(f"--{what} {text!r}: choose from {', '.join(map(str, allowed))} "
                          "(comma-separated).")
     return vals
 
@@ -60,9 +68,9 @@ def _targets(text: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"--targets {text!r}: comma-separated ratios, e.g. 0.5,0.3.") from None
+        raise BenchError(f"--targets {text!r}: comma-separated ratios, e.g. 0.5,0.3.") from None
     if not all(0 < v < 1 for v in vals):
-        raise SystemExit(f"--targets {text!r}: every ratio must be strictly between 0 and 1.")
+        raise BenchError(f"--targets {text!r}: every ratio must be strictly between 0 and 1.")
     return vals
 
 
@@ -136,12 +144,14 @@ def decompose_bench(runner: Runner, out_dir: Path) -> None:
 
 
 def dry_run(runner: Runner, rows) -> None:
-    """Which rows are done, and the time left estimated from finished rows of the same kind."""
+    """Which rows are done, and the time left estimated from finished rows of the same kind
+    (same model, method and decomposition, else same model and method)."""
     done = [json.loads(p.read_text()) for p in runner.paths.results.glob("*.json")]
     walls: dict = {}
     for r in done:
         if r.get("status") == "ok" and r.get("row_wall_s"):
-            walls.setdefault((r["model"], r["method"]), []).append(r["row_wall_s"])
+            for k in ((r["model"], r["method"], r["decomp"]), (r["model"], r["method"])):
+                walls.setdefault(k, []).append(r["row_wall_s"])
     left, unknown = 0.0, []
     for row in rows:
         old, why = runner.stored(row)
@@ -151,7 +161,8 @@ def dry_run(runner: Runner, rows) -> None:
         elif same:
             state = f"equivalent to {same} (not run)"
         else:
-            w = walls.get((row.model.name, row.method))
+            w = walls.get((row.model.name, row.method, row.decomp)) or walls.get(
+                (row.model.name, row.method))
             if w:
                 left += statistics.median(w)
                 state = f"to run ({why}), ~{statistics.median(w):.0f} s"
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("--full is the GPU profile and no CUDA device is available here. "
+            raise BenchError("--full is the GPU profile and no CUDA device is available here. "
                              "Use --quick on a CPU machine.")
     methods = _list(",".join(TP if m.strip() == "tp" else m for m in args.methods.split(",")),
                     METHODS, "methods")
@@ -187,7 +198,7 @@ def main(argv=None) -> int:
         try:
             import torch_pruning  # noqa: F401
         except ImportError:
-            raise SystemExit("The Torch-Pruning rows need the torch-pruning package (a "
+            raise BenchError("The Torch-Pruning rows need the torch-pruning package (a "
                              "benchmark-only extra): pip install -e '.[bench]', or leave "
                              f"{TP} out of --methods.") from None
     models = [MODELS[m] for m in _list(args.models, list(MODELS), "models")]
@@ -226,5 +237,13 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -220,13 +220,13 @@ def closing_note(rows: dict) -> list[str]:
             line += (f"; Torch-Pruning {tp['top1']['after_ft']:.2f} % → lrcompress "
                      f"{'wins' if d > 0 else 'loses'} by {abs(d):.2f} pt at best ({beat} of "
                      f"{len(lr)} lrcompress rows beat it)")
-            sp = {k: _ort(k, 1, max(x["batch"] for x in k["latency"]["runs"]))
-                  for k in (best, tp)}
-            if all(sp.values()):
-                line += (f". Measured speed-up (ORT, 1 thread, batch "
-                         f"{sp[best]['batch']}): lrcompress {sp[best]['speedup']:.2f}× "
-                         f"({sp[best]['achieved_over_ideal']:.0%} of ideal) vs Torch-Pruning "
-                         f"{sp[tp]['speedup']:.2f}× ({sp[tp]['achieved_over_ideal']:.0%})")
+            sb, st = (_ort(k, 1, max(x["batch"] for x in k["latency"]["runs"]))
+                      for k in (best, tp))
+            if sb and st:
+                line += (f". Measured speed-up (ORT, 1 thread, batch {sb['batch']}): "
+                         f"lrcompress {sb['speedup']:.2f}× ({sb['achieved_over_ideal']:.0%} of "
+                         f"ideal) vs Torch-Pruning {st['speedup']:.2f}× "
+                         f"({st['achieved_over_ideal']:.0%})")
         before = {m: statistics.mean(r["top1"]["after_ft"] for r in lr if r["method"] == m)
                   for m in ("rene", "uniform", "vbmf") if any(r["method"] == m for r in lr)}
         if len(before) > 1:
@@ -291,7 +291,8 @@ def budget_lines(rows: dict) -> list[str]:
     rene = (f"{b['search_iters']} iterations + {b['search_warmup']} warm-up per search step"
             if b["search_iters"] else "lrcompress's defaults")
     return [
-        f"- Fine-tuning (every row the same): {ft}, batch {b['batch_size']}, lrcompress's "
+        f"- Fine-tuning (every row the same): {ft}, batch {b['batch_size']}, precision "
+        f"{b.get('precision', 'auto')}, lrcompress's "
         "defaults (SGD-Nesterov lr 0.01 cosine, logit KD κ=1 at T=4, grad clip 5); lrcompress "
         "rows also RENE's layer matching (λ=0.5), which Torch-Pruning cannot use (its layers "
         "change shape).",

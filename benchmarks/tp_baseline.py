@@ -25,7 +25,8 @@ loss is CE + logit KD. The data split, test subset and seed are lrcompress's own
 
 RUN/ gets ``model.safetensors`` (pruned weights; the pruned channel counts in its header, reloaded
 by :func:`load_pruned` without pickle), ``model.onnx`` (dynamic batch, checked against PyTorch in
-ONNX Runtime) and ``report.json`` (the same keys as an lrcompress report where they mean the same).
+ONNX Runtime) and ``report.json`` (the same keys as an lrcompress report where they mean the same;
+``accuracy.pruned`` is the model after pruning, before fine-tuning).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
     acc_pruned = evaluate(student.to(dev), loaders.test, dev)
     times["eval_pruned"] = time.perf_counter() - t
 
-    accuracy = {"original": acc_orig.to_dict(), "decomposed": acc_pruned.to_dict()}
+    accuracy = {"original": acc_orig.to_dict(), "pruned": acc_pruned.to_dict()}
     ft_report = None
     if finetune is not None and finetune.enabled:
         t = time.perf_counter()
@@ -354,10 +355,10 @@ def main(ctx, model, arch, num_classes, in_chans, trust_pickle, input_size, targ
         click.echo(json.dumps(report, indent=1))
     else:
         acc = report["accuracy"]
-        after = acc.get("finetuned", acc["decomposed"])["top1"]
+        after = acc.get("finetuned", acc["pruned"])["top1"]
         click.echo(f"MACs ratio {report['totals']['macs_ratio']:.4f} (pruning ratio "
                    f"{report['pruning']['pruning_ratio']:.4f}); top-1 original "
-                   f"{acc['original']['top1']:.2f}, pruned {acc['decomposed']['top1']:.2f}, "
+                   f"{acc['original']['top1']:.2f}, pruned {acc['pruned']['top1']:.2f}, "
                    f"final {after:.2f}; wrote {out}")
 
 

@@ -1,11 +1,13 @@
-"""The benchmark harness end to end on a tiny model and synthetic data (a few seconds).
+"""The benchmark harness end to end on a tiny model and synthetic data.
 
-It runs the real command lines in-process (the executor the harness uses in a child process),
-then checks what every row records and that RESULTS.md and the plot are written from it.
+It runs the real command lines in-process (the executor the harness otherwise runs in a child
+process), then checks what every row records and that RESULTS.md and the plot are written from
+it. One runner serves the module, so the original model is exported to ONNX once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 
@@ -19,20 +21,31 @@ from tests.conftest import tiny_resnet
 
 TINY = ModelSpec("tiny", "timm:test_resnet", "test_resnet.pt", input_size=(1, 32, 32))
 PROFILE = replace(PROFILES["quick"], name="test", max_steps=2, test_subset=32, batch_size=16,
-                  lat_threads=(1,), lat_batches=(1, 4), lat_repeats=2, lat_warmup=0,
-                  decompose_bench=False, threads=0)
-TOL = 0.02  # MACs ratio within 2 points below the target (channel/rank rounding on a tiny net)
+                  precision="fp32", lat_threads=(1,), lat_batches=(1, 4), lat_repeats=2,
+                  lat_warmup=0, decompose_bench=False, threads=0)
+TOL = 0.02  # MACs ratio at most 2 points under the target (rank/channel rounding, tiny net)
+HAVE_TP = importlib.util.find_spec("torch_pruning") is not None
 
 
-def _runner(tmp_path, **kw) -> Runner:
-    ckpts = tmp_path / "ckpt"
+def _runner(root, profile=PROFILE) -> Runner:
+    ckpts = root / "ckpt"
     ckpts.mkdir(exist_ok=True)
     if not (ckpts / TINY.checkpoint).exists():
         torch.save(tiny_resnet().state_dict(), ckpts / TINY.checkpoint)
-    paths = Paths(ckpts, tmp_path / "work", tmp_path / "results" / PROFILE.name)
+    paths = Paths(ckpts, root / "work", root / "results" / profile.name)
     paths.results.mkdir(parents=True, exist_ok=True)
-    return Runner(PROFILE, paths, "synthetic:64", executor=inprocess_executor,
-                  say=lambda s: None, **kw)
+    return Runner(profile, paths, "synthetic:64", executor=inprocess_executor,
+                  say=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One lrcompress row and (with torch-pruning installed) one Torch-Pruning row."""
+    root = tmp_path_factory.mktemp("bench")
+    runner = _runner(root)
+    rows = plan_rows([TINY], (0.5,), ("tt",), ("uniform", TP) if HAVE_TP else ("uniform",))
+    results = {r["method"]: r for r in runner.run(rows)}
+    return {"root": root, "runner": runner, "rows": rows, "results": results}
 
 
 def _check_row(res: dict, target: float) -> None:
@@ -54,45 +67,50 @@ def _check_row(res: dict, target: float) -> None:
     assert res["seconds"]["finetune"] > 0
 
 
-def test_lrcompress_row_and_report(tmp_path):
-    runner = _runner(tmp_path)
-    rows = plan_rows([TINY], (0.5,), ("tt",), ("uniform",))
-    (res,) = runner.run(rows)
+def test_lrcompress_row(bench):
+    res = bench["results"]["uniform"]
     _check_row(res, 0.5)
     search, export = res["commands"]
     assert search["command"].startswith("lrcompress search ")
     assert "--method uniform" in search["command"] and "--max-steps 2" in search["command"]
     assert export["command"].startswith("lrcompress export ")
     assert res["seconds"]["rank_selection"] >= 0 and res["seconds"]["export"] > 0
-    stored = json.loads((runner.paths.results / f"{rows[0].id}.json").read_text())
+    stored = json.loads((bench["runner"].paths.results / f"{res['id']}.json").read_text())
     assert stored["top1"] == res["top1"]
 
-    # a second run keeps the result; a changed budget makes it stale
-    assert runner.stored(rows[0]) == (stored, "done")
-    changed = _runner(tmp_path)
-    changed.profile = replace(PROFILE, max_steps=3)
-    assert changed.stored(rows[0])[1] == "stale (budget changed)"
 
-    md = render(tmp_path / "results", tmp_path / "RESULTS.md")
-    text = md.read_text()
-    assert "### tiny" in text and "lrcompress uniform" in text and "lrcompress search" in text
-    assert (tmp_path / "results_top1_vs_macs_test.png").stat().st_size > 1000
-
-
-def test_torch_pruning_row(tmp_path):
-    pytest.importorskip("torch_pruning")
-    runner = _runner(tmp_path)
-    (res,) = runner.run([Row(TINY, TP, None, 0.5)])
+@pytest.mark.skipif(not HAVE_TP, reason="torch-pruning not installed (pip install -e '.[bench]')")
+def test_torch_pruning_row(bench):
+    res = bench["results"][TP]
     _check_row(res, 0.5)
     assert "benchmarks/tp_baseline.py" in res["commands"][0]["command"]
     assert res["pruning"]["macs_ratio"] == pytest.approx(res["macs"]["ratio"])
     assert res["pruning"]["ignored_layers"] == ["fc"]
 
 
-def test_equivalent_decompositions_are_found(tmp_path):
+def test_rows_are_kept_until_budget_or_code_change(bench):
+    runner, row = bench["runner"], bench["rows"][-1]
+    stored = json.loads(runner.result_path(row.id).read_text())
+    assert runner.stored(row) == (stored, "done")
+    changed = _runner(bench["root"], replace(PROFILE, max_steps=3))
+    assert changed.stored(row)[1] == "stale (budget changed)"
+    changed.code = "0" * 16
+    assert changed.stored(row)[1] == "stale (budget, code changed)"
+
+
+def test_results_markdown_and_plot(bench):
+    root = bench["root"]
+    text = render(root / "results", root / "RESULTS.md").read_text()
+    assert "### tiny" in text and "lrcompress uniform" in text
+    assert "`lrcompress search " in text  # every row's command
+    assert "Where lrcompress wins and where it loses" in text
+    assert (root / "results_top1_vs_macs_test.png").stat().st_size > 1000
+
+
+def test_equivalent_decompositions_are_found(bench):
     import timm
 
-    runner = _runner(tmp_path)
+    runner = bench["runner"]
     # test_resnet's 3x3 convs are factorized differently by tt, tucker2 and cp
     assert runner.equivalences(TINY, ("tt", "tucker2", "cp")) == {}
     # mobilenetv2's factorizable layers are all 1x1 convs: SVD whatever --decomp says
