@@ -94,8 +94,9 @@ def git_commit(repo: Path = REPO) -> str:
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "lrcompress",
-                                "benchmarks"], capture_output=True, text=True,
+        # the code only: the harness's own outputs (results, RESULTS.md) do not count
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "lrcompress", "benchmarks/*.py"], capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"

@@ -347,9 +347,17 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
             for c in r.get("commands", []):
                 lines.append(f"  - `{c['command']}`")
         for ref in refs.values():
-            cmd = ref.get("train_command") or (ref.get("record") or {}).get("command")
-            if cmd:
-                lines.append(f"- reference `{ref['model']}`: `{cmd}`")
+            meta = ref.get("meta") or {}
+            if ref.get("trained_by_harness"):
+                lines.append(f"- reference `{ref['model']}` (trained here, {ref['date']}): "
+                             f"`{ref['record']['command']}`")
+            elif meta.get("command"):
+                lines.append(f"- reference `{ref['model']}` (trained before this run; its "
+                             f"{ref['checkpoint'].rsplit('/', 1)[-1].replace('.pt', '.json')} "
+                             f"says): `{meta['command']}`")
+            else:
+                lines.append(f"- reference `{ref['model']}`: provided; to retrain it: "
+                             f"`{ref['train_command']}`")
         lines += ["", "</details>", ""]
     out_md.write_text("\n".join(lines).rstrip() + "\n")
     return out_md
