@@ -14,7 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ._profiles import DECOMPS, METHODS, TP
+from ._profiles import DECOMPS, METHODS, MODELS, TARGETS, TP
 
 HERE = Path(__file__).resolve().parent
 PROFILE_TITLES = {"quick": "Quick profile (CPU)", "full": "Full profile (GPU)"}
@@ -307,6 +307,17 @@ def budget_lines(rows: dict) -> list[str]:
     ]
 
 
+def missing_rows(rows: dict) -> tuple[list[str], int]:
+    """(rows of the protocol's whole grid — every model, target, decomposition and method —
+    that this profile has no result for, the size of the grid)."""
+    want = []
+    for m in MODELS:
+        for t in TARGETS:
+            want.append(f"{m}__{TP}__{t:g}")
+            want += [f"{m}__{meth}__{d}__{t:g}" for d in DECOMPS for meth in METHODS if meth != TP]
+    return [w for w in want if w not in rows], len(want)
+
+
 def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Path:
     data = load_results(results_root)
     plot_dir = plot_dir or out_md.parent
@@ -332,8 +343,13 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
                   + f"; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}. "
                   f"Dates {dates[0]} … {dates[-1]}; lrcompress commit(s) {', '.join(commits)}; "
                   f"{len(rows)} rows, {walls / 60:.1f} min of row wall time.", "",
-                  "Budget:", *budget_lines(rows), "",
-                  f"![top-1 vs MACs]({_relto(png, out_md.parent)})", ""]
+                  "Budget:", *budget_lines(rows), ""]
+        missing, grid = missing_rows(rows)
+        if missing:
+            lines += [f"**Partial run**: {len(missing)} of the {grid} rows of "
+                      "the protocol's grid have no result yet (complete them with `python "
+                      f"benchmarks/compare.py --{prof}`; done rows are kept).", ""]
+        lines += [f"![top-1 vs MACs]({_relto(png, out_md.parent)})", ""]
         for model in sorted({r["model"] for r in rows.values()}):
             if any(r["model"] == model and r.get("status") == "ok" for r in rows.values()):
                 lines += model_section(prof, rows, refs.get(model), model)
