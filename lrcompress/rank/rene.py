@@ -44,6 +44,7 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -427,7 +428,8 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             else:
                 ce = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[b], 1),
                               reduction="batchmean", log_target=True)
-            with torch.backends.mkldnn.flags(enabled=use_onednn):
+            with contextlib.nullcontext() if use_onednn else torch.backends.mkldnn.flags(
+                    enabled=False):
                 ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
