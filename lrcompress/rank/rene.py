@@ -48,6 +48,7 @@ import contextlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -428,8 +429,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             else:
                 ce = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[b], 1),
                               reduction="batchmean", log_target=True)
-            with contextlib.nullcontext() if use_onednn else torch.backends.mkldnn.flags(
-                    enabled=False):
+            with contextlib.nullcontext() if use_onednn else _without_onednn():
                 ce.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
@@ -454,6 +454,16 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             hist["recon"].append(round(rec_loss.item(), 6))
             ctx.tick()
     return hist
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    """torch's reference CPU kernels instead of oneDNN (setting the flag warns about TF32 on
+    Intel GPUs, which is irrelevant here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 class _Health:
