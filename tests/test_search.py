@@ -250,3 +250,20 @@ def test_every_baseline_writes_its_reports(resnet_ckpt, tmp_path, method):
                method_config={"isvt": {"steps": 3}})
     search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", cfg)
     assert {"report.md", "report.html"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_sensitivity_cache_is_keyed_by_the_calibration_data(resnet_ckpt):
+    """A shared --cache-dir must not hand one calibration split's loss measurements to another
+    (seeds 1 and 2 once got seed 0's sensitivities): other batches, other entries."""
+    from lrcompress.rank._signals import Cache, sensitivities
+
+    ctx = _rene_ctx(resnet_ckpt, poison=set())
+    cache = Cache(None)
+    ref = [0] * len(ctx.problem.layers)
+    a = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:1], ctx.device, cache)
+    n = len(cache.data)
+    again = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:1], ctx.device, cache)
+    assert again == a and len(cache.data) == n  # same batches: served from the cache
+    b = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[1:2], ctx.device, cache)
+    assert len(cache.data) == 2 * n  # other batches (same count): measured anew
+    assert b != a

@@ -35,6 +35,16 @@ def weight_key(weight: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def batches_key(batches) -> str:
+    """A digest of the calibration batches (inputs and labels), for cache keys."""
+    h = hashlib.sha1()
+    for x, y in batches:
+        for t in (x, y):
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Cache:
     """A JSON cache file in RUN/cache (or an in-memory dict when no directory is given)."""
 
@@ -126,10 +136,11 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     model.eval()
     base = None
     out = []
+    data = batches_key(batches)  # the loss depends on the batches: another split, another key
     for lo, j in zip(problem.layers, ref):
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
-        key = f"sens/{lo.spec.name}/{o.method}/{o.rank}/{weight_key(mod.weight)}/{len(batches)}"
+        key = f"sens/{lo.spec.name}/{o.method}/{o.rank}/{weight_key(mod.weight)}/{data}"
         val = cache.get(key)
         if val is None:
             if base is None:
