@@ -8,7 +8,8 @@ profile, and so which budget, produced it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+
+from lrcompress.resources import cpu_has_bf16
 
 FMNIST = "fashionmnist:/usr/share/datasets/fashion-mnist"
 TP = "torch-pruning"
@@ -87,15 +88,6 @@ class Profile:
 
     def with_overrides(self, **kw) -> Profile:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 instructions (AVX512-BF16 or AMX): bf16 autocast is then faster than fp32 on CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 PROFILES = {

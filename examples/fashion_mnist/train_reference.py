@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.errors import UserError
 from lrcompress.models import build, parse_arch
+from lrcompress.resources import cpu_has_bf16
 
 # Short names for architectures that need constructor arguments at 28x28.
 ALIASES = {"vit_tiny_patch4_28": "timm:vit_tiny_patch16_224(img_size=28,patch_size=4)"}
@@ -81,14 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--safetensors", action="store_true", help="also write OUT.safetensors")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     return p.parse_args(argv)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_amp(mode: str, device: torch.device) -> bool:
