@@ -168,6 +168,14 @@ class _Taps:
             h.remove()
 
 
+def kd_loss(logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0
+            ) -> torch.Tensor:
+    """T² · KL(teacher_T ‖ student_T), averaged over the batch (Hinton et al.'s logit KD)."""
+    tt = temperature
+    return F.kl_div(F.log_softmax(logits / tt, 1), F.log_softmax(t_logits / tt, 1),
+                    reduction="batchmean", log_target=True) * tt * tt
+
+
 def diss_loss(student, plan, teacher_w, s_taps, t_taps, reduction) -> torch.Tensor:
     red = F.mse_loss if reduction == "mean" else (lambda a, b: (a - b).pow(2).sum())
     total = 0.0
@@ -335,10 +343,7 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
             loss = loss + cfg.lam * diss
             kd = torch.zeros((), device=device)
             if cfg.kd:
-                tt = cfg.kd_temperature
-                kd = F.kl_div(F.log_softmax(logits / tt, 1),
-                              F.log_softmax(t_logits / tt, 1),
-                              reduction="batchmean", log_target=True) * tt * tt
+                kd = kd_loss(logits, t_logits, cfg.kd_temperature)
                 loss = loss + cfg.kd * kd
             if fd:
                 loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)

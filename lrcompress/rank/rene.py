@@ -57,6 +57,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..factorizations import get_factorization
+from ..finetune import kd_loss
 from ..numerics import NonFiniteGuard, all_finite, first_nonfinite
 from ..surgery import swap_modules
 from ._problem import DENSE, LayerOptions, RankProblem
@@ -427,8 +428,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             if teacher is None:
                 ce = F.cross_entropy(out, y.to(ctx.device))
             else:
-                ce = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[b], 1),
-                              reduction="batchmean", log_target=True)
+                ce = kd_loss(out, teacher[b])
             with contextlib.nullcontext() if use_onednn else _without_onednn():
                 ce.backward()
             if cfg.grad_clip:
