@@ -495,14 +495,11 @@ class _Health:
 def select(ctx) -> tuple:
     from ._problem import allocate
     from ._signals import error_curves, loss_model_scores, sensitivities
+    from .sensitivity import truncation_scores
 
     cfg = ctx.config.get("rene") or ReneConfig()
     errs = error_curves(ctx.model, ctx.problem, ctx.cache)
-    prior = None
-    if cfg.prior == "loss_model":
-        ref = [0] * len(ctx.problem.layers)  # the smallest useful rank, as `sensitivity` does
-        s0 = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache)
-        prior = loss_model_scores(errs, s0, ref)
+    prior = truncation_scores(ctx, errs)[0] if cfg.prior == "loss_model" else None
     choice, trace = search(ctx, cfg, prior)
     before = ctx.problem.cost_of(choice)
     sens = sensitivities(ctx.model, ctx.problem, choice, ctx.batches[:4], ctx.device, ctx.cache)

@@ -21,6 +21,16 @@ from ._signals import error_curves, loss_model_scores, sensitivities
 KEYS = {"calib_batches"}
 
 
+def truncation_scores(ctx, errs, n_batches: int = 4, progress=None):
+    """(scores, sensitivities): each layer's calibration-loss response when it alone is cut to
+    its smallest useful rank, turned by the loss model into minus the predicted loss increase of
+    every option (``scores[i][j]``). `rene` starts its logits from these scores."""
+    ref = [0] * len(ctx.problem.layers)
+    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:n_batches], ctx.device,
+                         ctx.cache, progress=progress)
+    return loss_model_scores(errs, sens, ref), sens
+
+
 def select(ctx) -> tuple:
     cfg = dict(ctx.config.get("sensitivity") or {})
     unknown = set(cfg) - KEYS
@@ -30,11 +40,9 @@ def select(ctx) -> tuple:
     n = int(cfg.get("calib_batches", 4))
     problem = ctx.problem
     problem.check_feasible()
-    ref = [0] * len(problem.layers)
     errs = error_curves(ctx.model, problem, ctx.cache)
-    sens = sensitivities(ctx.model, problem, ref, ctx.batches[:n], ctx.device, ctx.cache,
-                         progress=lambda _n: ctx.tick())
-    choice = allocate(problem, loss_model_scores(errs, sens, ref))
+    scores, sens = truncation_scores(ctx, errs, n, progress=lambda _n: ctx.tick())
+    choice = allocate(problem, scores)
     trace = {"sensitivity": {lo.spec.name: s for lo, s in zip(problem.layers, sens)},
              "calib_batches": min(n, len(ctx.batches))}
     return problem.to_plan(choice, "sensitivity"), trace
