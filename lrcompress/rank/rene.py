@@ -83,12 +83,6 @@ class ReneConfig:
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
     prior: str = "loss_model"
     prior_temp: float = 0.05
-    # Softmax temperature at the end of each search step, annealed geometrically from 1 over
-    # the α iterations (1 = off, the paper). A sharp p makes the mixed layer compute what one
-    # candidate computes, so the searched mixture and the discrete plan chosen from it agree
-    # (the weight mixture of spread-out p is a better, higher-rank weight than any one
-    # candidate of the same expected cost, which the α step otherwise exploits) [PROPOSAL].
-    anneal: float = 1.0
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -96,8 +90,6 @@ class ReneConfig:
                              "refine>=2")
         if self.alpha_loss not in ("ce", "kd") or self.prior not in ("zero", "loss_model"):
             raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
-        if not 0 < self.anneal <= 1:
-            raise ValueError(f"bad ReneConfig {self}: anneal in (0, 1]")
         if self.prior_temp <= 0:
             raise ValueError(f"bad ReneConfig {self}: prior_temp must be > 0")
 
@@ -133,7 +125,6 @@ class MixedLayer(nn.Module):
             nn.ParameterList([nn.Parameter(f.detach().clone()) for f in fs]) for fs in factors)
         self.alpha = nn.Parameter(torch.zeros(len(cands), device=base.weight.device))
         self.register_buffer("shift", torch.zeros(len(cands), device=base.weight.device))
-        self.temp = 1.0  # softmax temperature (annealed by the search)
         self.facts = [get_factorization(m) for _, m, _ in cands]
         dev, dt = base.weight.device, base.weight.dtype
         nobias = replace(spec, bias=False)
@@ -158,9 +149,8 @@ class MixedLayer(nn.Module):
         self.n_probes = probes
 
     def probs(self) -> torch.Tensor:
-        """p = softmax((α − μ·c)/τ): the budget shift μ·c is set by the projection each
-        iteration, the temperature τ by the annealing schedule."""
-        return torch.softmax((self.alpha - self.shift) / self.temp, dim=0)
+        """p = softmax(α − μ·c): the budget shift μ·c is set by the projection each iteration."""
+        return torch.softmax(self.alpha - self.shift, dim=0)
 
     def recon(self) -> list[torch.Tensor]:
         return [f.reconstruct(list(b), self.spec) for f, b in zip(self.facts, self.branches)]
@@ -344,7 +334,7 @@ def project_budget(mixed: list[MixedLayer], costs: list[torch.Tensor], fixed: fl
         scaled = [c / budget for c in costs]
 
         def expected(mu: float) -> float:
-            return fixed + sum(float((torch.softmax((mx.alpha - mu * c) / mx.temp, 0) * cc).sum())
+            return fixed + sum(float((torch.softmax(mx.alpha - mu * c, 0) * cc).sum())
                                for mx, c, cc in zip(mixed, scaled, costs))
 
         lo, hi = 0.0, 1.0
@@ -415,11 +405,6 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
                 opt_w.step()
             if it < cfg.warmup:
                 continue
-            frac = (it - cfg.warmup) / max(1, cfg.iters - 1)
-            if cfg.anneal < 1:
-                for mx in layers:
-                    mx.temp = cfg.anneal ** frac
-                project_budget(layers, costs, fixed, budget)  # the budget at the new τ
             # α step (Eq. 9): calibration CE through the budget-projected distribution.
             b = it % len(batches)
             x, y = batches[b]
