@@ -23,12 +23,14 @@ chosen rank method (LoRITa's own truncations are ``lsvt``/``gsvt``/``isvt``) wor
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .finetune import FinetuneConfig, distill
 from .surgery import _set_module
 
 
@@ -127,10 +129,6 @@ def lorita_train(model: nn.Module, names: list[str], cfg: LoritaConfig, loaders,
                  seed: int = 0) -> tuple[nn.Module, dict]:
     """Over-parameterise ``names`` in a copy of ``model``, distill it from ``model`` with weight
     decay, collapse it; returns (dense model of the original architecture, summary)."""
-    import copy
-
-    from .finetune import FinetuneConfig, distill
-
     student = copy.deepcopy(model).cpu()
     before = {n: schatten_penalty(student.get_submodule(n).weight, cfg.factors) for n in names}
     chains = {n: overparameterize(student.get_submodule(n), cfg.factors) for n in names}
