@@ -66,11 +66,13 @@ def test_target_range_is_checked():
             Target("flops", r)
 
 
-def test_initial_candidates_span_the_grid_and_include_the_largest():
+def test_initial_candidates_span_the_grid_and_include_the_largest_and_dense():
     lo = _layer("a", range(1, 51), 1, 10**6)
     cands, steps = _initial_candidates(lo, 10)
-    ranks = [lo.options[j].rank for j in cands]
-    assert len(ranks) == 10 and ranks[-1] == 50 and steps == {"tt": 5}
+    # Keeping the layer dense is a candidate too (the last one), final once chosen (step 1).
+    assert lo.options[cands[-1]].method == DENSE and steps == {"tt": 5, DENSE: 1}
+    ranks = [lo.options[j].rank for j in cands[:-1]]
+    assert len(ranks) == 10 and ranks[-1] == 50
     assert all(b - a == 5 for a, b in zip(ranks, ranks[1:]))
 
 
@@ -132,3 +134,35 @@ def test_mixed_layer_modes_agree_and_probes_estimate_the_weight_loss(method):
     for w_mode, o_mode in zip(grads[0], grads[1]):
         torch.testing.assert_close(o_mode, w_mode, rtol=1e-4, atol=1e-5)
     assert abs(est.item() / exact.item() - 1) < 0.05  # 20k probes: a few % of Monte-Carlo noise
+
+
+def test_mixed_layer_dense_candidate_is_the_original_layer():
+    """With all mass on the dense candidate the mixed layer is the original layer (both
+    compute modes) and its weight loss is zero; the gradient still reaches α."""
+    import torch
+    from torch import nn
+
+    from lrcompress.factorizations import get_factorization
+    from lrcompress.rank.rene import MixedLayer
+    from lrcompress.targets import find_layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 10, 3, padding=1, bias=True)
+    spec = find_layers(nn.Sequential(conv), (8, 6, 6))[0]
+    factors = get_factorization("tucker2").decompose_many(conv.weight.detach(), spec, [2])
+    cands = [(0, "tucker2", 2), (1, DENSE, 0)]
+    mx = MixedLayer(conv, spec, cands, [factors[0], []], batch=2, probes=64)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        mx.alpha.copy_(torch.tensor([-60.0, 60.0]))  # p ≈ (0, 1)
+        want = conv(x)
+    gen = torch.Generator().manual_seed(0)
+    for mode in (False, True):
+        mx.mix_outputs = mx.probe_weights = mode
+        torch.testing.assert_close(mx(x).detach(), want, rtol=1e-5, atol=1e-5)
+        assert mx.weight_loss(mx.probs(), gen).item() < 1e-12
+    with torch.no_grad():
+        mx.alpha.zero_()
+    mx.alpha.grad = None
+    mx(x).square().sum().backward()
+    assert mx.alpha.grad is not None and mx.alpha.grad.abs().sum() > 0

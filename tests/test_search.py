@@ -267,3 +267,29 @@ def test_sensitivity_cache_is_keyed_by_the_calibration_data(resnet_ckpt):
     b = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[1:2], ctx.device, cache)
     assert len(cache.data) == 2 * n  # other batches (same count): measured anew
     assert b != a
+
+
+def test_rene_can_keep_a_layer_dense(resnet_ckpt, monkeypatch):
+    """Keeping a layer dense is a search candidate: with a prior that makes any factorization of
+    the cheapest layer costly, the search keeps it dense (and stops narrowing it), and the
+    repair still lands the plan within the budget."""
+    import lrcompress.rank.rene as rene
+    import lrcompress.rank.sensitivity as sensitivity
+    from lrcompress.rank._problem import DENSE
+
+    ctx = _rene_ctx(resnet_ckpt, poison=set())
+    layers = ctx.problem.layers
+    k = min(range(len(layers)), key=lambda i: layers[i].dense.cost("flops"))
+
+    def prior(ctx_, errs, *a, **kw):
+        scores = [[0.0] * len(lo.options) for lo in layers]
+        scores[k] = [0.0 if o.method == DENSE else -1.0 for o in layers[k].options]
+        return scores, [1.0] * len(layers)
+
+    monkeypatch.setattr(sensitivity, "truncation_scores", prior)
+    plan, trace = rene.select(ctx)
+    name = layers[k].spec.name
+    assert [st["chosen_ranks"][name][0] for st in trace["steps"]] == [DENSE] * len(trace["steps"])
+    planned = {lp.name: lp.macs for lp in plan.layers}
+    cost = ctx.problem.fixed_cost + sum(planned.get(lo.spec.name, lo.dense.macs) for lo in layers)
+    assert cost <= ctx.problem.budget

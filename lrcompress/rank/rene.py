@@ -25,7 +25,11 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   collapsed to 5 % of the MACs.) γ and β are therefore not used.
 * **Ranks.** Candidates live on the layer's own grid of useful ranks, [1, break-even) rounded to
   ``--rank-multiple`` (§10.3), spread evenly over it (10 per layer, like the paper's CIFAR grid).
-  Layers that cannot pay off (a 1-channel stem) are never candidates (§10.1).
+  Layers that cannot pay off (a 1-channel stem) are never candidates (§10.1). Keeping the layer
+  dense is one more candidate (its "factors" are the pretrained weight, fixed): without it every
+  layer had to be factorized, and the repair had to undo the search wherever the best plan
+  keeps a layer whole (resnet18 / Fashion-MNIST at 30 % of the parameters keeps stages 1–3
+  dense).
 * **α optimiser.** Adam (lr 0.05) on the logits instead of SGD 1e-3, so that p moves within the
   100 iterations on every layer size; the factors keep the paper's SGD-Nesterov.
 * **Choice.** Each step's r̄ is the candidate nearest the layer's expected cost, not the argmax
@@ -56,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..costs import dense_macs
 from ..factorizations import get_factorization
 from ..finetune import kd_loss
 from ..numerics import NonFiniteGuard, all_finite, first_nonfinite
@@ -125,11 +130,10 @@ class MixedLayer(nn.Module):
             nn.ParameterList([nn.Parameter(f.detach().clone()) for f in fs]) for fs in factors)
         self.alpha = nn.Parameter(torch.zeros(len(cands), device=base.weight.device))
         self.register_buffer("shift", torch.zeros(len(cands), device=base.weight.device))
-        self.facts = [get_factorization(m) for _, m, _ in cands]
+        # A dense candidate (keep the layer as it is) has no factors: its weight is the target.
+        self.facts = [None if m == DENSE else get_factorization(m) for _, m, _ in cands]
         dev, dt = base.weight.device, base.weight.dtype
         nobias = replace(spec, bias=False)
-        self.chains = [f.skeleton(nobias, r, dtype=dt, device=dev)
-                       for f, (_, _, r) in zip(self.facts, cands)]
         # The probe spec: one receptive field in, one position out, no padding or stride, so a
         # chain maps a probe z to W_(1)·vec(z) (the weight as a matrix times a vector).
         kh, kw = spec.kernel
@@ -137,15 +141,22 @@ class MixedLayer(nn.Module):
         field = ((kh - 1) * dh + 1, (kw - 1) * dw + 1) if self.is_conv else (1, 1)
         self.probe_spec = replace(nobias, stride=(1, 1), padding=(0, 0), in_hw=field,
                                   out_hw=(1, 1))
-        self.probe_chains = [f.skeleton(self.probe_spec, r, dtype=dt, device=dev)
-                             for f, (_, _, r) in zip(self.facts, cands)]
+        self.chains, self.probe_chains = [], []
         dense = math.prod(spec.weight_shape)
-        recon_cost = sum(dense * f.scalar_rank(f.rank_from(spec, r)) for f, (_, _, r)
-                         in zip(self.facts, cands))
-        self.mix_outputs = batch * sum(f.macs(spec, r) for f, (_, _, r)
-                                       in zip(self.facts, cands)) < recon_cost
-        self.probe_weights = probes * sum(f.macs(self.probe_spec, r) for f, (_, _, r)
-                                          in zip(self.facts, cands)) < recon_cost
+        recon_cost = out_cost = probe_cost = 0
+        for f, (_, _, r) in zip(self.facts, cands):
+            if f is None:
+                self.chains.append(None)
+                self.probe_chains.append(None)
+                out_cost += batch * dense_macs(spec)
+                continue
+            self.chains.append(f.skeleton(nobias, r, dtype=dt, device=dev))
+            self.probe_chains.append(f.skeleton(self.probe_spec, r, dtype=dt, device=dev))
+            recon_cost += dense * f.scalar_rank(f.rank_from(spec, r))
+            out_cost += batch * f.macs(spec, r)
+            probe_cost += probes * f.macs(self.probe_spec, r)
+        self.mix_outputs = out_cost < recon_cost
+        self.probe_weights = probe_cost < recon_cost
         self.n_probes = probes
 
     def probs(self) -> torch.Tensor:
@@ -153,7 +164,11 @@ class MixedLayer(nn.Module):
         return torch.softmax(self.alpha - self.shift, dim=0)
 
     def recon(self) -> list[torch.Tensor]:
-        return [f.reconstruct(list(b), self.spec) for f, b in zip(self.facts, self.branches)]
+        return [self.target if f is None else f.reconstruct(list(b), self.spec)
+                for f, b in zip(self.facts, self.branches)]
+
+    def _dense_apply(self, w: torch.Tensor, x: torch.Tensor, **conv_args) -> torch.Tensor:
+        return F.conv2d(x, w, **conv_args) if self.is_conv else F.linear(x, w)
 
     def weight_loss(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """‖W − Σ_r p_r Ŵ(r)‖² / ‖W‖², exactly or (for large layers) by Gaussian probes:
@@ -162,14 +177,11 @@ class MixedLayer(nn.Module):
         if not self.probe_weights:
             w = sum(pk * wk for pk, wk in zip(p, self.recon()))
             return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
-        if self.is_conv:
-            z = torch.randn(self.n_probes, self.spec.in_ch, *self.probe_spec.in_hw,
-                            generator=gen).to(t)
-            want = F.conv2d(z, t, dilation=self.conv_args["dilation"])
-        else:
-            z = torch.randn(self.n_probes, self.spec.in_ch, generator=gen).to(t)
-            want = F.linear(z, t)
-        got = sum(pk * _chain_apply(c, list(b), z)
+        shape = self.probe_spec.in_hw if self.is_conv else ()
+        z = torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen).to(t)
+        dil = {"dilation": self.conv_args["dilation"]} if self.is_conv else {}
+        want = self._dense_apply(t, z, **dil)
+        got = sum(pk * (want if c is None else _chain_apply(c, list(b), z))
                   for pk, c, b in zip(p, self.probe_chains, self.branches))
         return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
 
@@ -178,7 +190,9 @@ class MixedLayer(nn.Module):
         if self.mix_outputs:
             # Factors detached (the α step must not move them), but NOT under no_grad: the
             # gradient has to reach x, or every layer upstream gets no α gradient at all.
-            outs = [_chain_apply(c, [f.detach() for f in b], x)
+            conv_args = self.conv_args if self.is_conv else {}
+            outs = [self._dense_apply(self.target, x, **conv_args) if c is None
+                    else _chain_apply(c, [f.detach() for f in b], x)
                     for c, b in zip(self.chains, self.branches)]
             y = sum(pk * o for pk, o in zip(p, outs))
             if self.bias is not None:
@@ -193,18 +207,20 @@ class MixedLayer(nn.Module):
 
 
 def _initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
-    """~n evenly spaced option indices per factorization (largest rank always in); step sizes."""
+    """~n evenly spaced option indices per factorization (largest rank always in), plus keeping
+    the layer dense; step sizes (dense: 1, final once chosen)."""
     by_method: dict[str, list[int]] = {}
     for j, o in enumerate(lo.options):
         if o.method != DENSE:
             by_method.setdefault(o.method, []).append(j)
-    cands, steps = [], {}
+    cands, steps = [], {DENSE: 1}
     for m, idx in by_method.items():
         idx.sort(key=lambda j: lo.options[j].rank)
         s = max(1, math.ceil(len(idx) / n))
         pick = idx[::-1][::s][::-1]  # from the top, so the largest useful rank is a candidate
         cands += pick
         steps[m] = s
+    cands.append(len(lo.options) - 1)
     return cands, steps
 
 
@@ -258,7 +274,7 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
             per_method: dict[str, list[int]] = {}
             for j in cands:
                 per_method.setdefault(lo.options[j].method, []).append(j)
-            factors_by_j = {}
+            factors_by_j = {j: [] for j in per_method.pop(DENSE, [])}
             for m, js in per_method.items():
                 fs = get_factorization(m).decompose_many(
                     base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
@@ -487,8 +503,11 @@ def select(ctx) -> tuple:
     prior = truncation_scores(ctx, errs)[0] if cfg.prior == "loss_model" else None
     choice, trace = search(ctx, cfg, prior)
     before = ctx.problem.cost_of(choice)
-    sens = sensitivities(ctx.model, ctx.problem, choice, ctx.batches[:4], ctx.device, ctx.cache)
-    scores = loss_model_scores(errs, sens, choice)
+    # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
+    # has no truncation error there, so it is anchored at its smallest rank (cached already).
+    ref = [0 if lo.options[j].method == DENSE else j for lo, j in zip(ctx.problem.layers, choice)]
+    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache)
+    scores = loss_model_scores(errs, sens, ref)
     final = allocate(ctx.problem, scores, start=choice)
     problem_cost = ctx.problem.cost_of(final)
     trace["repair"] = {
