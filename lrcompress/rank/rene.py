@@ -38,10 +38,12 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   calibration batch (``alpha_loss="kd"``) rather than the labels' cross-entropy: it measures the
   damage the compression does, with less variance than the labels (``"ce"`` is the paper's).
 * **Prior.** Every step's logits start from the second-order loss model of ``_signals`` (minus
-  each candidate's predicted calibration-loss increase, over τ = 0.05 nats) rather than from 0,
+  each candidate's predicted calibration-loss increase, over τ = 0.02 nats) rather than from 0,
   so the search refines a data-driven allocation instead of a cost-only one. On resnet18 /
   Fashion-MNIST at tucker2, 30 % MACs this took the plan from 83.0 % to 86.7 % top-1 before
-  fine-tuning (uniform: 77.0 %). ``prior="zero"`` is the paper's.
+  fine-tuning (uniform: 77.0 %). ``prior="zero"`` is the paper's. τ = 0.02 rather than 0.05
+  (a stronger prior) gained 0.35 points on average over tt/tucker2 at 30 %/50 % MACs (tucker2
+  at 50 %: 88.03 → 88.41, uniform 88.01).
 * **Repair.** The searched plan is then made to meet the budget exactly by the greedy allocator
   (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
 """
@@ -87,7 +89,7 @@ class ReneConfig:
     # Initial logits: "zero" (the paper) or "loss_model" (α_r = −ΔL̂(r)/τ from the
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
     prior: str = "loss_model"
-    prior_temp: float = 0.05
+    prior_temp: float = 0.02
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
