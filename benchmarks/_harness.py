@@ -463,6 +463,7 @@ class Runner:
             "test_samples": acc["original"]["n"],
             "top1": {"original": acc["original"]["top1"],
                      "before_ft": acc["pruned" if row.is_tp else "decomposed"]["top1"],
+                     "bn_recalibrated": (acc.get("bn_recalibrated") or {}).get("top1"),
                      "after_ft": (acc.get("finetuned") or {}).get("top1")},
             "macs": {"original": base_macs, "compressed": macs, "ratio": macs / base_macs,
                      "reported_ratio": rep["totals"]["macs_ratio"],

@@ -64,7 +64,8 @@ def _cell_top1(r: dict | None) -> str:
     if r["status"] in ("failed", "infeasible"):
         return r["status"]
     t = r["top1"]
-    return f"{_f(t['before_ft'])} → **{_f(t['after_ft'])}**"
+    bn = "" if t.get("bn_recalibrated") is None else f" → {_f(t['bn_recalibrated'])}"
+    return f"{_f(t['before_ft'])}{bn} → **{_f(t['after_ft'])}**"
 
 
 def _cell_cost(r: dict | None, threads: int, batches) -> str:
@@ -115,7 +116,8 @@ def model_section(prof: str, rows: dict, ref: dict | None, model: str) -> list[s
     if eq:
         out.append(f"Equivalent decompositions (same layer options, so the same model): "
                    f"{', '.join(eq)} — {next(r['reason'] for r in rows.values() if r['model'] == model and r['status'] == 'equivalent')}.")  # noqa: E501
-    out += ["", f"Top-1 % ({n} test images): after decomposition/pruning → **after fine-tuning**",
+    out += ["", f"Top-1 % ({n} test images): after decomposition/pruning → after BatchNorm "
+            "re-estimation (lrcompress rows, where run) → **after fine-tuning**",
             "", "| method | " + " | ".join(f"{d} @ {t:g}" for d, t in cols) + " |",
             "|---|" + "---|" * len(cols)]
     for m in methods:

@@ -296,6 +296,10 @@ def _floats(value, name):
               help="Share of the training set held out for the rank search.")
 @click.option("--calib-batches", default=8, show_default=True, type=click.IntRange(min=1),
               help="Calibration batches the search uses.")
+@click.option("--bn-batches", default=16, show_default=True, type=click.IntRange(min=0),
+              help="After decomposition, re-measure the BatchNorm running statistics after the "
+              "factorized layers on this many calibration batches (no training; recovers much "
+              "of the pre-fine-tuning loss on BatchNorm models). 0: keep the original's.")
 @click.option("--test-subset", type=click.IntRange(min=1),
               help="Evaluate on the first N test images only (faster; default: all).")
 @click.option("--search-iters", default=100, show_default=True, type=click.IntRange(min=1),
@@ -336,7 +340,8 @@ def _floats(value, name):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, method, data_spec, out, include, exclude, rank_multiple, plan_path,
-           seed, device, batch_size, workers, calib_fraction, calib_batches, test_subset,
+           seed, device, batch_size, workers, calib_fraction, calib_batches, bn_batches,
+           test_subset,
            search_iters, search_warmup, search_loss, search_prior, vbmf_weaken,
            max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
@@ -381,7 +386,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
     cfg = SearchConfig(
         target=target, decomp=decomp, method=method, rank_multiple=rank_multiple,
         include=tuple(include), exclude=tuple(exclude), seed=seed, device=device,
-        calib_batches=calib_batches,
+        calib_batches=calib_batches, bn_batches=bn_batches,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
                         seed=seed, test_subset=test_subset, train_subset=train_subset),
         finetune=_finetune_config(finetune_kw), cache_dir=cache_dir,

@@ -271,13 +271,17 @@ def _prefix(idx: torch.Tensor, k: int | None, what: str) -> torch.Tensor:
 def split_indices(n_train: int, n_test: int, cfg: DataConfig):
     """(train, calib, test) row indices: train/calib into the training pool, test into the test
     pool. Calibration is the first ``calib_fraction`` of a seeded permutation of the training pool
-    (independent of subsets); each subset is a prefix of its split's fixed seeded order."""
+    (independent of subsets); each subset is a prefix of its split's fixed seeded order.
+
+    Calibration keeps its permuted order: the search reads only its first few batches, and a pool
+    stored class by class (an image folder) would otherwise give it one or two classes.
+    """
     perm = _perm(n_train, cfg.seed)
     n_calib = max(1, round(cfg.calib_fraction * n_train))
     if n_calib >= n_train:
         raise UserError(f"calib fraction {cfg.calib_fraction} of {n_train} training samples "
                         "leaves none to train on: use a smaller --calib-fraction.")
-    calib = _prefix(perm[:n_calib], cfg.calib_subset, "calib_subset").sort().values
+    calib = _prefix(perm[:n_calib], cfg.calib_subset, "calib_subset")
     train = _prefix(perm[n_calib:], cfg.train_subset, "train_subset")
     test = _prefix(_perm(n_test, cfg.seed + 1), cfg.test_subset, "test_subset").sort().values
     return train, calib, test

@@ -2,8 +2,9 @@
 
 Stages: load → census and rank problem (the target is checked before any work) → data →
 evaluate the original → rank selection → decomposition → independent verification of the target
-→ evaluate → save (model.safetensors, plan.json, report.json). Every input is validated before
-RUN/ is created, so bad input leaves nothing behind.
+→ evaluate → re-estimate the BatchNorm statistics after the factorized layers → evaluate →
+(fine-tune → evaluate) → save (model.safetensors, plan.json, report.json). Every input is
+validated before RUN/ is created, so bad input leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from . import __version__, distributed
 from ._io import cannot_write_in, write_json, write_text
+from .bn import recalibrate_bn
 from .census import make_selection
 from .checkpoint import read_checkpoint
 from .costs import count_model, dense_macs, dense_params
@@ -73,6 +75,9 @@ class SearchConfig:
     cache_dir: str | None = None  # decomposition/sensitivity cache (default RUN/cache)
     overwrite: bool = False
     auto_batch: bool = False  # CUDA out-of-memory: halve the batch and retry (search, fine-tuning)
+    # After decomposition, re-estimate the BatchNorm statistics downstream of the factorized
+    # layers on this many calibration batches (0: keep the original model's statistics).
+    bn_batches: int = 16
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -84,6 +89,8 @@ class SearchConfig:
             raise UserError(f"--rank-multiple {self.rank_multiple} must be 1 or more.")
         if self.calib_batches < 1:
             raise UserError(f"--calib-batches {self.calib_batches} must be 1 or more.")
+        if self.bn_batches < 0:
+            raise UserError(f"--bn-batches {self.bn_batches} must be 0 (off) or more.")
 
 
 @dataclass
@@ -354,6 +361,21 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
     times["eval_decomposed"] = time.perf_counter() - t
 
     accuracy = {"original": acc_orig.to_dict(), "decomposed": acc_dec.to_dict()}
+    bn_report = None
+    if cfg.bn_batches:
+        t = time.perf_counter()
+        progress.stage("re-estimating BatchNorm statistics",
+                       total=cfg.bn_batches * cfg.data.batch_size)
+        rec = recalibrate_bn(student, [lp.name for lp in plan.layers], loaders.calib, device,
+                             cfg.bn_batches, progress=progress.advance)
+        if rec is not None:
+            bn_report = rec.to_dict()
+            progress.stage("evaluating after BatchNorm re-estimation",
+                           total=len(loaders.test.dataset))
+            accuracy["bn_recalibrated"] = _cached_eval(state / "eval_bn_recalibrated.json",
+                                                       student, loaders.test, device,
+                                                       progress).to_dict()
+        times["bn_recalibration"] = time.perf_counter() - t
     ft_report = None
     if cfg.finetune.enabled:
         t = time.perf_counter()
@@ -396,6 +418,7 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: SearchConfig, *, arch=
             "macs_counted_by": "torch.utils.flop_counter.FlopCounterMode",
         },
         "accuracy": accuracy,
+        "bn_recalibration": bn_report,
         "finetune": ft_report,
         "lorita": lorita_report,
         "layers": _layer_rows(plan, problem.specs, results_rows, retries),

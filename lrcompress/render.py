@@ -60,6 +60,10 @@ def render_search(report: dict) -> None:
               f"{tot['params_ratio']:.3f}")
     t.add_row("top-1 (test), after decomposition", f"{acc['original']['top1']:.2f}",
               f"{acc['decomposed']['top1']:.2f}", "")
+    if acc.get("bn_recalibrated"):
+        bn = report.get("bn_recalibration") or {}
+        t.add_row(f"top-1 (test), BatchNorm re-estimated ({bn.get('layers', '?')} layers)", "",
+                  f"{acc['bn_recalibrated']['top1']:.2f}", "")
     if "finetuned" in acc:
         t.add_row("top-1 (test), after fine-tuning", "", f"{acc['finetuned']['top1']:.2f}", "")
     con = console()

@@ -51,9 +51,9 @@ def read_report(run) -> dict:
 
 
 def final_accuracy(report: dict) -> tuple[str, dict]:
-    """(stage, accuracy) of the model the run ships: fine-tuned if it was, else decomposed."""
+    """(stage, accuracy) of the model the run ships: the last stage it went through."""
     acc = report["accuracy"]
-    stage = "finetuned" if acc.get("finetuned") else "decomposed"
+    stage = next(s for s in ("finetuned", "bn_recalibrated", "decomposed") if acc.get(s))
     return stage, acc[stage]
 
 
@@ -154,6 +154,9 @@ def plot_trajectory(report: dict) -> bytes | None:
 def _acc_points(report: dict, label: str) -> list[tuple[str, float, float]]:
     tot, acc = report["totals"], report["accuracy"]
     pts = [(f"{label} decomposed", tot["macs_after"], acc["decomposed"]["top1"])]
+    if acc.get("bn_recalibrated"):
+        pts.append((f"{label} BN re-estimated", tot["macs_after"],
+                    acc["bn_recalibrated"]["top1"]))
     if acc.get("finetuned"):
         pts.append((f"{label} fine-tuned", tot["macs_after"], acc["finetuned"]["top1"]))
     return pts
@@ -256,6 +259,12 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
     b.append(("table", ["model", "top-1 %", "top-5 %", "loss", "samples"],
               [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}", str(a["n"])]
                for k, a in acc.items() if a]))
+    bn = report.get("bn_recalibration")
+    if bn:
+        b.append(("p", f"bn_recalibrated: after decomposition the running statistics of the "
+                       f"{bn['layers']} BatchNorm layers after the first factorized layer were "
+                       f"re-measured on {bn['samples']} calibration samples ({bn['batches']} "
+                       f"batches; no gradient step); {bn['kept']} layers before it kept theirs."))
     b.append(("h2", "Plots"))
     for name, png in _plots(report, others).items():
         b.append(("img", name, png))

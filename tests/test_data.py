@@ -217,6 +217,16 @@ def test_subsets_are_prefixes_and_keep_calib_fixed():
     assert torch.equal(split_indices(1000, 300, DataConfig(train_subset=10))[1], full[1])
 
 
+def test_calibration_batches_are_a_random_sample_of_a_class_sorted_pool():
+    # An image folder lists its files class by class; the search reads only the first batches of
+    # the calibration loader, so their order must be the seeded permutation, not the file order.
+    labels = torch.arange(1000) // 100  # 10 classes, stored class by class
+    _, ca, _ = split_indices(1000, 300, DataConfig(seed=0, calib_fraction=0.2))
+    first = labels[ca[:32]]
+    assert len(set(first.tolist())) >= 8, first
+    assert not torch.equal(ca, ca.sort().values)
+
+
 # ------------------------------------------------------------------------------- fake datasets
 @pytest.mark.parametrize("layout", ["flat_gz", "torchvision_raw"])
 def test_mnist_layouts_and_loader_splits(tmp_path, layout):

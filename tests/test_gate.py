@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     ckpt = root / "test_resnet.pt"
     torch.save(tiny_resnet().state_dict(), ckpt)
     cfg = SearchConfig(target=Target("flops", 0.5), decomp="tt", method="uniform",
-                       rank_multiple=1, calib_batches=2,
+                       rank_multiple=1, calib_batches=2, bn_batches=0,  # the edits below set
                        data=DataConfig(batch_size=16, test_subset=32), input_size=(1, 32, 32))
     return search(str(ckpt), "synthetic:64", root / "run", cfg).run_dir
 
@@ -73,6 +73,20 @@ def _with_latency(speedup):
                 for e in ("onnxruntime", "torch") for t in (1, 2) for b in (1, 64)]
         rep["export"] = {"latency": {"runs": rows, "ideal_speedup": 2.0}}
     return edit
+
+
+def test_judges_the_model_after_batchnorm_re_estimation(run, tmp_path):
+    def edit(rep):
+        _with_accuracy(80.0, 70.0)(rep)
+        rep["accuracy"]["bn_recalibrated"] = {**rep["accuracy"]["decomposed"], "top1": 79.5}
+    d = variant(run, tmp_path, "bn", edit)
+    code, out, _ = invoke("gate", d, "--max-top1-drop", "1.0")
+    assert code == 0, out
+    assert "bn_recalibrated 79.50" in out
+    d = variant(run, tmp_path, "bn_ft", lambda rep: (edit(rep), _with_accuracy(
+        80.0, 70.0, finetuned=78.0)(rep)))
+    code, out, _ = invoke("gate", d, "--max-top1-drop", "1.0")
+    assert code == 1 and "finetuned 78.00" in out, out
 
 
 def test_pass_and_fail_exit_codes(run, tmp_path):
