@@ -12,11 +12,13 @@ see exactly the inputs they were calibrated on and keep their statistics.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .numerics import all_finite
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,11 @@ def recalibrate_bn(model: nn.Module, changed: list[str], loader, device, max_bat
     model.eval()
     it = iter(loader)
     try:
-        first_x = next(it)[0].to(device)
+        first = next(it)
     except StopIteration as e:
         raise UserError("BatchNorm re-estimation: the calibration split is empty. Use a larger "
                         "--calib-fraction, or --bn-batches 0.") from e
-    targets = _downstream(model, changed, bns, first_x[:2])
+    targets = _downstream(model, changed, bns, first[0][:2].to(device))
     if not targets:
         return None
     saved = {n: bns[n].momentum for n in targets}
@@ -89,19 +91,14 @@ def recalibrate_bn(model: nn.Module, changed: list[str], loader, device, max_bat
         bns[n].train()
     batches = samples = 0
     try:
-        x = first_x
-        while True:
+        for x, _ in chain([first], it):
             if x.shape[0] > 1:  # a batch of one has no variance to measure
-                model(x)
+                model(x.to(device))
                 batches += 1
                 samples += x.shape[0]
                 if progress is not None:
                     progress(x.shape[0])
             if batches >= max_batches:
-                break
-            try:
-                x = next(it)[0].to(device)
-            except StopIteration:
                 break
     finally:
         for n in targets:
@@ -111,8 +108,7 @@ def recalibrate_bn(model: nn.Module, changed: list[str], loader, device, max_bat
         raise UserError("BatchNorm re-estimation found no calibration batch with 2 or more "
                         "samples. Use a larger --calib-fraction or --batch-size, or "
                         "--bn-batches 0.")
-    bad = [n for n in targets if not (torch.isfinite(bns[n].running_mean).all()
-                                      and torch.isfinite(bns[n].running_var).all())]
+    bad = [n for n in targets if not all_finite([bns[n].running_mean, bns[n].running_var])]
     if bad:
         raise UserError(f"BatchNorm re-estimation gave non-finite statistics in {bad[0]} "
                         f"({len(bad)} layer(s)): the calibration data contain NaN or Inf values. "

@@ -169,8 +169,13 @@ class MixedLayer(nn.Module):
         return [self.target if f is None else f.reconstruct(list(b), self.spec)
                 for f, b in zip(self.facts, self.branches)]
 
-    def _dense_apply(self, w: torch.Tensor, x: torch.Tensor, **conv_args) -> torch.Tensor:
-        return F.conv2d(x, w, **conv_args) if self.is_conv else F.linear(x, w)
+    def _dense_apply(self, w: torch.Tensor, x: torch.Tensor, bias=None,
+                     probe: bool = False) -> torch.Tensor:
+        """The layer with weight ``w``; ``probe``: on the probe spec (no stride or padding)."""
+        if not self.is_conv:
+            return F.linear(x, w, bias)
+        args = {"dilation": self.conv_args["dilation"]} if probe else self.conv_args
+        return F.conv2d(x, w, bias, **args)
 
     def weight_loss(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """‖W − Σ_r p_r Ŵ(r)‖² / ‖W‖², exactly or (for large layers) by Gaussian probes:
@@ -181,8 +186,7 @@ class MixedLayer(nn.Module):
             return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
         shape = self.probe_spec.in_hw if self.is_conv else ()
         z = torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen).to(t)
-        dil = {"dilation": self.conv_args["dilation"]} if self.is_conv else {}
-        want = self._dense_apply(t, z, **dil)
+        want = self._dense_apply(t, z, probe=True)
         got = sum(pk * (want if c is None else _chain_apply(c, list(b), z))
                   for pk, c, b in zip(p, self.probe_chains, self.branches))
         return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
@@ -192,8 +196,7 @@ class MixedLayer(nn.Module):
         if self.mix_outputs:
             # Factors detached (the α step must not move them), but NOT under no_grad: the
             # gradient has to reach x, or every layer upstream gets no α gradient at all.
-            conv_args = self.conv_args if self.is_conv else {}
-            outs = [self._dense_apply(self.target, x, **conv_args) if c is None
+            outs = [self._dense_apply(self.target, x) if c is None
                     else _chain_apply(c, [f.detach() for f in b], x)
                     for c, b in zip(self.chains, self.branches)]
             y = sum(pk * o for pk, o in zip(p, outs))
@@ -202,10 +205,7 @@ class MixedLayer(nn.Module):
             return y
         with torch.no_grad():
             recon = self.recon()
-        w = sum(pk * wk for pk, wk in zip(p, recon))
-        if self.is_conv:
-            return F.conv2d(x, w, self.bias, **self.conv_args)
-        return F.linear(x, w, self.bias)
+        return self._dense_apply(sum(pk * wk for pk, wk in zip(p, recon)), x, self.bias)
 
 
 def _initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
