@@ -8,9 +8,9 @@ A *row* is one model compressed one way: an lrcompress run (model × rank method
    benchmarks/tp_baseline.py ...``), in a child process under ``benchmarks._probe``, which records
    the wall time and the peak memory (RSS, and GPU memory on CUDA);
 2. reloads the compressed model here (``lrcompress.load`` / ``tp_baseline.load_pruned``), counts
-   its MACs and parameters with ``FlopCounterMode`` (``lrcompress.measure``), and times it against
-   the original in ONNX Runtime, in this process and in round-robin
-   (``lrcompress.latency.compare``), next to the ideal speed-up (the MACs ratio);
+   its MACs and parameters with ``FlopCounterMode`` (``lrcompress.measure.metrics``), and
+   times it against the original in ONNX Runtime, in this process and in round-robin
+   (``lrcompress.measure.latency.compare``), next to the ideal speed-up (the MACs ratio);
 3. writes ``RESULTS_DIR/<row>.json`` with the commands, date, machine, code hash and every figure.
 
 A row whose JSON exists with the same budget, data, checkpoint and code hash is skipped, so a
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from lrcompress._io import write_json
-from lrcompress.deploy import _sha256 as file_sha256
+from lrcompress.commands.export import _sha256 as file_sha256
+from lrcompress.util.io import write_json
 
 from ._profiles import DECOMPS, FMNIST, TP, ModelSpec, Profile
 
@@ -114,7 +114,7 @@ def cpu_name() -> str:
 def machine_info() -> dict:
     import onnxruntime
 
-    from lrcompress.latency import cpu_count
+    from lrcompress.measure.latency import cpu_count
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "cores": cpu_count(), "gpu": gpu,
@@ -292,8 +292,8 @@ class Runner:
     def original(self, model: ModelSpec):
         """(original model, its ModelInfo, its MACs, its params), loaded once."""
         if model.name not in self._originals:
-            from lrcompress.measure import independent_macs, param_count
-            from lrcompress.models import load_model
+            from lrcompress.measure.metrics import independent_macs, param_count
+            from lrcompress.model.arch import load_model
 
             lm = load_model(str(self.ckpt(model)), arch=model.arch)
             m = lm.model.eval()
@@ -304,7 +304,7 @@ class Runner:
     def original_onnx(self, model: ModelSpec) -> bytes:
         """The original model as a dynamic-batch ONNX graph (for ONNX Runtime timing), once."""
         if model.name not in self._onnx:
-            from lrcompress.onnx_export import export_onnx
+            from lrcompress.deploy.onnx import export_onnx
 
             m = self.original(model)[0]
             self._onnx[model.name] = export_onnx(m, model.input_size,
@@ -316,10 +316,10 @@ class Runner:
         the reason it cannot be reached (``{"infeasible": {(decomp, target): msg}}``)."""
         if model.name in self._equiv:
             return self._equiv[model.name]
+        from lrcompress.commands.search import SearchConfig, build_problem
         from lrcompress.errors import TargetError
         from lrcompress.factorizations._base import is_matrix
-        from lrcompress.pipeline import SearchConfig, build_problem
-        from lrcompress.plan import Target
+        from lrcompress.model.plan import Target
 
         m, info = self.original(model)[:2]
         sigs, same = {}, {}
@@ -430,8 +430,8 @@ class Runner:
         return [self.execute("tp_baseline", row.id, cmd)]
 
     def measure(self, row: Row, run_dir: Path) -> dict:
-        from lrcompress.latency import LatencyConfig, compare
-        from lrcompress.measure import independent_macs, param_count
+        from lrcompress.measure.latency import LatencyConfig, compare
+        from lrcompress.measure.metrics import independent_macs, param_count
 
         original, _, base_macs, base_params = self.original(row.model)
         orig_onnx = self.original_onnx(row.model)

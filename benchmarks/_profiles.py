@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from lrcompress.resources import cpu_has_bf16
+from lrcompress.util.resources import cpu_has_bf16
 
 FMNIST = "fashionmnist:/usr/share/datasets/fashion-mnist"
 TP = "torch-pruning"

@@ -19,8 +19,8 @@ import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrcompress.costs import count_model
-from lrcompress.targets import find_layers
+from lrcompress.model.costs import count_model
+from lrcompress.model.layers import find_layers
 
 MODELS = [("timm", "resnet18"), ("timm", "mobilenetv2_100"), ("timm", "vit_tiny_patch16_224"),
           ("timm", "convnext_atto"), ("timm", "efficientnet_b0"), ("torchvision", "resnet18")]

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrcompress.factorizations import FACTORIZATIONS, get_factorization, relative_error  # noqa: E402
-from lrcompress.targets import LayerSpec, find_layers  # noqa: E402
+from lrcompress.model.layers import LayerSpec, find_layers  # noqa: E402
 
 BIG_RANKS = (32, 64, 128, 256)
 FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2)

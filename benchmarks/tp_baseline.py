@@ -14,12 +14,13 @@ the model together, so layers lose different shares; ``local`` cuts every group 
 ratio. With rounding to 8, local pruning moves every layer in lock-step and lands well under the
 target (resnet18: 0.483 for 0.5, 0.274 for 0.3), which would handicap the baseline; global lands
 within about 1 % of it. The ratio is solved by bisection so that the pruned model's
-MACs, counted by torch's ``FlopCounterMode`` (``lrcompress.measure.independent_macs``), are at most
-the target and as close to it as the rounding allows.
+MACs, counted by torch's ``FlopCounterMode``
+(``lrcompress.measure.metrics.independent_macs``), are at most the target and as close to it
+as the rounding allows.
 
-Fine-tuning reuses ``lrcompress.finetune.distill`` with the very flags of ``lrcompress search``
-(steps, optimizer, learning rate and schedule, batch, logit KD, clipping), so the budget is
-identical. One difference is forced: RENE's layer matching (weights and layer outputs, λ) needs
+Fine-tuning reuses ``lrcompress.recover.finetune.distill`` with the very flags of ``lrcompress
+search`` (steps, optimizer, learning rate and schedule, batch, logit KD, clipping), so the budget
+is identical. One difference is forced: RENE's layer matching (weights and layer outputs, λ) needs
 the student's layers to have the teacher's shapes, which pruning changes, so λ is 0 here and the
 loss is CE + logit KD. The data split, test subset and seed are lrcompress's own.
 
@@ -49,16 +50,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrcompress import __version__  # noqa: E402
-from lrcompress._io import atomic_path, write_json  # noqa: E402
 from lrcompress.cli import _finetune_config, _floats, finetune_options, model_options  # noqa: E402
+from lrcompress.commands.search import resolve_device  # noqa: E402
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess  # noqa: E402,E501
+from lrcompress.deploy.onnx import check_parity, export_onnx  # noqa: E402
 from lrcompress.errors import LrcError, TargetError, UserError  # noqa: E402
-from lrcompress.finetune import distill  # noqa: E402
-from lrcompress.measure import evaluate, independent_macs, param_count  # noqa: E402
-from lrcompress.models import _io_layers, build, load_model, load_state_dict_strict, parse_arch  # noqa: E402,E501
-from lrcompress.onnx_export import check_parity, export_onnx  # noqa: E402
-from lrcompress.pipeline import resolve_device  # noqa: E402
-from lrcompress.plan import Plan  # noqa: E402
+from lrcompress.measure.metrics import evaluate, independent_macs, param_count  # noqa: E402
+from lrcompress.model.arch import _io_layers, build, load_model, load_state_dict_strict, parse_arch  # noqa: E402,E501
+from lrcompress.model.plan import Plan  # noqa: E402
+from lrcompress.recover.finetune import distill  # noqa: E402
+from lrcompress.util.io import atomic_path, write_json  # noqa: E402
 
 log = logging.getLogger("tp_baseline")
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features",

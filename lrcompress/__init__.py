@@ -3,13 +3,13 @@
 The public API is re-exported here; everything else is machinery.
 """
 
-from ._version import __version__
-from .errors import CheckpointError, GateFailure, LrcError, TargetError, UserError
-from .export import load, save_compressed
-from .models import LoadedModel, ModelInfo, load_model
-from .plan import LayerPlan, Plan, Target
-from .surgery import decompose_
-from .targets import LayerSpec, find_layers
+from lrcompress._version import __version__
+from lrcompress.errors import CheckpointError, GateFailure, LrcError, TargetError, UserError
+from lrcompress.model.arch import LoadedModel, ModelInfo, load_model
+from lrcompress.model.layers import LayerSpec, find_layers
+from lrcompress.model.plan import LayerPlan, Plan, Target
+from lrcompress.model.surgery import decompose_
+from lrcompress.model.weights import load, save_compressed
 
 __all__ = [
     "__version__",

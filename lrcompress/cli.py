@@ -13,8 +13,8 @@ import traceback
 
 import click
 
-from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LrcError, UserError
+from lrcompress._version import __version__
+from lrcompress.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LrcError, UserError
 
 log = logging.getLogger("lrcompress")
 
@@ -171,7 +171,7 @@ def finetune_options(f):
 
 
 def _finetune_config(kw: dict):
-    from .finetune import FinetuneConfig
+    from lrcompress.recover.finetune import FinetuneConfig
 
     keys = ("epochs", "max_steps", "lr", "optimizer", "weight_decay", "warmup_steps", "lam",
             "diss_reduction", "kd", "kd_temperature", "frobenius_decay", "orth", "orth_weight",
@@ -184,7 +184,7 @@ def _finetune_config(kw: dict):
 def _load(model, arch, num_classes, in_chans, trust_pickle, input_size=None):
     from pathlib import Path
 
-    from .models import load_model
+    from lrcompress.model.arch import load_model
 
     if in_chans is None and input_size is not None and not Path(model).exists():
         in_chans = input_size[0]  # a bare architecture name: build it for the asked channels
@@ -224,9 +224,9 @@ def inspect(model, arch, num_classes, in_chans, trust_pickle, input_size, includ
       lrcompress inspect resnet18.pt --input-size 1,28,28 --json
       lrcompress inspect resnet18.safetensors --include 'layer3.*'
     """
-    from .census import census
-    from .models import default_input_size
-    from .render import render_census
+    from lrcompress.model.arch import default_input_size
+    from lrcompress.model.census import census
+    from lrcompress.report.render import render_census
 
     lm = _load(model, arch, num_classes, in_chans, trust_pickle, input_size)
     size = input_size or lm.info.input_size or default_input_size(lm.model, lm.info.in_chans)
@@ -363,15 +363,15 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18-ft
       lrcompress search resnet18.pt --plan runs/r18-tt30/plan.json --data ... -o runs/again
     """
-    from . import distributed
-    from .data import DataConfig
-    from .lorita import LoritaConfig
-    from .pipeline import SearchConfig
-    from .pipeline import search as run_search
-    from .plan import Target
-    from .progress import RichProgress
-    from .rank.rene import ReneConfig
-    from .render import render_search
+    from lrcompress.commands.search import SearchConfig
+    from lrcompress.commands.search import search as run_search
+    from lrcompress.data import DataConfig
+    from lrcompress.model.plan import Target
+    from lrcompress.rank.rene import ReneConfig
+    from lrcompress.recover.lorita import LoritaConfig
+    from lrcompress.report.render import render_search
+    from lrcompress.util import distributed
+    from lrcompress.util.progress import RichProgress
 
     if (target_flops is None) == (target_params is None) and plan_path is None:
         raise UserError("Give exactly one of --target-flops R or --target-params R "
@@ -440,7 +440,7 @@ def latency_options(f):
 
 
 def _latency_config(kw: dict, per_layer: bool):
-    from .latency import LatencyConfig
+    from lrcompress.measure.latency import LatencyConfig
 
     on = kw.pop("latency")
     repeats, warmup = kw.pop("repeats"), kw.pop("warmup")
@@ -492,9 +492,9 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as
       lrcompress export runs/r18-tt30 --format onnx --dynamic-batch --repeats 50
       lrcompress export runs/r18-tt30 --format safetensors --no-latency -o deploy/
     """
-    from .deploy import ExportConfig, export_run
-    from .progress import RichProgress
-    from .render import render_export
+    from lrcompress.commands.export import ExportConfig, export_run
+    from lrcompress.report.render import render_export
+    from lrcompress.util.progress import RichProgress
 
     cfg = ExportConfig(formats=tuple(formats.split(",")), opset=opset,
                        dynamic_batch=dynamic_batch, output=output, data=data_spec, rtol=rtol,
@@ -536,10 +536,10 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
           --data fashionmnist:/usr/share/datasets/fashion-mnist --json
       lrcompress eval runs/r18-tt30 --data synthetic --no-latency --test-subset 256
     """
-    from .data import DataConfig
-    from .evaluation import EvalConfig, eval_model
-    from .progress import RichProgress
-    from .render import render_eval
+    from lrcompress.commands.evaluate import EvalConfig, eval_model
+    from lrcompress.data import DataConfig
+    from lrcompress.report.render import render_eval
+    from lrcompress.util.progress import RichProgress
 
     cfg = EvalConfig(data=DataConfig(batch_size=batch_size, workers=workers,
                                      test_subset=test_subset),
@@ -585,11 +585,11 @@ def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, s
       lrcompress gate runs/r18-tt30 --max-top1-drop 1.0 --min-speedup 1.3 --junit gate.xml
       lrcompress gate runs/new --max-top1-drop 0.2 --baseline runs/main
     """
-    from ._io import write_text
-    from .errors import GateFailure
-    from .gate import GateConfig, junit_xml
-    from .gate import gate as run_gate
-    from .render import render_gate
+    from lrcompress.commands.gate import GateConfig, junit_xml
+    from lrcompress.commands.gate import gate as run_gate
+    from lrcompress.errors import GateFailure
+    from lrcompress.report.render import render_gate
+    from lrcompress.util.io import write_text
 
     cfg = GateConfig(max_top1_drop=max_top1_drop, min_flops_reduction=min_flops_reduction,
                      min_speedup=min_speedup, speedup_engine=speedup_engine,

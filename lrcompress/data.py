@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .errors import UserError
+from lrcompress.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -54,8 +54,8 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from lrcompress import checkpoint
 from lrcompress.cli import main
+from lrcompress.model import checkpoint
 
 from .conftest import tiny_resnet
 from .test_data import fake_mnist

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrcompress.bn import recalibrate_bn
+from lrcompress.commands.search import SearchConfig, search
 from lrcompress.data import DataConfig
 from lrcompress.errors import UserError
-from lrcompress.export import load
-from lrcompress.pipeline import SearchConfig, search
-from lrcompress.plan import Target
+from lrcompress.model.plan import Target
+from lrcompress.model.weights import load
+from lrcompress.recover.bn import recalibrate_bn
 
 
 def _chain():

@@ -157,7 +157,7 @@ def test_sigterm_stops_cleanly_with_a_resume_hint(resnet_ckpt, tmp_path):
 
 
 def test_cuda_out_of_memory_gets_advice_not_a_traceback(resnet_ckpt, tmp_path, monkeypatch):
-    import lrcompress.pipeline as pipeline
+    import lrcompress.commands.search as pipeline
 
     def oom(*a, **k):  # injected, as CI has no GPU
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -9,8 +9,8 @@ import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrcompress.costs import count_model, dense_macs, dense_params
-from lrcompress.targets import find_layers
+from lrcompress.model.costs import count_model, dense_macs, dense_params
+from lrcompress.model.layers import find_layers
 
 
 def reference_macs(model, size) -> int:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
-from lrcompress.finetune import FinetuneConfig, distill, shard_loader
-from lrcompress.surgery import decompose_
+from lrcompress.model.surgery import decompose_
+from lrcompress.recover.finetune import FinetuneConfig, distill, shard_loader
 
 from .conftest import tiny_resnet
 from .test_finetune import _tiny_plan

@@ -17,13 +17,14 @@ from torch import nn
 
 import lrcompress
 from lrcompress.cli import main
+from lrcompress.commands.export import ExportConfig, export_run
+from lrcompress.commands.search import SearchConfig, search
 from lrcompress.data import DataConfig
-from lrcompress.deploy import ExportConfig, export_run
 from lrcompress.errors import UserError
-from lrcompress.latency import LatencyConfig
-from lrcompress.pipeline import SearchConfig, search
-from lrcompress.plan import Target
-from lrcompress.report import final_accuracy, plot_trajectory, read_report, write_reports
+from lrcompress.measure.latency import LatencyConfig
+from lrcompress.model.plan import Target
+from lrcompress.report.schema import final_accuracy, read_report
+from lrcompress.report.write import plot_trajectory, write_reports
 
 from .conftest import tiny_resnet
 
@@ -171,7 +172,7 @@ def test_failed_export_leaves_run_untouched(runs, monkeypatch):
         raise RuntimeError("injected failure while timing")
 
     # Fails after model.onnx is staged, checked and the safetensors validated.
-    monkeypatch.setattr("lrcompress.deploy.compare", boom)
+    monkeypatch.setattr("lrcompress.commands.export.compare", boom)
     lat = LatencyConfig(repeats=1, warmup=0, batches=(1,), threads=(1,), onnxruntime=False)
     with pytest.raises(RuntimeError, match="injected"):
         export_run(run, ExportConfig(latency=lat))
@@ -184,7 +185,7 @@ def test_failed_export_leaves_run_untouched(runs, monkeypatch):
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
-    monkeypatch.setattr("lrcompress.onnx_export.ort_session", lambda *a, **k: WrongSession())
+    monkeypatch.setattr("lrcompress.deploy.onnx.ort_session", lambda *a, **k: WrongSession())
     code, out, _ = invoke("export", run, "--no-latency")
     assert code == 3 and "does not match PyTorch" in out and "Traceback" not in out
     assert _snapshot(run) == before

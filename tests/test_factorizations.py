@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lrcompress.factorizations.cp as cp_module
-from lrcompress.costs import dense_macs
 from lrcompress.errors import LrcError, UserError
 from lrcompress.factorizations import (
     ALIASES,
@@ -25,7 +24,8 @@ from lrcompress.factorizations import (
     get_factorization,
     relative_error,
 )
-from lrcompress.targets import LayerSpec
+from lrcompress.model.costs import dense_macs
+from lrcompress.model.layers import LayerSpec
 
 METHODS = ["svd", "tucker2", "tt", "cp", "cp4"]
 EXACT = ["svd", "tucker2", "tt"]

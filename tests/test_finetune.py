@@ -10,7 +10,10 @@ from torch import nn
 
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.factorizations import get_factorization
-from lrcompress.finetune import (
+from lrcompress.model.layers import find_layers
+from lrcompress.model.plan import LayerPlan, Plan
+from lrcompress.model.surgery import decompose_
+from lrcompress.recover.finetune import (
     FinetuneConfig,
     distill,
     frobenius_decay,
@@ -18,9 +21,6 @@ from lrcompress.finetune import (
     hoyer_value,
     orthogonality,
 )
-from lrcompress.plan import LayerPlan, Plan
-from lrcompress.surgery import decompose_
-from lrcompress.targets import find_layers
 
 from .conftest import tiny_resnet
 
@@ -100,7 +100,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), seed=3)
     uninterrupted = student.state_dict()
 
-    import lrcompress.finetune as ft
+    import lrcompress.recover.finetune as ft
 
     teacher, student, plan, loaders = _setup()
     calls = {"n": 0}

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from lrcompress.cli import main
+from lrcompress.commands.gate import GateConfig, gate
+from lrcompress.commands.search import SearchConfig, search
 from lrcompress.data import DataConfig
-from lrcompress.gate import GateConfig, gate
-from lrcompress.pipeline import SearchConfig, search
-from lrcompress.plan import Target
-from lrcompress.report import read_report
+from lrcompress.model.plan import Target
+from lrcompress.report.schema import read_report
 
 from .conftest import tiny_resnet
 

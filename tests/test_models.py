@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lrcompress.errors import CheckpointError, UserError
-from lrcompress.models import load_model, parse_arch
+from lrcompress.model.arch import load_model, parse_arch
 
 from .conftest import tiny_resnet
 
@@ -53,7 +53,7 @@ def test_stem_suffixes_are_dropped(tmp_path):
 def test_torchvision_arch_with_other_channels(tmp_path):
     import torchvision
 
-    from lrcompress.models import ArchSpec, build
+    from lrcompress.model.arch import ArchSpec, build
 
     m = build(ArchSpec("torchvision", "resnet18"), num_classes=7, in_chans=1)
     p = tmp_path / "weights.pt"

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 
 import lrcompress.factorizations.cp as cp_module
-import lrcompress.finetune as ft
+import lrcompress.recover.finetune as ft
 from lrcompress.cli import main
 from lrcompress.errors import UserError
 from lrcompress.factorizations import DecompositionError, get_factorization
 from lrcompress.factorizations._base import collect_notes
-from lrcompress.finetune import FinetuneConfig, distill
-from lrcompress.numerics import NonFiniteGuard, ParamSnapshot, first_nonfinite_output
-from lrcompress.surgery import decompose_
+from lrcompress.model.surgery import decompose_
+from lrcompress.recover.finetune import FinetuneConfig, distill
+from lrcompress.util.numerics import NonFiniteGuard, ParamSnapshot, first_nonfinite_output
 
 from .conftest import tiny_resnet
 from .test_factorizations import SHAPES, weights
@@ -225,9 +225,9 @@ def test_cp_divergence_after_every_retry_is_a_user_error(monkeypatch):
 
 
 def test_cp_retries_are_recorded_per_layer_in_the_report(resnet_ckpt, tmp_path, monkeypatch):
+    from lrcompress.commands.search import SearchConfig, search
     from lrcompress.data import DataConfig
-    from lrcompress.pipeline import SearchConfig, search
-    from lrcompress.plan import Target
+    from lrcompress.model.plan import Target
 
     _flaky_cp_als(monkeypatch)
     res = search(str(resnet_ckpt["pt"]), "synthetic:16", tmp_path / "run", SearchConfig(

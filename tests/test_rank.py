@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from lrcompress.errors import TargetError
-from lrcompress.plan import Target
-from lrcompress.rank._problem import DENSE, LayerOptions, Option, RankProblem, allocate, rank_grid
+from lrcompress.model.layers import LayerSpec
+from lrcompress.model.plan import Target
+from lrcompress.rank.problem import DENSE, LayerOptions, Option, RankProblem, allocate, rank_grid
 from lrcompress.rank.rene import _initial_candidates, _narrow
-from lrcompress.targets import LayerSpec
 
 
 def _layer(name, ranks, per_rank, dense):
@@ -105,8 +105,8 @@ def test_mixed_layer_modes_agree_and_probes_estimate_the_weight_loss(method):
     from torch import nn
 
     from lrcompress.factorizations import get_factorization
+    from lrcompress.model.layers import find_layers
     from lrcompress.rank.rene import MixedLayer
-    from lrcompress.targets import find_layers
 
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 16, 3, stride=2, padding=2, dilation=2, bias=True)
@@ -143,8 +143,8 @@ def test_mixed_layer_dense_candidate_is_the_original_layer():
     from torch import nn
 
     from lrcompress.factorizations import get_factorization
+    from lrcompress.model.layers import find_layers
     from lrcompress.rank.rene import MixedLayer
-    from lrcompress.targets import find_layers
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 10, 3, padding=1, bias=True)

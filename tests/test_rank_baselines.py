@@ -10,16 +10,16 @@ import pytest
 import timm
 import torch
 
+from lrcompress.commands.search import SearchConfig, build_problem, search
 from lrcompress.data import DataConfig
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
-from lrcompress.models import ModelInfo
-from lrcompress.pipeline import SearchConfig, build_problem, search
-from lrcompress.plan import Target
+from lrcompress.model.arch import ModelInfo
+from lrcompress.model.plan import Target
+from lrcompress.model.surgery import swap_modules
 from lrcompress.rank import SelectContext, get_method
-from lrcompress.rank._signals import Cache, _calib_loss
+from lrcompress.rank.signals import Cache, _calib_loss
 from lrcompress.rank.vbmf import evbmf
-from lrcompress.surgery import swap_modules
 
 METHODS = ["energy", "vbmf", "lsvt", "gsvt", "isvt", "bisect"]
 TARGETS = [("flops", 0.5), ("flops", 0.3), ("params", 0.5), ("params", 0.3)]

@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import lrcompress.finetune as ft
-import lrcompress.pipeline as pipeline
+import lrcompress.commands.search as pipeline
+import lrcompress.recover.finetune as ft
 from lrcompress.cli import main
-from lrcompress.finetune import FinetuneConfig, distill
-from lrcompress.search_state import SearchState, load_search_state, save_search_state
+from lrcompress.rank.search_state import SearchState, load_search_state, save_search_state
+from lrcompress.recover.finetune import FinetuneConfig, distill
 
 from .conftest import tiny_resnet
 from .test_finetune import _setup

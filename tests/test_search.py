@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import lrcompress
+from lrcompress.commands.search import SearchConfig, search
 from lrcompress.data import DataConfig
 from lrcompress.errors import TargetError, UserError
-from lrcompress.export import load
-from lrcompress.measure import independent_macs
-from lrcompress.pipeline import SearchConfig, search
-from lrcompress.plan import Plan, Target
+from lrcompress.measure.metrics import independent_macs
+from lrcompress.model.plan import Plan, Target
+from lrcompress.model.weights import load
 from lrcompress.rank.rene import ReneConfig
 
 FAST_RENE = ReneConfig(iters=6, warmup=2)
@@ -122,7 +122,7 @@ def test_run_files_have_normal_permissions(resnet_ckpt, tmp_path):
 
 
 def test_unfinished_run_resumes_from_its_state(resnet_ckpt, tmp_path):
-    from lrcompress.finetune import FinetuneConfig
+    from lrcompress.recover.finetune import FinetuneConfig
 
     cfg = _cfg(method="rene", finetune=FinetuneConfig(epochs=2, lr=0.01))
     out = tmp_path / "run"
@@ -149,10 +149,10 @@ def test_unfinished_run_resumes_from_its_state(resnet_ckpt, tmp_path):
 def _rene_ctx(resnet_ckpt, poison):
     """A rene SelectContext on test_resnet with two calibration batches; ``poison`` picks which
     of them get a NaN input image."""
-    from lrcompress.models import load_model
-    from lrcompress.pipeline import build_problem
+    from lrcompress.commands.search import build_problem
+    from lrcompress.model.arch import load_model
     from lrcompress.rank import SelectContext
-    from lrcompress.rank._signals import Cache
+    from lrcompress.rank.signals import Cache
 
     lm = load_model(str(resnet_ckpt["pt"]))
     problem = build_problem(lm.model, lm.info, (1, 32, 32), _cfg(method="rene"))
@@ -197,7 +197,7 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     full_choice, full_trace = rene.search(ctx, FAST_RENE)
     assert len(full_trace["steps"]) >= 2, "the tiny problem must need several steps"
 
-    from lrcompress.search_state import SearchState
+    from lrcompress.rank.search_state import SearchState
 
     ctx.state = SearchState(tmp_path / "search-rene.pt", "fingerprint")
     real, calls = rene._optimise, {"n": 0}
@@ -255,7 +255,7 @@ def test_every_baseline_writes_its_reports(resnet_ckpt, tmp_path, method):
 def test_sensitivity_cache_is_keyed_by_the_calibration_data(resnet_ckpt):
     """A shared --cache-dir must not hand one calibration split's loss measurements to another
     (seeds 1 and 2 once got seed 0's sensitivities): other batches, other entries."""
-    from lrcompress.rank._signals import Cache, sensitivities
+    from lrcompress.rank.signals import Cache, sensitivities
 
     ctx = _rene_ctx(resnet_ckpt, poison=set())
     cache = Cache(None)
@@ -275,7 +275,7 @@ def test_rene_can_keep_a_layer_dense(resnet_ckpt, monkeypatch):
     repair still lands the plan within the budget."""
     import lrcompress.rank.rene as rene
     import lrcompress.rank.sensitivity as sensitivity
-    from lrcompress.rank._problem import DENSE
+    from lrcompress.rank.problem import DENSE
 
     ctx = _rene_ctx(resnet_ckpt, poison=set())
     layers = ctx.problem.layers

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.errors import UserError
-from lrcompress.models import build, parse_arch
-from lrcompress.resources import cpu_has_bf16
+from lrcompress.model.arch import build, parse_arch
+from lrcompress.util.resources import cpu_has_bf16
 
 # Short names for architectures that need constructor arguments at 28x28.
 ALIASES = {"vit_tiny_patch4_28": "timm:vit_tiny_patch16_224(img_size=28,patch_size=4)"}

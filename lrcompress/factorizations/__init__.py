@@ -11,10 +11,8 @@ Decided for v1: linear layers and 1×1 convs are factorized by SVD whatever the 
 
 from __future__ import annotations
 
-from ..costs import dense_macs
-from ..errors import UserError
-from ..targets import LayerSpec
-from ._base import (
+from lrcompress.errors import UserError
+from lrcompress.factorizations._base import (
     ALIASES,
     FACTORIZATIONS,
     DecompositionError,
@@ -23,10 +21,12 @@ from ._base import (
     chain_factors,
     relative_error,
 )
-from .cp import CP3, CP4
-from .svd import SVD
-from .tt import TT
-from .tucker2 import Tucker2
+from lrcompress.factorizations.cp import CP3, CP4
+from lrcompress.factorizations.svd import SVD
+from lrcompress.factorizations.tt import TT
+from lrcompress.factorizations.tucker2 import Tucker2
+from lrcompress.model.costs import dense_macs
+from lrcompress.model.layers import LayerSpec
 
 __all__ = [
     "ALIASES",

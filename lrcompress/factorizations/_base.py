@@ -30,8 +30,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..targets import LayerSpec
+from lrcompress.errors import UserError
+from lrcompress.model.layers import LayerSpec
 
 Rank = int | tuple[int, ...]
 

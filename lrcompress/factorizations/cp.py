@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from ._base import (
+from lrcompress.factorizations._base import (
     DecompositionError,
     Factorization,
     conv,

@@ -12,7 +12,14 @@ not factorized in v1 (``supports()`` says so), depthwise convs never.
 
 from __future__ import annotations
 
-from ._base import Factorization, balanced_split, conv, khw, left_basis, register
+from lrcompress.factorizations._base import (
+    Factorization,
+    balanced_split,
+    conv,
+    khw,
+    left_basis,
+    register,
+)
 
 
 @register

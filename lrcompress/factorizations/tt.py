@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import (
+from lrcompress.factorizations._base import (
     Factorization,
     as_int_tuple,
     conv,

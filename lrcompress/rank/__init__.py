@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..search_state import SearchState
-from ._problem import DENSE, LayerOptions, Option, RankProblem, allocate, layer_options
-from ._signals import Cache
+from lrcompress.errors import UserError
+from lrcompress.rank.problem import (
+    DENSE,
+    LayerOptions,
+    Option,
+    RankProblem,
+    allocate,
+    layer_options,
+)
+from lrcompress.rank.search_state import SearchState
+from lrcompress.rank.signals import Cache
 
 RANK_METHODS: dict[str, Callable] = {}
 
@@ -56,7 +63,7 @@ class SelectContext:
 def _load_builtin() -> None:
     if RANK_METHODS:
         return
-    from . import bisect, energy, rene, sensitivity, svt, uniform, vbmf
+    from lrcompress.rank import bisect, energy, rene, sensitivity, svt, uniform, vbmf
 
     register("uniform")(uniform.select)
     register("rene")(rene.select)

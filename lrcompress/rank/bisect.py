@@ -27,9 +27,9 @@ Config (``ctx.config["bisect"]``, a dict of overrides):
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ._problem import DENSE, allocate
-from ._spectral import (
+from lrcompress.errors import UserError
+from lrcompress.rank.problem import DENSE, allocate
+from lrcompress.rank.spectral import (
     LayerSpectrum,
     Trials,
     choice_for,
@@ -38,7 +38,7 @@ from ._spectral import (
     read_config,
     strictly_increasing,
 )
-from .svt import kept_above
+from lrcompress.rank.svt import kept_above
 
 DEFAULTS = {"max_loss_increase": 0.02, "delta_tol": 1e-3, "eval_batches": None,
             "shed_scores": "spectrum"}
@@ -58,7 +58,7 @@ def spectrum_scores(layers: list[LayerSpectrum]) -> list[list[float]]:
 
 
 def _loss_model_scores(ctx, choice, batches) -> list[list[float]]:
-    from ._signals import error_curves, loss_model_scores, sensitivities
+    from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
 
     ref = [j if lo.options[j].method != DENSE else len(lo.options) - 2
            for lo, j in zip(ctx.problem.layers, choice)]

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._spectral import choice_for, finish, layer_spectra, profile_scores, read_config, solve
+from lrcompress.rank.spectral import (
+    choice_for,
+    finish,
+    layer_spectra,
+    profile_scores,
+    read_config,
+    solve,
+)
 
 DEFAULTS = {"top_up": True}
 

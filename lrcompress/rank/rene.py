@@ -62,12 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..costs import dense_macs
-from ..factorizations import get_factorization
-from ..finetune import kd_loss
-from ..numerics import NonFiniteGuard, all_finite, first_nonfinite
-from ..surgery import swap_modules
-from ._problem import DENSE, LayerOptions, RankProblem
+from lrcompress.factorizations import get_factorization
+from lrcompress.model.costs import dense_macs
+from lrcompress.model.surgery import swap_modules
+from lrcompress.rank.problem import DENSE, LayerOptions, RankProblem
+from lrcompress.recover.finetune import kd_loss
+from lrcompress.util.numerics import NonFiniteGuard, all_finite, first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -471,8 +471,8 @@ def _without_onednn():
 
 class _Health:
     """Skips (rolls back) a search step whose loss or gradients are NaN/Inf; one
-    :class:`~lrcompress.numerics.NonFiniteGuard` per step kind stops the search after 3 in a row,
-    naming the stage and the first layer whose logits or factors went bad."""
+    :class:`~lrcompress.util.numerics.NonFiniteGuard` per step kind stops the search after 3
+    in a row, naming the stage and the first layer whose logits or factors went bad."""
 
     ADVICE = ("Exclude that layer (--exclude), choose another --decomp, or lower the search "
               "learning rates.")
@@ -496,9 +496,9 @@ class _Health:
 
 
 def select(ctx) -> tuple:
-    from ._problem import allocate
-    from ._signals import error_curves, loss_model_scores, sensitivities
-    from .sensitivity import truncation_scores
+    from lrcompress.rank.problem import allocate
+    from lrcompress.rank.sensitivity import truncation_scores
+    from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
 
     cfg = ctx.config.get("rene") or ReneConfig()
     errs = error_curves(ctx.model, ctx.problem, ctx.cache)

@@ -14,9 +14,9 @@ Config (``ctx.config["sensitivity"]``): ``calib_batches`` (default 4) — batche
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ._problem import allocate
-from ._signals import error_curves, loss_model_scores, sensitivities
+from lrcompress.errors import UserError
+from lrcompress.rank.problem import allocate
+from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
 
 KEYS = {"calib_batches"}
 

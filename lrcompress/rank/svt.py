@@ -40,8 +40,8 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
-from ._spectral import (
+from lrcompress.errors import UserError
+from lrcompress.rank.spectral import (
     Trials,
     choice_for,
     finish,

@@ -10,9 +10,9 @@ so the plan meets the target without wasting more than one rank step.
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..factorizations import get_factorization
-from ._problem import DENSE, RankProblem, allocate
+from lrcompress.errors import UserError
+from lrcompress.factorizations import get_factorization
+from lrcompress.rank.problem import DENSE, RankProblem, allocate
 
 
 def choice_at(problem: RankProblem, rho: float) -> list[int]:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..errors import UserError
-from ..factorizations._base import single_threaded
-from ._spectral import (
+from lrcompress.errors import UserError
+from lrcompress.factorizations._base import single_threaded
+from lrcompress.rank.spectral import (
     choice_for,
     finish,
     layer_spectra,

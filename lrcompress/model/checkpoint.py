@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from lrcompress.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
-from .factorizations import chain_factors, get_factorization
-from .factorizations._base import collect_notes
-from .plan import Plan
+from lrcompress.errors import UserError
+from lrcompress.factorizations import chain_factors, get_factorization
+from lrcompress.factorizations._base import collect_notes
+from lrcompress.model.plan import Plan
 
 log = logging.getLogger(__name__)
 

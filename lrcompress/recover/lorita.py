@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
-from .finetune import FinetuneConfig, distill
-from .surgery import _set_module
+from lrcompress.errors import UserError
+from lrcompress.model.surgery import _set_module
+from lrcompress.recover.finetune import FinetuneConfig, distill
 
 
 @dataclass(frozen=True)

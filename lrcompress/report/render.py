@@ -122,7 +122,7 @@ def render_export(res) -> None:
     con = console()
     sec = res.section
     if "onnx" in sec:
-        from .report import onnx_summary
+        from lrcompress.report.write import onnx_summary
 
         for line in onnx_summary(sec["onnx"]):
             con.print(line)

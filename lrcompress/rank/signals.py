@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import write_json
-from ..factorizations import get_factorization
-from ._problem import DENSE, RankProblem
+from lrcompress.factorizations import get_factorization
+from lrcompress.rank.problem import DENSE, RankProblem
+from lrcompress.util.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _calib_loss(model, batches, device) -> float:
 def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batches, device,
                   cache: Cache, progress=None) -> list[float]:
     """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6)."""
-    from ..surgery import swap_modules
+    from lrcompress.model.surgery import swap_modules
 
     model.eval()
     base = None

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import UserError
+from lrcompress.errors import UserError
 
 log = logging.getLogger(__name__)
 

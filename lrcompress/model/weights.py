@@ -1,7 +1,7 @@
 """Saving and reloading compressed models (safetensors with the plan in the header).
 
 ``model.safetensors`` holds the compressed weights; its ``__metadata__`` holds the plan as JSON
-under ``lrcompress.plan``. :func:`load` rebuilds the architecture, swaps in empty factorized
+under ``lrcompress.model.plan``. :func:`load` rebuilds the architecture, swaps in empty factorized
 skeletons as the plan says, and loads the weights: no pickle and no other file is involved.
 """
 
@@ -14,11 +14,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from ._io import atomic_path
-from ._version import __version__
-from .checkpoint import read_checkpoint
-from .errors import CheckpointError
-from .models import (
+from lrcompress._version import __version__
+from lrcompress.errors import CheckpointError
+from lrcompress.model.arch import (
     PLAN_METADATA_KEY,
     LoadedModel,
     ModelInfo,
@@ -26,8 +24,10 @@ from .models import (
     load_state_dict_strict,
     parse_arch,
 )
-from .plan import Plan
-from .surgery import decompose_
+from lrcompress.model.checkpoint import read_checkpoint
+from lrcompress.model.plan import Plan
+from lrcompress.model.surgery import decompose_
+from lrcompress.util.io import atomic_path
 
 
 def save_compressed(model: nn.Module, plan: Plan, path) -> Path:

@@ -21,31 +21,32 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
-from ._io import cannot_write_in, write_json, write_text
-from .bn import recalibrate_bn
-from .census import make_selection
-from .checkpoint import read_checkpoint
-from .costs import count_model, dense_macs, dense_params
-from .data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
-from .errors import LrcError, TargetError, UserError
-from .export import build_compressed, save_compressed
-from .factorizations import ALIASES, FACTORIZATIONS
-from .finetune import FinetuneConfig, distill
-from .lorita import LoritaConfig, lorita_train
-from .measure import evaluate, independent_macs, param_count
-from .models import load_model
-from .plan import Plan, Target
-from .progress import Progress
-from .rank import SelectContext, get_method
-from .rank._problem import LayerOptions, RankProblem, layer_options
-from .rank._signals import Cache
-from .rank.rene import ReneConfig
-from .report import write_reports
-from .resources import rebatch, retry_halving
-from .search_state import SearchState
-from .surgery import decompose_
-from .targets import find_layers, skip_reason
+from lrcompress._version import __version__
+from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.errors import LrcError, TargetError, UserError
+from lrcompress.factorizations import ALIASES, FACTORIZATIONS
+from lrcompress.measure.metrics import evaluate, independent_macs, param_count
+from lrcompress.model.arch import load_model
+from lrcompress.model.census import make_selection
+from lrcompress.model.checkpoint import read_checkpoint
+from lrcompress.model.costs import count_model, dense_macs, dense_params
+from lrcompress.model.layers import find_layers, skip_reason
+from lrcompress.model.plan import Plan, Target
+from lrcompress.model.surgery import decompose_
+from lrcompress.model.weights import build_compressed, save_compressed
+from lrcompress.rank import SelectContext, get_method
+from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
+from lrcompress.rank.rene import ReneConfig
+from lrcompress.rank.search_state import SearchState
+from lrcompress.rank.signals import Cache
+from lrcompress.recover.bn import recalibrate_bn
+from lrcompress.recover.finetune import FinetuneConfig, distill
+from lrcompress.recover.lorita import LoritaConfig, lorita_train
+from lrcompress.report.write import write_reports
+from lrcompress.util import distributed
+from lrcompress.util.io import cannot_write_in, write_json, write_text
+from lrcompress.util.progress import Progress
+from lrcompress.util.resources import rebatch, retry_halving
 
 log = logging.getLogger(__name__)
 AUTO_METHODS = ("svd", "tucker2", "cp", "tt")
@@ -470,7 +471,7 @@ def _lorita_stage(model, info, input_size, problem, loaders, cfg: SearchConfig, 
 
 
 def _cached_eval(path: Path, model, loader, device, progress):
-    from .measure import Accuracy
+    from lrcompress.measure.metrics import Accuracy
 
     if path.exists():
         return Accuracy(**json.loads(path.read_text()))

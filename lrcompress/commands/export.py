@@ -23,13 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import _default, atomic_path
-from .data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
-from .errors import LrcError, UserError
-from .export import load
-from .latency import LatencyConfig, compare
-from .models import build, load_model, parse_arch
-from .onnx_export import (
+from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.deploy.onnx import (
     DEFAULT_OPSET,
     EXPORTER,
     INPUT_NAME,
@@ -39,9 +34,15 @@ from .onnx_export import (
     export_onnx,
     op_counts,
 )
-from .plan import Plan
-from .progress import Progress
-from .report import read_report, remove_stale_plots, render_reports
+from lrcompress.errors import LrcError, UserError
+from lrcompress.measure.latency import LatencyConfig, compare
+from lrcompress.model.arch import build, load_model, parse_arch
+from lrcompress.model.plan import Plan
+from lrcompress.model.weights import load
+from lrcompress.report.schema import read_report
+from lrcompress.report.write import remove_stale_plots, render_reports
+from lrcompress.util.io import _default, atomic_path
+from lrcompress.util.progress import Progress
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "safetensors")

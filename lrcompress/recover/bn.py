@@ -17,8 +17,8 @@ from itertools import chain
 import torch
 from torch import nn
 
-from .errors import UserError
-from .numerics import all_finite
+from lrcompress.errors import UserError
+from lrcompress.util.numerics import all_finite
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ._version import __version__
-from .costs import dense_macs, dense_params
-from .errors import UserError
-from .factorizations import get_factorization
-from .targets import LayerSpec
+from lrcompress._version import __version__
+from lrcompress.errors import UserError
+from lrcompress.factorizations import get_factorization
+from lrcompress.model.costs import dense_macs, dense_params
+from lrcompress.model.layers import LayerSpec
 
 PLAN_SCHEMA = 1
 

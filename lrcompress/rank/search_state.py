@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from ._io import atomic_path
+from lrcompress.util import distributed
+from lrcompress.util.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .targets import LayerSpec
+from lrcompress.model.layers import LayerSpec
 
 aten = torch.ops.aten
 

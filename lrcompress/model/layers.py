@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import UserError
+from lrcompress.errors import UserError
 
 Pair = tuple[int, int]
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..factorizations._base import single_threaded
-from ._problem import DENSE, RankProblem, allocate
-from ._signals import weight_key
+from lrcompress.errors import UserError
+from lrcompress.factorizations._base import single_threaded
+from lrcompress.rank.problem import DENSE, RankProblem, allocate
+from lrcompress.rank.signals import weight_key
 
 BISECT_ITERS = 60
 
@@ -217,14 +217,14 @@ class Trials:
     def base(self) -> float:
         """Calibration loss of the original model."""
         if self._base is None:
-            from ._signals import _calib_loss
+            from lrcompress.rank.signals import _calib_loss
 
             with torch.no_grad():
                 self._base = _calib_loss(self.ctx.model, self.batches, self.ctx.device)
         return self._base
 
     def chain(self, i: int, j: int):
-        from ..factorizations import DecompositionError, get_factorization
+        from lrcompress.factorizations import DecompositionError, get_factorization
 
         if (i, j) not in self.chains:
             lo = self.ctx.problem.layers[i]
@@ -244,8 +244,8 @@ class Trials:
         return len(self.chains)
 
     def loss(self, choice) -> float:
-        from ..surgery import swap_modules
-        from ._signals import _calib_loss
+        from lrcompress.model.surgery import swap_modules
+        from lrcompress.rank.signals import _calib_loss
 
         key = tuple(choice)
         if key in self.memo:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..costs import dense_macs, dense_params
-from ..errors import TargetError
-from ..factorizations import break_even_rank, get_factorization
-from ..plan import LayerPlan, Plan, Target
-from ..targets import LayerSpec
+from lrcompress.errors import TargetError
+from lrcompress.factorizations import break_even_rank, get_factorization
+from lrcompress.model.costs import dense_macs, dense_params
+from lrcompress.model.layers import LayerSpec
+from lrcompress.model.plan import LayerPlan, Plan, Target
 
 DENSE = "dense"
 

@@ -6,9 +6,16 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .costs import count_model, dense_macs, dense_params
-from .factorizations import FACTORIZATIONS, break_even_rank
-from .targets import LayerSpec, Selection, check_patterns, find_layers, protected_names, skip_reason
+from lrcompress.factorizations import FACTORIZATIONS, break_even_rank
+from lrcompress.model.costs import count_model, dense_macs, dense_params
+from lrcompress.model.layers import (
+    LayerSpec,
+    Selection,
+    check_patterns,
+    find_layers,
+    protected_names,
+    skip_reason,
+)
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as dist_
-from ._io import atomic_path
-from .errors import UserError
-from .factorizations import chain_factors, get_factorization
-from .measure import evaluate
-from .numerics import (
+from lrcompress.errors import UserError
+from lrcompress.factorizations import chain_factors, get_factorization
+from lrcompress.measure.metrics import evaluate
+from lrcompress.model.plan import Plan
+from lrcompress.util import distributed as dist_
+from lrcompress.util.io import atomic_path
+from lrcompress.util.numerics import (
     BufferSnapshot,
     NonFiniteGuard,
     all_finite,
@@ -49,8 +50,7 @@ from .numerics import (
     first_nonfinite_output,
     nonfinite_grad,
 )
-from .plan import Plan
-from .resources import retry_halving
+from lrcompress.util.resources import retry_halving
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint
-from .errors import CheckpointError, UserError
+from lrcompress.errors import CheckpointError, UserError
+from lrcompress.model.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "torchvision")
-PLAN_METADATA_KEY = "lrcompress.plan"
+PLAN_METADATA_KEY = "lrcompress.model.plan"
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def load_model(
                               "an architecture name such as timm:resnet18.")
     sd, meta = read_checkpoint(path, trust_pickle=trust_pickle)
     if PLAN_METADATA_KEY in meta:
-        from .export import load_compressed  # noqa: PLC0415 - avoids an import cycle
+        from lrcompress.model.weights import load_compressed  # noqa: PLC0415 - avoids an import cycle
 
         return load_compressed(path, sd, meta)
     a = parse_arch(arch) if arch else arch_from_stem(path)

@@ -11,12 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
-from .latency import LatencyConfig, measure
-from .measure import evaluate, independent_macs, param_count
-from .models import load_model
-from .progress import Progress
-from .report import read_report
+from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.measure.latency import LatencyConfig, measure
+from lrcompress.measure.metrics import evaluate, independent_macs, param_count
+from lrcompress.model.arch import load_model
+from lrcompress.report.schema import read_report
+from lrcompress.util.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def eval_model(spec: str, data_spec: str, cfg: EvalConfig = EvalConfig(), *, arc
                num_classes=None, in_chans=None, trust_pickle=False,
                progress: Progress | None = None) -> dict:
     """Evaluate ``spec`` on the test split of ``data_spec``; a JSON-ready dict."""
-    from .onnx_export import export_onnx
-    from .pipeline import resolve_device
+    from lrcompress.commands.search import resolve_device
+    from lrcompress.deploy.onnx import export_onnx
 
     progress = progress or Progress()
     progress.stage("loading model")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LrcError, UserError
+from lrcompress.errors import LrcError, UserError
 
 log = logging.getLogger(__name__)
 

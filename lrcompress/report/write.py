@@ -14,47 +14,13 @@ import base64
 import contextlib
 import html
 import io
-import json
 import re
 from pathlib import Path
 
-from ._io import atomic_path
-from .errors import UserError
+from lrcompress.report.schema import final_accuracy
+from lrcompress.util.io import atomic_path
 
-SCHEMA = 1
 PLOT_DIR = "plots"
-
-
-# ----------------------------------------------------------------------------- reading reports
-def read_report(run) -> dict:
-    """RUN/report.json (or the file itself), checked for the schema this version reads."""
-    run = Path(run)
-    if not run.exists():
-        raise UserError(f"No such run: {run}. Give the folder written by "
-                        "`lrcompress search ... -o RUN`.")
-    if run.is_file() and run.name != "report.json":
-        raise UserError(f"{run} is a file: give the RUN folder written by `lrcompress search` "
-                        "(or its report.json).")
-    path = run if run.is_file() else run / "report.json"
-    if not path.is_file():
-        raise UserError(f"{run} has no report.json: it is not a finished run. "
-                        "`lrcompress search ... -o RUN` writes it.")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-run the search to rewrite it.") from e
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        got = report.get("schema") if isinstance(report, dict) else None
-        raise UserError(f"{path} has report schema {got!r}; this lrcompress reads schema "
-                        f"{SCHEMA}. Re-run the search with this version.")
-    return report
-
-
-def final_accuracy(report: dict) -> tuple[str, dict]:
-    """(stage, accuracy) of the model the run ships: the last stage it went through."""
-    acc = report["accuracy"]
-    stage = next(s for s in ("finetuned", "bn_recalibrated", "decomposed") if acc.get(s))
-    return stage, acc[stage]
 
 
 # ------------------------------------------------------------------------------------- plots

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .costs import dense_macs
-from .errors import UserError
+from lrcompress.errors import UserError
+from lrcompress.model.costs import dense_macs
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _torch_fn(model: nn.Module, x: torch.Tensor):
 
 
 def _ort_fn(sess, x: np.ndarray):
-    from .onnx_export import INPUT_NAME
+    from lrcompress.deploy.onnx import INPUT_NAME
 
     return lambda: sess.run(None, {INPUT_NAME: x})
 
@@ -152,7 +152,7 @@ def measure(models: dict[str, nn.Module], input_size, cfg: LatencyConfig,
     if cfg.onnxruntime and onnx_models:
         import onnxruntime as ort
 
-        from .onnx_export import GPU_HINT, ort_session
+        from lrcompress.deploy.onnx import GPU_HINT, ort_session
 
         for t in cfg.threads:
             threads = t or ncpu
