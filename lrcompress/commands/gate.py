@@ -133,7 +133,7 @@ def junit_xml(result: GateResult) -> str:
                        failures=str(len(result.failed)), errors="0", skipped="0")
     for c in result.checks:
         case = ET.SubElement(suite, "testcase", name=c.budget, time="0",
-                             classname=f"lrcompress.commands.gate.{Path(result.run).name}")
+                             classname=f"lrcompress.gate.{Path(result.run).name}")
         if not c.passed:
             fail = ET.SubElement(case, "failure", message=f"{c.budget}: value {c.value:g}",
                                  type="BudgetExceeded")

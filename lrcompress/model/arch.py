@@ -26,7 +26,7 @@ from lrcompress.model.checkpoint import read_checkpoint
 log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "torchvision")
-PLAN_METADATA_KEY = "lrcompress.model.plan"
+PLAN_METADATA_KEY = "lrcompress.plan"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Saving and reloading compressed models (safetensors with the plan in the header).
 
 ``model.safetensors`` holds the compressed weights; its ``__metadata__`` holds the plan as JSON
-under ``lrcompress.model.plan``. :func:`load` rebuilds the architecture, swaps in empty factorized
+under ``lrcompress.plan``. :func:`load` rebuilds the architecture, swaps in empty factorized
 skeletons as the plan says, and loads the weights: no pickle and no other file is involved.
 """
 
