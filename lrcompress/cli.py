@@ -363,7 +363,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18-ft
       lrcompress search resnet18.pt --plan runs/r18-tt30/plan.json --data ... -o runs/again
     """
-    from lrcompress.commands.search import SearchConfig
+    from lrcompress.commands.compress import CompressConfig
     from lrcompress.commands.search import search as run_search
     from lrcompress.data import DataConfig
     from lrcompress.model.plan import Target
@@ -383,7 +383,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
                         "(--target-flops or --target-params).")
     if not 0 < calib_fraction < 1:
         raise UserError(f"--calib-fraction {calib_fraction} must be between 0 and 1.")
-    cfg = SearchConfig(
+    cfg = CompressConfig(
         target=target, decomp=decomp, method=method, rank_multiple=rank_multiple,
         include=tuple(include), exclude=tuple(exclude), seed=seed, device=device,
         calib_batches=calib_batches, bn_batches=bn_batches,

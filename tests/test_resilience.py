@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import lrcompress.commands.search as pipeline
+import lrcompress.commands.compress as stages
 import lrcompress.recover.finetune as ft
 from lrcompress.cli import main
 from lrcompress.rank.search_state import SearchState, load_search_state, save_search_state
@@ -138,9 +138,9 @@ def test_a_kill_at_any_rename_leaves_only_complete_files(ref, tmp_path, monkeypa
 
 # ------------------------------------------------------------------------ interrupted runs
 STAGES = {  # stage -> (what to wrap, call that is killed)
-    "rank_search": (pipeline, "get_method", 1),
-    "decomposition": (pipeline, "decompose_", 1),
-    "eval_decomposed": (pipeline, "_cached_eval", 2),
+    "rank_search": (stages, "get_method", 1),
+    "decomposition": (stages, "decompose_", 1),
+    "eval_decomposed": (stages, "evaluate", 2),
     "fine_tuning": (ft, "evaluate", 2),  # the end of epoch 2 of 2, before its state is saved
 }
 
@@ -157,9 +157,9 @@ def test_a_killed_stage_resumes_without_redoing_finished_ones(stage, ref, tmp_pa
     assert "Interrupted" in text and "re-run the same command to resume" in text, text
     assert "Traceback" not in text
     monkeypatch.setattr(mod, name, real)
-    counters = {n: Counter(getattr(pipeline, n)) for n in ("get_method", "decompose_")}
+    counters = {n: Counter(getattr(stages, n)) for n in ("get_method", "decompose_")}
     for n, c in counters.items():
-        monkeypatch.setattr(pipeline, n, c)
+        monkeypatch.setattr(stages, n, c)
     code, text = cli(*args)
     assert code == 0, text
     redone = {n: c.calls for n, c in counters.items()}
@@ -201,7 +201,7 @@ def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monke
     """The contract rene can use: ctx.state is under RUN/state, survives a kill, is handed back
     to the re-run of the same command, and is deleted once the plan is saved."""
     seen = []
-    real = pipeline.get_method
+    real = stages.get_method
 
     def method_with_checkpoints(name):
         select = real(name)
@@ -216,7 +216,7 @@ def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monke
 
         return run
 
-    monkeypatch.setattr(pipeline, "get_method", method_with_checkpoints)
+    monkeypatch.setattr(stages, "get_method", method_with_checkpoints)
     out = tmp_path / "r"
     assert cli("search", resnet_ckpt["pt"], *BASE, "-o", out)[0] == 130
     assert (out / "state" / "search-uniform.pt").exists()
@@ -267,7 +267,7 @@ def test_out_of_memory_advice_then_auto_batch_halving(resnet_ckpt, tmp_path, mon
     larger than 2: without --auto-batch a clear message and exit 2; the same command with
     --auto-batch resumes and halves 8 -> 4 -> 2 in both stages, and the report says so."""
     check = _oom_above(2)
-    real_method, real_diss = pipeline.get_method, ft.diss_loss
+    real_method, real_diss = stages.get_method, ft.diss_loss
 
     def method(name):
         def run(ctx):
@@ -279,7 +279,7 @@ def test_out_of_memory_advice_then_auto_batch_halving(resnet_ckpt, tmp_path, mon
         check(next(iter(s_taps.out.values())).shape[0])
         return real_diss(student, plan, teacher_w, s_taps, t_taps, reduction)
 
-    monkeypatch.setattr(pipeline, "get_method", method)
+    monkeypatch.setattr(stages, "get_method", method)
     monkeypatch.setattr(ft, "diss_loss", diss)
     args = ["search", resnet_ckpt["pt"], *BASE, "--max-steps", "2", "-o", tmp_path / "r"]
     code, text = cli(*args)

@@ -86,8 +86,8 @@ def load_compressed(path: Path, sd: dict, meta: dict) -> LoadedModel:
     return LoadedModel(model, info, plan=plan.to_dict())
 
 
-def load(path) -> nn.Module:
-    """Rebuild a compressed model from ``RUN/`` or its ``model.safetensors`` (one call)."""
+def read_compressed_file(path) -> tuple[Path, dict, dict]:
+    """(file, weights, header metadata) of ``RUN/`` or a compressed ``model.safetensors``."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -96,5 +96,9 @@ def load(path) -> nn.Module:
         raise CheckpointError(f"{path} has no lrcompress plan in its header: it is not a model "
                               "written by lrcompress. Use lrcompress.load_model for plain "
                               "checkpoints.")
-    return load_compressed(path, sd, meta).model
+    return path, sd, meta
 
+
+def load(path) -> nn.Module:
+    """Rebuild a compressed model from ``RUN/`` or its ``model.safetensors`` (one call)."""
+    return load_compressed(*read_compressed_file(path)).model

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lrcompress._version import __version__
+from lrcompress.batches import sample_count
 from lrcompress.errors import UserError
 from lrcompress.model.costs import dense_macs, dense_params
 
@@ -65,7 +66,7 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
         "data": {"spec": loaders.description,
                  "test_samples": acc["original"]["n"] if "original" in acc else None,
                  "calib_batches": calib_batches,
-                 "train_samples": _count(loaders.train)},
+                 "train_samples": sample_count(loaders.train)},
         "target": {"kind": cfg.target.kind, "ratio": cfg.target.ratio},
         "totals": {
             "macs_before": problem.base_macs, "macs_after": macs,
@@ -122,15 +123,6 @@ def library_versions() -> dict:
     return out
 
 
-def _count(loader) -> int | None:
-    ds = getattr(loader, "dataset", None)
-    try:
-        return len(ds) if ds is not None else None
-    except TypeError:
-        return None
-
-
-# ----------------------------------------------------------------------------- reading reports
 def read_report(run) -> dict:
     """RUN/report.json (or the file itself), checked for the schema this version reads."""
     run = Path(run)

@@ -1,0 +1,458 @@
+"""The compression job as stages, shared by ``lrcompress search`` and ``lrcompress.compress``.
+
+A :class:`Job` holds what every stage reads (the original model, the rank problem, the loaders,
+the configuration, the run folder, the progress sink). :func:`run_stages` calls the stages in
+order:
+
+    evaluate original → [LoRITa] → rank selection → decomposition → target check → evaluate
+    → BatchNorm re-estimation → evaluate → [distillation → evaluate] → save + report
+
+Each stage is a function of a few dozen lines that returns a value; each one that takes long
+keeps its result under RUN/state/ (through :class:`~lrcompress.commands.run_dir.RunDir`) so an
+interrupted run resumes after the last finished stage. Without a run folder nothing is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lrcompress.batches import sample_count
+from lrcompress.commands.run_dir import MODEL_FILE, PLAN_FILE, REPORT_FILE, RunDir
+from lrcompress.data import DataConfig
+from lrcompress.errors import LrcError, TargetError, UserError
+from lrcompress.factorizations import ALIASES, FACTORIZATIONS
+from lrcompress.measure.metrics import Accuracy, evaluate, independent_macs, param_count
+from lrcompress.model.arch import ModelInfo
+from lrcompress.model.census import make_selection
+from lrcompress.model.checkpoint import read_checkpoint
+from lrcompress.model.costs import count_model
+from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
+from lrcompress.model.plan import Plan, Target
+from lrcompress.model.surgery import decompose_
+from lrcompress.model.weights import build_compressed, save_compressed
+from lrcompress.rank import SelectContext, get_method
+from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
+from lrcompress.rank.rene import ReneConfig
+from lrcompress.rank.search_state import SearchState
+from lrcompress.rank.signals import Cache
+from lrcompress.recover.bn import recalibrate_bn
+from lrcompress.recover.finetune import FinetuneConfig, distill
+from lrcompress.recover.lorita import LoritaConfig, lorita_train
+from lrcompress.report.schema import build_report
+from lrcompress.report.write import write_reports
+from lrcompress.util.io import write_json, write_text
+from lrcompress.util.progress import Progress
+from lrcompress.util.resources import rebatch, retry_halving
+
+AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Every setting of a compression job (frozen; :meth:`to_dict` is what the report records)."""
+
+    target: Target
+    decomp: str = "tt"  # factorization: svd | tucker2 | cp | cp4 | tt | auto
+    method: str = "rene"  # rank-selection method
+    rank_multiple: int = 8  # ranks are multiples of this (AIMET's default multiplicity)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    calib_batches: int = 8  # calibration batches the rank selection and sensitivities use
+    data: DataConfig = field(default_factory=DataConfig)
+    rene: ReneConfig = field(default_factory=ReneConfig)
+    # Overrides for the baseline methods, e.g. {"vbmf": {"weaken": 0.5}} (see each rank module).
+    method_config: dict = field(default_factory=dict)
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    plan_path: str | None = None  # re-apply this plan instead of selecting ranks
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lorita: LoritaConfig = field(default_factory=LoritaConfig)  # over-parameterised pre-tuning
+    cache_dir: str | None = None  # decomposition/sensitivity cache (default RUN/cache)
+    overwrite: bool = False
+    auto_batch: bool = False  # CUDA out-of-memory: halve the batch and retry (search, fine-tuning)
+    # After decomposition, re-estimate the BatchNorm statistics downstream of the factorized
+    # layers on this many calibration batches (0: keep the original model's statistics).
+    bn_batches: int = 16
+
+    def __post_init__(self):
+        d = ALIASES.get(self.decomp, self.decomp)
+        if d != "auto" and d not in FACTORIZATIONS:
+            raise UserError(f"Unknown --decomp {self.decomp!r}: choose one of "
+                            f"{', '.join([*FACTORIZATIONS, 'auto'])} (tucker = tucker2).")
+        object.__setattr__(self, "decomp", d)
+        if self.rank_multiple < 1:
+            raise UserError(f"--rank-multiple {self.rank_multiple} must be 1 or more.")
+        if self.calib_batches < 1:
+            raise UserError(f"--calib-batches {self.calib_batches} must be 1 or more.")
+        if self.bn_batches < 0:
+            raise UserError(f"--bn-batches {self.bn_batches} must be 0 (off) or more.")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target"] = {"kind": self.target.kind, "ratio": self.target.ratio}
+        return d
+
+
+@dataclass
+class Loaders:
+    """The job's data: calibration (rank selection, BatchNorm), training and test batches."""
+
+    calib: object | None
+    train: object | None = None
+    test: object | None = None
+    description: str = ""  # for the report: a data spec, or "Python loaders"
+    batch_size: int | None = None  # samples per batch, when known (progress totals)
+
+
+@dataclass
+class Job:
+    model: nn.Module  # the original model (eval mode, on ``device``); never modified
+    info: ModelInfo
+    input_size: tuple[int, int, int]
+    problem: RankProblem
+    loaders: Loaders
+    cfg: CompressConfig
+    device: torch.device
+    run: RunDir = field(default_factory=lambda: RunDir(None))
+    progress: Progress = field(default_factory=Progress)
+    given_plan: Plan | None = None
+    command: list[str] | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Decomposed:
+    student: nn.Module
+    rel_errors: dict[str, float]
+    retries: dict[str, int]
+
+
+@dataclass
+class CompressResult:
+    """What a compression job returns: the compressed model, its plan and the full report."""
+
+    model: nn.Module
+    plan: Plan
+    report: dict
+    run_dir: object = None  # pathlib.Path of RUN/, or None
+
+    def save(self, path) -> object:
+        """Write the compressed model with its plan to a ``.safetensors`` file."""
+        return save_compressed(self.model, self.plan, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but no CUDA GPU is available here. "
+                        "Use --device cpu (or auto).")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"Unknown --device {name!r}: use auto, cpu, cuda or cuda:N.") from e
+
+
+def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
+                  specs: list[LayerSpec] | None = None) -> RankProblem:
+    """The rank problem: every eligible layer's options and the budget (checked reachable)."""
+    specs = find_layers(model, input_size) if specs is None else specs
+    sel = make_selection(model, specs, cfg.include, cfg.exclude)
+    cost = count_model(model, specs, input_size)
+    methods = list(AUTO_FACTORIZATIONS) if cfg.decomp == "auto" else [cfg.decomp]
+    layers, skipped = [], {}
+    for s in specs:
+        reason = skip_reason(s, sel)
+        opts = [] if reason else layer_options(s, methods, cfg.rank_multiple)
+        if not reason and len(opts) < 2:
+            reason = f"too small: no {cfg.decomp} rank saves MACs and params"
+        if reason:
+            skipped[s.name] = reason
+        else:
+            layers.append(LayerOptions(s, opts))
+    if not layers:
+        raise UserError(f"No layer of {info.arch} can be factorized with --decomp {cfg.decomp} "
+                        f"(reasons: {'; '.join(sorted(set(skipped.values())))}). Try another "
+                        "--decomp or --include more layers (see `lrcompress inspect`).")
+    problem = RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
+                          info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
+    problem.check_feasible()
+    return problem
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def evaluate_stage(job: Job, model: nn.Module, name: str, title: str,
+                   cached: bool = True) -> Accuracy | None:
+    """Test accuracy of ``model`` (None without test data); kept as state/eval_<name>.json."""
+    if job.loaders.test is None:
+        return None
+    saved = job.run.read_state_json(f"eval_{name}.json") if cached else None
+    if saved is not None:
+        return Accuracy(**saved)
+    job.progress.stage(title, total=sample_count(job.loaders.test))
+    acc = evaluate(model, job.loaders.test, job.device, progress=job.progress.advance)
+    if cached:
+        job.run.write_state_json(f"eval_{name}.json", acc.to_dict())
+    return acc
+
+
+def calibration_batches(job: Job) -> list:
+    """The first ``calib_batches`` calibration batches, in their fixed order."""
+    batches = []
+    for x, y in job.loaders.calib or ():
+        batches.append((x, y))
+        if len(batches) >= job.cfg.calib_batches:
+            break
+    return batches
+
+
+def lorita_stage(job: Job) -> tuple[nn.Module, dict]:
+    """LoRITa pre-tuning of the selected layers (resumable: RUN/state/lorita.*)."""
+    cfg, run = job.cfg, job.run
+    if run.has_state("lorita.safetensors") and run.has_state("lorita.json"):
+        dense = copy.deepcopy(job.model).cpu()
+        dense.load_state_dict(read_checkpoint(run.state("lorita.safetensors"))[0])
+        return dense.to(job.device).eval(), run.read_state_json("lorita.json")
+    _need(job.loaders.train, "LoRITa pre-tuning", "train")
+    names = [lo.spec.name for lo in job.problem.layers]
+    stub = Plan(job.info.arch, job.info.num_classes, job.info.in_chans, tuple(job.input_size),
+                (), job.problem.base_macs, job.problem.base_params)
+    job.progress.stage(f"LoRITa pre-tuning (N={cfg.lorita.factors})",
+                       total=_samples(job, cfg.lorita.steps))
+    sub = run.state("lorita")
+    if run.writes:
+        sub.mkdir(parents=True, exist_ok=True)
+    dense, summary = lorita_train(job.model, names, cfg.lorita, job.loaders, job.device, stub,
+                                  state_dir=sub, progress=job.progress.advance,
+                                  fingerprint=run.fingerprint_text, seed=cfg.seed)
+    acc = evaluate_stage(job, dense, "lorita", "evaluating the LoRITa-tuned dense model",
+                         cached=False)
+    summary["dense_accuracy"] = acc.to_dict() if acc else None
+    if run.writes:
+        save_compressed(dense, stub, run.state("lorita.safetensors"))  # the dense architecture
+        write_json(run.state("lorita.json"), summary)
+    return dense, summary
+
+
+def select_stage(job: Job, source: nn.Module, batches: list) -> tuple[Plan, dict]:
+    """The plan: re-read after a resume, the given ``--plan``, or chosen by the rank method."""
+    run, cfg = job.run, job.cfg
+    if run.has_state(PLAN_FILE):
+        plan = Plan.from_json(run.state(PLAN_FILE).read_text())
+        trace = run.read_state_json("trace.json")
+    elif job.given_plan is not None:
+        plan, trace = job.given_plan, {"reapplied": str(cfg.plan_path)}
+    else:
+        plan, trace = select_ranks(source, job.problem, batches, cfg, job.device, run,
+                                   tick=job.progress.advance, progress=job.progress)
+    run.write_state_json("trace.json", trace)
+    run.write_state_text(PLAN_FILE, plan.to_json() + "\n")
+    run.remove_state(f"search-{cfg.method}.pt")  # superseded by the plan
+    return plan, trace
+
+
+def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
+                 device, run: RunDir | None = None, tick=None,
+                 progress: Progress | None = None) -> tuple[Plan, dict]:
+    """Run the rank method ``cfg.method`` on ``problem``: returns ``(plan, trace)``."""
+    run = run or RunDir(None)
+    if progress is not None:
+        progress.stage(f"rank selection ({cfg.method})")
+    if cfg.method in DATA_METHODS and not batches:
+        raise UserError(f"The rank method {cfg.method!r} needs calibration data (calib=...). "
+                        "Give a few hundred inputs, or use method='uniform'.")
+    cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
+    cache = Cache(None if cache_dir is None else _path(cache_dir) / "signals.json")
+    state = (SearchState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
+             if run.enabled else None)
+    ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
+                        {**cfg.method_config, "rene": cfg.rene},
+                        tick=tick or (lambda: None), state=state)
+
+    def select(size):  # --auto-batch: the same calibration samples in smaller batches
+        ctx.batches = rebatch(batches, size)
+        return get_method(cfg.method)(ctx)
+
+    first = batches[0][0].shape[0] if batches else 1
+    (plan, trace), calib_bs = retry_halving(select, first, enabled=cfg.auto_batch,
+                                            what="the rank search")
+    trace["calib_batch_size"] = calib_bs
+    return plan, trace
+
+
+# Rank methods that read calibration data (the others work on the weights alone).
+DATA_METHODS = ("rene", "sensitivity", "bisect")
+
+
+def decompose_stage(job: Job, source: nn.Module, plan: Plan) -> Decomposed:
+    """The factorized student (decomposed from ``source``, or re-read after a resume)."""
+    run = job.run
+    if run.has_state("decomposed.safetensors"):
+        student = build_compressed(plan) if not _custom(job) else _skeleton(job.model, plan)
+        student.load_state_dict(read_checkpoint(run.state("decomposed.safetensors"))[0])
+        dec = run.read_state_json("decomposed.json")
+        out = Decomposed(student, dec["rel_error"], dec["retries"])
+    else:
+        job.progress.stage("decomposing", total=len(plan.layers))
+        student = copy.deepcopy(source).cpu()
+        res = decompose_(student, plan, progress=lambda _n: job.progress.advance())
+        out = Decomposed(student, {r.name: r.rel_error for r in res},
+                         {r.name: r.retries for r in res if r.retries})
+        if run.writes:  # decomposed.safetensors last: its presence means the stage is complete
+            write_json(run.state("decomposed.json"),
+                       {"rel_error": out.rel_errors, "retries": out.retries})
+            save_compressed(student, plan, run.state("decomposed.safetensors"))
+    out.student.to(job.device).eval()
+    return out
+
+
+def verify_stage(job: Job, student: nn.Module, plan: Plan) -> tuple[int, int]:
+    """MACs and params of the student counted independently; the target must hold."""
+    measured = independent_macs(student, job.input_size)
+    params = param_count(student)
+    if measured != plan.macs or params != plan.params:
+        raise LrcError(f"internal check failed: the decomposed model has {measured} MACs / "
+                       f"{params} params by FlopCounterMode, the plan says {plan.macs} / "
+                       f"{plan.params}.")
+    t = job.cfg.target
+    achieved = measured / job.problem.base_macs if t.kind == "flops" else (
+        params / job.problem.base_params)
+    if achieved > t.ratio + 1e-12:
+        raise TargetError(f"the plan misses the target: {achieved:.4f} > {t.ratio}.")
+    return measured, params
+
+
+def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
+    """Re-estimate BatchNorm statistics after the factorized layers (None: not done)."""
+    if not job.cfg.bn_batches or job.loaders.calib is None:
+        return None
+    job.progress.stage("re-estimating BatchNorm statistics",
+                       total=_samples(job, job.cfg.bn_batches))
+    rec = recalibrate_bn(student, [lp.name for lp in plan.layers], job.loaders.calib,
+                         job.device, job.cfg.bn_batches, progress=job.progress.advance)
+    return None if rec is None else rec.to_dict()
+
+
+def finetune_stage(job: Job, student: nn.Module, plan: Plan) -> dict:
+    """Distillation from the original (in place; resumable per epoch)."""
+    cfg = job.cfg
+    _need(job.loaders.train, "fine-tuning", "train")
+    steps = cfg.finetune.max_steps or cfg.finetune.epochs * len(job.loaders.train)
+    job.progress.stage("fine-tuning (distillation)", total=_samples(job, steps))
+    state_dir = job.run.path / "state" if job.run.enabled else None
+    ft = distill(student, job.model, plan, job.loaders, cfg.finetune, job.device,
+                 state_dir=state_dir, progress=job.progress.advance,
+                 fingerprint=job.run.fingerprint_text, seed=cfg.seed,
+                 auto_batch=cfg.auto_batch)
+    return {"config": ft.config, "history": ft.history, "best_epoch": ft.best_epoch,
+            "steps": ft.steps, "resumed_from_epoch": ft.resumed_from_epoch,
+            "skipped_steps": ft.skipped_steps, "micro_batch": ft.micro_batch}
+
+
+def save_stage(job: Job, student: nn.Module, plan: Plan, report: dict) -> None:
+    """model.safetensors, plan.json, report.md/html and, last, report.json (rank 0 only)."""
+    run = job.run
+    if not run.writes:
+        return
+    save_compressed(student, plan, run.file(MODEL_FILE))
+    write_text(run.file(PLAN_FILE), plan.to_json() + "\n")
+    write_reports(run.path, report)
+    write_json(run.file(REPORT_FILE), report)  # last: its presence means the run finished
+
+
+# ---------------------------------------------------------------------------- the sequence
+
+
+def run_stages(job: Job) -> CompressResult:
+    """Every stage in order; returns the compressed model, its plan and the report."""
+    times = job.times
+    job.run.open()
+    job.model.to(job.device).eval()
+    acc = {}
+    original = _timed(times, "eval_original", evaluate_stage, job, job.model, "original",
+                      "evaluating the original model")
+    t = time.perf_counter()
+    batches = calibration_batches(job)
+    source, lorita_report = job.model, None
+    if job.cfg.lorita.enabled:
+        source, lorita_report = _timed(times, "lorita", lorita_stage, job)
+        t = time.perf_counter()
+    plan, trace = select_stage(job, source, batches)
+    times["rank_selection"] = time.perf_counter() - t
+    dec = _timed(times, "decompose", decompose_stage, job, source, plan)
+    student = dec.student
+    macs, params = verify_stage(job, student, plan)
+    acc["original"] = original
+    acc["decomposed"] = _timed(times, "eval_decomposed", evaluate_stage, job, student,
+                               "decomposed", "evaluating the decomposed model")
+    t = time.perf_counter()
+    bn_report = bn_stage(job, student, plan)
+    if bn_report is not None:
+        acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
+                                                "evaluating after BatchNorm re-estimation")
+    if job.cfg.bn_batches and job.loaders.calib is not None:
+        times["bn_recalibration"] = time.perf_counter() - t
+    ft_report = None
+    if job.cfg.finetune.enabled:
+        ft_report = _timed(times, "finetune", finetune_stage, job, student, plan)
+        acc["finetuned"] = _timed(times, "eval_finetuned", evaluate_stage, job, student,
+                                  "finetuned", "evaluating the fine-tuned model", cached=False)
+    t = time.perf_counter()
+    job.progress.stage("saving")
+    report = build_report(job, plan, trace, dec, (macs, params), acc, bn_report, ft_report,
+                          lorita_report, len(batches))
+    times["save"] = time.perf_counter() - t
+    report["seconds"] = {k: round(v, 3) for k, v in times.items()}
+    save_stage(job, student, plan, report)
+    job.progress.end()
+    return CompressResult(student, plan, report, job.run.path)
+
+
+def _timed(times: dict, name: str, fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    times[name] = time.perf_counter() - t
+    return out
+
+
+def _samples(job: Job, batches: int) -> int | None:
+    return None if job.loaders.batch_size is None else batches * job.loaders.batch_size
+
+
+def _need(loader, stage: str, name: str) -> None:
+    if loader is None:
+        raise UserError(f"{stage} needs training data: pass {name}=... (a loader of (x, y), x "
+                        "or dict batches).")
+
+
+def _path(p):
+    from pathlib import Path
+
+    return Path(p)
+
+
+def _custom(job: Job) -> bool:
+    """A model the user built (Python API): rebuilt from itself, not from an architecture name."""
+    return not job.info.arch.startswith(("timm:", "torchvision:"))
+
+
+def _skeleton(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of ``model`` with the plan's empty factorized chains in place."""
+    m = copy.deepcopy(model).cpu()
+    decompose_(m, plan, weights=False)
+    return m.eval()
+
+
+__all__ = ["CompressConfig", "CompressResult", "Job", "Loaders", "build_problem",
+           "calibration_batches", "decompose_stage", "evaluate_stage", "run_stages",
+           "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE"]
