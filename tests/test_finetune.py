@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,14 +14,8 @@ from lrcompress.factorizations import get_factorization
 from lrcompress.model.layers import find_layers
 from lrcompress.model.plan import LayerPlan, Plan
 from lrcompress.model.surgery import decompose_
-from lrcompress.recover.finetune import (
-    FinetuneConfig,
-    distill,
-    frobenius_decay,
-    hoyer,
-    hoyer_value,
-    orthogonality,
-)
+from lrcompress.recover.finetune import FinetuneConfig, distill
+from lrcompress.recover.losses import frobenius_decay, hoyer, hoyer_value, orthogonality
 
 from .conftest import tiny_resnet
 
@@ -124,6 +119,17 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     resumed = student.state_dict()
     for k in uninterrupted:
         torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=0)
+
+
+def test_a_list_of_batches_trains_like_a_loader():
+    """A train "loader" that is not a DataLoader (a list of batches: no generator, sampler or
+    dataset to seed) still fine-tunes."""
+    teacher, student, plan, loaders = _setup()
+    batches = [(x.clone(), y.clone()) for x, y in loaders.train]
+    res = distill(student, teacher, plan, replace(loaders, train=batches),
+                  FinetuneConfig(max_steps=2, lr=0.05), torch.device("cpu"))
+    assert res.steps == 2 and len(res.history) == 1
+    assert res.history[0]["steps"] == 2 and res.history[0]["loss"] > 0
 
 
 def test_changed_command_refuses_to_resume(tmp_path):

@@ -13,7 +13,8 @@ from lrcompress import load
 from lrcompress.cli import main
 from lrcompress.errors import UserError
 from lrcompress.measure.metrics import independent_macs
-from lrcompress.recover.lorita import LoritaConfig, collapse, overparameterize, schatten_penalty
+from lrcompress.recover.lorita import LoritaConfig, collapse, overparameterize
+from lrcompress.recover.losses import schatten_penalty
 
 LAYERS = [
     lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1),

@@ -25,7 +25,8 @@ class LayerResult:
     retries: int = 0  # extra attempts the decomposition needed (CP-ALS re-initialisations)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` (dotted) of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -37,11 +38,11 @@ def swap_modules(model: nn.Module, new: dict[str, nn.Module]):
     old = {name: model.get_submodule(name) for name in new}
     try:
         for name, mod in new.items():
-            _set_module(model, name, mod)
+            set_module(model, name, mod)
         yield model
     finally:
         for name, mod in old.items():
-            _set_module(model, name, mod)
+            set_module(model, name, mod)
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -85,7 +86,7 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
             chain = fact.skeleton(lp.spec, lp.rank, dtype=mod.weight.dtype,
                                   device=mod.weight.device)
             err = float("nan")
-        _set_module(model, lp.name, chain)
+        set_module(model, lp.name, chain)
         results.append(LayerResult(lp.name, err, time.perf_counter() - t0, retries))
         if progress is not None:
             progress(lp.name)

@@ -66,7 +66,7 @@ from lrcompress.factorizations import get_factorization
 from lrcompress.model.costs import dense_macs
 from lrcompress.model.surgery import swap_modules
 from lrcompress.rank.problem import DENSE, LayerOptions, RankProblem
-from lrcompress.recover.finetune import kd_loss
+from lrcompress.recover.losses import kd_loss
 from lrcompress.util.numerics import NonFiniteGuard, all_finite, first_nonfinite
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ Loss (RENE §4.4, Eqs. 10–11, methods.md §2.7), with optional logit KD:
 where i runs over the factorized layers, Ŵ_i is the dense weight the student's chain computes,
 and O_i / D_i are the outputs of layer i in teacher and student (hooks on the same module name).
 
-Regularizers (each recorded in the report):
+The losses and regularizers live in ``lrcompress.recover.losses``. Regularizers (each recorded
+in the report):
 * Frobenius decay (Khodak et al. 2021, methods.md §7.2): (μ/2)·‖Ŵ_i‖²_F on the *product*, and the
   factors leave plain weight decay;
 * ``orth``: ELRT's double soft orthogonality (DSO, Bansal et al. 2018) ‖UᵀU − I‖² + ‖UUᵀ − I‖²,
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
@@ -37,9 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations import chain_factors, get_factorization
 from lrcompress.measure.metrics import evaluate
 from lrcompress.model.plan import Plan
+from lrcompress.recover.losses import (
+    Taps,
+    diss_loss,
+    frobenius_decay,
+    hoyer,
+    kd_loss,
+    orthogonality,
+)
 from lrcompress.util import distributed as dist_
 from lrcompress.util.io import atomic_path
 from lrcompress.util.numerics import (
@@ -95,98 +103,6 @@ class FinetuneConfig:
         return self.epochs > 0 or self.max_steps is not None
 
 
-# ------------------------------------------------------------------ regularizers
-
-
-def frobenius_decay(student: nn.Module, plan: Plan) -> torch.Tensor:
-    """Σ_i ½‖Ŵ_i‖²_F over factorized layers (the product, not the factors)."""
-    total = 0.0
-    for lp in plan.layers:
-        chain = student.get_submodule(lp.name)
-        w = get_factorization(lp.method).reconstruct(chain_factors(chain), lp.spec)
-        total = total + 0.5 * w.pow(2).sum()
-    return total
-
-
-def _factor_matrices(student: nn.Module, plan: Plan):
-    """The 2-D factor matrices of the chains: weights of their 1×1 convs and linear layers."""
-    for lp in plan.layers:
-        for m in student.get_submodule(lp.name).modules():
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-                                            and m.groups == 1):
-                yield m.weight.reshape(m.weight.shape[0], -1)
-
-
-def orthogonality(student: nn.Module, plan: Plan, kind: str) -> torch.Tensor:
-    """DSO: ‖UᵀU − I‖² + ‖UUᵀ − I‖²; SO: the Gram of the smaller side only."""
-    total = 0.0
-    for u in _factor_matrices(student, plan):
-        g_small = u @ u.T if u.shape[0] <= u.shape[1] else u.T @ u
-        eye = torch.eye(g_small.shape[0], device=u.device, dtype=u.dtype)
-        total = total + (g_small - eye).pow(2).sum()
-        if kind == "dso":
-            g_big = u.T @ u if u.shape[0] <= u.shape[1] else u @ u.T
-            eye = torch.eye(g_big.shape[0], device=u.device, dtype=u.dtype)
-            total = total + (g_big - eye).pow(2).sum()
-    return total
-
-
-def hoyer_value(w: torch.Tensor) -> torch.Tensor:
-    """‖s‖₁/‖s‖₂ − 1 for the singular values s of ``w`` matricized as (rows, rest)."""
-    s = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
-    return s.sum() / s.norm() - 1
-
-
-def hoyer(student: nn.Module, plan: Plan) -> torch.Tensor:
-    """Σ_i (‖s_i‖₁/‖s_i‖₂ − 1) over factorized layers: Hoyer sparsity of singular values (§5.2)."""
-    total = 0.0
-    for lp in plan.layers:
-        w = get_factorization(lp.method).reconstruct(
-            chain_factors(student.get_submodule(lp.name)), lp.spec)
-        total = total + hoyer_value(w.float())
-    return total
-
-
-# ------------------------------------------------------------------ distillation loss
-
-
-class _Taps:
-    """Forward hooks that keep the latest output of named modules."""
-
-    def __init__(self, model: nn.Module, names):
-        self.out = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def fn(_m, _i, o):
-            self.out[name] = o
-
-        return fn
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def kd_loss(logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0
-            ) -> torch.Tensor:
-    """T² · KL(teacher_T ‖ student_T), averaged over the batch (Hinton et al.'s logit KD)."""
-    tt = temperature
-    return F.kl_div(F.log_softmax(logits / tt, 1), F.log_softmax(t_logits / tt, 1),
-                    reduction="batchmean", log_target=True) * tt * tt
-
-
-def diss_loss(student, plan, teacher_w, s_taps, t_taps, reduction) -> torch.Tensor:
-    red = F.mse_loss if reduction == "mean" else (lambda a, b: (a - b).pow(2).sum())
-    total = 0.0
-    for lp in plan.layers:
-        w = get_factorization(lp.method).reconstruct(
-            chain_factors(student.get_submodule(lp.name)), lp.spec)
-        total = total + red(w, teacher_w[lp.name])
-        total = total + red(s_taps.out[lp.name].float(), t_taps.out[lp.name].float())
-    return total
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -220,13 +136,15 @@ def _schedule(cfg: FinetuneConfig, total_steps: int):
 
 def _seed_epoch(loader, seed: int, epoch: int) -> None:
     """Shuffling and augmentation depend on (seed, epoch) only, so a resumed run sees the same
-    batches as an uninterrupted one (like DistributedSampler.set_epoch)."""
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1_000_003 + epoch)
-    sampler_epoch = getattr(loader.sampler, "set_epoch", None)
+    batches as an uninterrupted one (like DistributedSampler.set_epoch). A loader that is not a
+    torch DataLoader (a list of batches, a wrapper) is left as it is where it lacks these."""
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed * 1_000_003 + epoch)
+    sampler_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
     if sampler_epoch is not None:  # a DistributedSampler: shuffles by its seed + epoch
         sampler_epoch(epoch)
-    set_epoch = getattr(loader.dataset, "set_epoch", None)
+    set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
     if set_epoch is not None:
         set_epoch(epoch)
 
@@ -261,6 +179,256 @@ def _broadcast_calib(calib, device: torch.device):
     return float(t[0]), float(t[1])
 
 
+def _optimizer(student: nn.Module, plan: Plan, cfg: FinetuneConfig, total_steps: int):
+    """The optimizer (SGD-Nesterov or AdamW) and its warm-up + cosine schedule. Under Frobenius
+    decay the factors of the chains leave plain weight decay (it is on their product instead)."""
+    names = [lp.name for lp in plan.layers]
+    factor_ids = {id(p) for n in names for p in student.get_submodule(n).parameters()}
+    fd = cfg.frobenius_decay > 0
+    groups = [
+        {"params": [p for p in student.parameters() if not (fd and id(p) in factor_ids)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for p in student.parameters() if fd and id(p) in factor_ids],
+         "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
+    return opt, sched
+
+
+@dataclass
+class _Progress:
+    """What RUN/state/finetune.pt keeps after each epoch (besides weights and optimizer)."""
+
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    best: tuple = (math.inf, 0, None)  # (calib loss, epoch, state_dict)
+
+
+def _load_state(state_file, fingerprint: str, student: nn.Module, opt, sched) -> _Progress:
+    """Resume from ``state_file`` if there is one: weights, optimizer, schedule and RNG state
+    are restored in place; returns the progress it records (a fresh one without a file)."""
+    if state_file is None or not state_file.exists():
+        return _Progress()
+    st = torch.load(state_file, map_location="cpu", weights_only=True)
+    if st.get("fingerprint") != fingerprint:
+        raise UserError(f"{state_file} belongs to a different command (its settings differ). "
+                        "Re-run the original command to resume, or use a new -o / "
+                        "--overwrite to start over.")
+    student.load_state_dict(st["student"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng"])
+    prog = _Progress(st["history"], st["step"], st["epoch"],
+                     (st["best_loss"], st["best_epoch"], st["best_state"]))
+    log.info("resuming fine-tuning after epoch %d", prog.epoch)
+    return prog
+
+
+def _save_state(state_file, fingerprint: str, student: nn.Module, opt, sched,
+                prog: _Progress) -> None:
+    """Write the state atomically (rank 0 only); the other ranks wait until it is on disk."""
+    if state_file is None:
+        return
+    if dist_.is_main():
+        best = prog.best
+        with atomic_path(state_file) as tmp:
+            torch.save({"fingerprint": fingerprint, "student": student.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": torch.get_rng_state(), "history": prog.history,
+                        "step": prog.step, "epoch": prog.epoch, "best_loss": best[0],
+                        "best_epoch": best[1], "best_state": best[2]}, tmp)
+    dist_.barrier()  # the other ranks go on once rank 0's state is on disk
+
+
+class _Trainer:
+    """The per-step work: the loss of a batch, its backward pass (in micro-batches after
+    --auto-batch halved them), the rollback of a NaN/Inf step and the optimizer step."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, plan: Plan, cfg: FinetuneConfig,
+                 device: torch.device, opt, sched, auto_batch: bool):
+        self.student, self.teacher, self.plan, self.cfg = student, teacher, plan, cfg
+        self.device, self.opt, self.sched = device, opt, sched
+        self.distributed = dist_.active()
+        self.auto_batch = auto_batch and not self.distributed
+        self.autocast, precision = _autocast(device, cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.model = student
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Wrapped after resuming: DDP broadcasts rank 0's weights, and all ranks read one file.
+            self.model = DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None)
+        names = [lp.name for lp in plan.layers]
+        self.teacher_w = {n: teacher.get_submodule(n).weight.detach() for n in names}
+        self.guard = NonFiniteGuard("Fine-tuning", advice=(
+            "Lower --lr, keep --grad-clip on, use --precision fp32, or check the data for "
+            "NaN/Inf. Finished epochs are kept in RUN/state/: the same command resumes after "
+            "the last one."))
+        self.micro = None  # micro-batch size once --auto-batch halved it (None: whole batches)
+        self.s_taps, self.t_taps = Taps(student, names), Taps(teacher, names)
+
+    def close(self) -> None:
+        self.s_taps.remove()
+        self.t_taps.remove()
+
+    def loss_of(self, x, y):
+        """The loss of one (micro-)batch and its parts (loss, ce, diss, kd)."""
+        cfg, student, plan = self.cfg, self.student, self.plan
+        with self.autocast:
+            logits = self.model(x).float()
+            with torch.no_grad():
+                t_logits = self.teacher(x).float()
+            ce = F.cross_entropy(logits, y)
+            loss = ce
+            diss = diss_loss(student, plan, self.teacher_w, self.s_taps, self.t_taps,
+                             cfg.diss_reduction) if cfg.lam else torch.zeros(())
+            loss = loss + cfg.lam * diss
+            kd = torch.zeros((), device=self.device)
+            if cfg.kd:
+                kd = kd_loss(logits, t_logits, cfg.kd_temperature)
+                loss = loss + cfg.kd * kd
+            if cfg.frobenius_decay > 0:
+                loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
+            if cfg.orth:
+                loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
+            if cfg.hoyer:
+                loss = loss + cfg.hoyer * hoyer(student, plan)
+        return loss, ce, diss, kd
+
+    def forward_backward(self, x, y, size):
+        """Gradients of the batch, accumulated over micro-batches of ``size`` (smaller than the
+        batch only after --auto-batch halved it); the batch's mean (loss, ce, diss, kd), or None
+        when a loss was NaN/Inf (single process: then nothing was back-propagated; under DDP
+        every rank back-propagates and the gradient check skips the step on all of them)."""
+        self.opt.zero_grad(set_to_none=True)
+        vals = [0.0] * 4
+        for i in range(0, len(x), size):
+            parts = self.loss_of(x[i:i + size], y[i:i + size])
+            if not self.distributed and not torch.isfinite(parts[0]):
+                return None
+            share = min(size, len(x) - i) / len(x)
+            self.scaler.scale(parts[0] * share).backward()
+            vals = [a + float(v.detach()) * share for a, v in zip(vals, parts)]
+        return vals
+
+    def rollback(self, buffers, *_):
+        self.opt.zero_grad(set_to_none=True)
+        buffers.restore()  # BatchNorm statistics the bad forward pass changed
+
+    def step(self, x, y, where: str):
+        """One optimizer step on the batch: its mean (loss, ce, diss, kd), or None when the loss
+        or the gradients were NaN/Inf and the step was skipped and rolled back."""
+        student = self.student
+        buffers = BufferSnapshot(student)
+        vals, size = retry_halving(
+            partial(self.forward_backward, x, y), min(self.micro or len(x), len(x)),
+            enabled=self.auto_batch, what="fine-tuning step",
+            on_halve=partial(self.rollback, buffers))
+        if size < len(x):
+            self.micro = size
+        if vals is None:  # NaN/Inf loss: skip the step, find the layer
+            with self.autocast:
+                layer = first_nonfinite_output(student, partial(student, x))
+            self.rollback(buffers)
+            self.guard.skip(where, "loss", layer and f"the output of layer {layer!r}")
+            return None
+        if not self.scaler.is_enabled() and not all_finite(
+                p.grad for p in student.parameters()):  # (fp16: the scaler skips)
+            bad = nonfinite_grad(student)
+            self.rollback(buffers)
+            self.guard.skip(where, "gradient", bad and f"the gradient of {bad!r}")
+            return None
+        self.update(where)
+        self.guard.ok()
+        return vals
+
+    def update(self, where: str) -> None:
+        """Clip, step the optimizer and the schedule; stop if the step made a weight NaN/Inf."""
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        if not all_finite(self.student.parameters()):
+            bad = first_nonfinite(self.student.named_parameters())
+            raise UserError(
+                f"Fine-tuning stopped at {where}: the optimizer step made weight {bad!r} "
+                "NaN/Inf although the loss and gradients were finite. Lower --lr or use "
+                "--optimizer sgd. Finished epochs are kept in RUN/state/: the same "
+                "command resumes after the last one.")
+
+
+def _train_epoch(tr: _Trainer, loader, epoch: int, prog: _Progress, total_steps: int,
+                 progress) -> dict:
+    """The steps of one epoch, up to the step budget; the batch-size weighted sums of the loss
+    parts and the number of samples ``n`` of the steps taken."""
+    sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
+    for batch_no, (x, y) in enumerate(loader, 1):
+        if prog.step >= total_steps:
+            break
+        x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+        vals = tr.step(x, y, f"epoch {epoch + 1}, batch {batch_no}")
+        if vals is None:
+            continue
+        prog.step += 1
+        b = y.numel()
+        sums["n"] += b
+        for k, v in zip(("loss", "ce", "diss", "kd"), vals, strict=True):
+            sums[k] += v * b
+        if progress is not None:
+            progress(b)
+    return sums
+
+
+def _epoch_row(tr: _Trainer, calib_loader, sums: dict, epoch: int, step: int, seconds: float,
+               skipped: int) -> dict:
+    """The history row of an epoch: its mean losses and the calibration loss and accuracy (the
+    same on every rank)."""
+    calib = evaluate(tr.student, calib_loader, tr.device)
+    calib_loss, calib_top1 = calib.loss, calib.top1
+    if tr.distributed:  # every rank logs the same numbers and keeps the same best epoch
+        sums = _all_reduce_sums(sums, tr.device)
+        calib_loss, calib_top1 = _broadcast_calib(calib, tr.device)
+    return {"epoch": epoch + 1, "steps": step,
+            **{k: sums[k] / max(sums["n"], 1) for k in ("loss", "ce", "diss", "kd")},
+            "calib_loss": calib_loss, "calib_top1": calib_top1,
+            "lr": tr.sched.get_last_lr()[0],
+            "images_per_s": sums["n"] / max(seconds, 1e-9),
+            "skipped_steps": skipped}
+
+
+def _epoch_loop(tr: _Trainer, train_loader, calib_loader, prog: _Progress, epochs: int,
+                total_steps: int, seed: int, progress, save) -> None:
+    """Train the epochs left; after each, record its row and the best epoch so far (on the
+    calibration loss) in ``prog`` and ``save`` it."""
+    for epoch in range(prog.epoch, epochs):
+        if prog.step >= total_steps:
+            break
+        _seed_epoch(train_loader, seed, epoch)
+        tr.student.train()
+        skipped_before = tr.guard.skipped
+        te = time.perf_counter()
+        sums = _train_epoch(tr, train_loader, epoch, prog, total_steps, progress)
+        row = _epoch_row(tr, calib_loader, sums, epoch, prog.step, time.perf_counter() - te,
+                         tr.guard.skipped - skipped_before)
+        prog.history.append(row)
+        log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"],
+                 row["calib_top1"])
+        if row["calib_loss"] < prog.best[0]:
+            prog.best = (row["calib_loss"], epoch + 1,
+                         {k: v.detach().cpu().clone() for k, v in tr.student.state_dict().items()})
+        prog.epoch = epoch + 1
+        save(prog)
+
+
 def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: FinetuneConfig,
             device: torch.device, state_dir=None, progress=None, fingerprint: str = "",
             seed: int = 0, auto_batch: bool = False) -> FinetuneResult:
@@ -276,193 +444,28 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    names = [lp.name for lp in plan.layers]
-    teacher_w = {n: teacher.get_submodule(n).weight.detach() for n in names}
-    distributed = dist_.active()
     train_loader = loaders.train
-    if distributed:
+    if dist_.active():
         train_loader = shard_loader(loaders.train, seed, dist_.world_size(), dist_.rank())
     steps_per_epoch = len(train_loader)
     epochs = cfg.epochs or math.ceil(cfg.max_steps / steps_per_epoch)
     total_steps = min(epochs * steps_per_epoch, cfg.max_steps or 10**12)
 
-    factor_ids = {id(p) for n in names for p in student.get_submodule(n).parameters()}
-    fd = cfg.frobenius_decay > 0
-    groups = [
-        {"params": [p for p in student.parameters() if not (fd and id(p) in factor_ids)],
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for p in student.parameters() if fd and id(p) in factor_ids],
-         "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
-    autocast, precision = _autocast(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    history: list[dict] = []
-    best = (math.inf, 0, None)  # (calib loss, epoch, state_dict)
-    start_epoch, step = 0, 0
+    opt, sched = _optimizer(student, plan, cfg, total_steps)
     state_file = None if state_dir is None else state_dir / "finetune.pt"
-    if state_file is not None and state_file.exists():
-        st = torch.load(state_file, map_location="cpu", weights_only=True)
-        if st.get("fingerprint") != fingerprint:
-            raise UserError(f"{state_file} belongs to a different command (its settings differ). "
-                            "Re-run the original command to resume, or use a new -o / "
-                            "--overwrite to start over.")
-        student.load_state_dict(st["student"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
-        history, step, start_epoch = st["history"], st["step"], st["epoch"]
-        best = (st["best_loss"], st["best_epoch"], st["best_state"])
-        log.info("resuming fine-tuning after epoch %d", start_epoch)
-
-    model = student
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Wrapped after resuming: DDP broadcasts rank 0's weights, and all ranks read one file.
-        model = DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    s_taps, t_taps = _Taps(student, names), _Taps(teacher, names)
-
-    def loss_of(x, y):
-        """The loss of one (micro-)batch and its parts (loss, ce, diss, kd)."""
-        with autocast:
-            logits = model(x).float()
-            with torch.no_grad():
-                t_logits = teacher(x).float()
-            ce = F.cross_entropy(logits, y)
-            loss = ce
-            diss = diss_loss(student, plan, teacher_w, s_taps, t_taps,
-                             cfg.diss_reduction) if cfg.lam else torch.zeros(())
-            loss = loss + cfg.lam * diss
-            kd = torch.zeros((), device=device)
-            if cfg.kd:
-                kd = kd_loss(logits, t_logits, cfg.kd_temperature)
-                loss = loss + cfg.kd * kd
-            if fd:
-                loss = loss + cfg.frobenius_decay * frobenius_decay(student, plan)
-            if cfg.orth:
-                loss = loss + cfg.orth_weight * orthogonality(student, plan, cfg.orth)
-            if cfg.hoyer:
-                loss = loss + cfg.hoyer * hoyer(student, plan)
-        return loss, ce, diss, kd
-
-    def forward_backward(x, y, size):
-        """Gradients of the batch, accumulated over micro-batches of ``size`` (smaller than the
-        batch only after --auto-batch halved it); the batch's mean (loss, ce, diss, kd), or None
-        when a loss was NaN/Inf (single process: then nothing was back-propagated; under DDP
-        every rank back-propagates and the gradient check skips the step on all of them)."""
-        opt.zero_grad(set_to_none=True)
-        vals = [0.0] * 4
-        for i in range(0, len(x), size):
-            parts = loss_of(x[i:i + size], y[i:i + size])
-            if not distributed and not torch.isfinite(parts[0]):
-                return None
-            share = min(size, len(x) - i) / len(x)
-            scaler.scale(parts[0] * share).backward()
-            vals = [a + float(v.detach()) * share for a, v in zip(vals, parts)]
-        return vals
-
-    def rollback(buffers, *_):
-        opt.zero_grad(set_to_none=True)
-        buffers.restore()  # BatchNorm statistics the bad forward pass changed
-
-    guard = NonFiniteGuard("Fine-tuning", advice=(
-        "Lower --lr, keep --grad-clip on, use --precision fp32, or check the data for NaN/Inf. "
-        "Finished epochs are kept in RUN/state/: the same command resumes after the last one."))
-    micro = None  # micro-batch size once --auto-batch halved it (None: whole batches)
+    prog = _load_state(state_file, fingerprint, student, opt, sched)
+    start_epoch = prog.epoch
+    tr = _Trainer(student, teacher, plan, cfg, device, opt, sched, auto_batch)
+    save = partial(_save_state, state_file, fingerprint, student, opt, sched)
     try:
-        for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
-                break
-            _seed_epoch(train_loader, seed, epoch)
-            student.train()
-            sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
-            skipped_before = guard.skipped
-            te = time.perf_counter()
-            for batch_no, (x, y) in enumerate(train_loader, 1):
-                if step >= total_steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                where = f"epoch {epoch + 1}, batch {batch_no}"
-                buffers = BufferSnapshot(student)
-                vals, size = retry_halving(
-                    partial(forward_backward, x, y), min(micro or len(x), len(x)),
-                    enabled=auto_batch and not distributed, what="fine-tuning step",
-                    on_halve=partial(rollback, buffers))
-                if size < len(x):
-                    micro = size
-                if vals is None:  # NaN/Inf loss: skip the step, find the layer
-                    with autocast:
-                        layer = first_nonfinite_output(student, partial(student, x))
-                    rollback(buffers)
-                    guard.skip(where, "loss", layer and f"the output of layer {layer!r}")
-                    continue
-                if not scaler.is_enabled() and not all_finite(
-                        p.grad for p in student.parameters()):  # (fp16: the scaler skips)
-                    bad = nonfinite_grad(student)
-                    rollback(buffers)
-                    guard.skip(where, "gradient", bad and f"the gradient of {bad!r}")
-                    continue
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                if not all_finite(student.parameters()):
-                    bad = first_nonfinite(student.named_parameters())
-                    raise UserError(
-                        f"Fine-tuning stopped at {where}: the optimizer step made weight {bad!r} "
-                        "NaN/Inf although the loss and gradients were finite. Lower --lr or use "
-                        "--optimizer sgd. Finished epochs are kept in RUN/state/: the same "
-                        "command resumes after the last one.")
-                guard.ok()
-                step += 1
-                b = y.numel()
-                sums["n"] += b
-                for k, v in zip(("loss", "ce", "diss", "kd"), vals, strict=True):
-                    sums[k] += v * b
-                if progress is not None:
-                    progress(b)
-            calib = evaluate(student, loaders.calib, device)
-            calib_loss, calib_top1 = calib.loss, calib.top1
-            if distributed:  # every rank logs the same numbers and keeps the same best epoch
-                sums = _all_reduce_sums(sums, device)
-                calib_loss, calib_top1 = _broadcast_calib(calib, device)
-            row = {"epoch": epoch + 1, "steps": step,
-                   **{k: sums[k] / max(sums["n"], 1) for k in ("loss", "ce", "diss", "kd")},
-                   "calib_loss": calib_loss, "calib_top1": calib_top1,
-                   "lr": sched.get_last_lr()[0],
-                   "images_per_s": sums["n"] / max(time.perf_counter() - te, 1e-9),
-                   "skipped_steps": guard.skipped - skipped_before}
-            history.append(row)
-            log.info("epoch %d: loss %.4f, calib top-1 %.2f", epoch + 1, row["loss"], calib_top1)
-            if calib_loss < best[0]:
-                best = (calib_loss, epoch + 1,
-                        {k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
-            if state_file is not None and dist_.is_main():
-                with atomic_path(state_file) as tmp:
-                    torch.save({"fingerprint": fingerprint, "student": student.state_dict(),
-                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "rng": torch.get_rng_state(), "history": history, "step": step,
-                                "epoch": epoch + 1, "best_loss": best[0], "best_epoch": best[1],
-                                "best_state": best[2]}, tmp)
-            if state_file is not None:
-                dist_.barrier()  # the other ranks go on once rank 0's state is on disk
+        _epoch_loop(tr, train_loader, loaders.calib, prog, epochs, total_steps, seed, progress,
+                    save)
     finally:
-        s_taps.remove()
-        t_taps.remove()
-    if best[2] is not None:
-        student.load_state_dict(best[2])
+        tr.close()
+    if prog.best[2] is not None:
+        student.load_state_dict(prog.best[2])
     student.eval()
-    return FinetuneResult(history, best[1], step, time.perf_counter() - t0, asdict(cfg),
-                          resumed_from_epoch=start_epoch,
-                          skipped_steps=sum(r.get("skipped_steps", 0) for r in history),
-                          micro_batch=micro)
+    return FinetuneResult(prog.history, prog.best[1], prog.step, time.perf_counter() - t0,
+                          asdict(cfg), resumed_from_epoch=start_epoch,
+                          skipped_steps=sum(r.get("skipped_steps", 0) for r in prog.history),
+                          micro_batch=tr.micro)

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from lrcompress.errors import UserError
-from lrcompress.model.surgery import _set_module
+from lrcompress.model.surgery import set_module
 from lrcompress.recover.finetune import FinetuneConfig, distill
+from lrcompress.recover.losses import schatten_penalty
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,6 @@ def collapse(chain: nn.Sequential, like: nn.Module) -> tuple[torch.Tensor, torch
     return weight, bias
 
 
-def schatten_penalty(w: torch.Tensor, n: int) -> float:
-    """N·Σ σ^{2/N} of w matricized as (rows, rest): the minimum of Σ_j ‖F_j‖²_F over splits."""
-    s = torch.linalg.svdvals(w.detach().double().reshape(w.shape[0], -1))
-    return float(n * s.pow(2.0 / n).sum())
-
-
 def lorita_train(model: nn.Module, names: list[str], cfg: LoritaConfig, loaders, device,
                  plan_stub, state_dir=None, progress=None, fingerprint: str = "",
                  seed: int = 0) -> tuple[nn.Module, dict]:
@@ -133,7 +128,7 @@ def lorita_train(model: nn.Module, names: list[str], cfg: LoritaConfig, loaders,
     before = {n: schatten_penalty(student.get_submodule(n).weight, cfg.factors) for n in names}
     chains = {n: overparameterize(student.get_submodule(n), cfg.factors) for n in names}
     for n, c in chains.items():
-        _set_module(student, n, c)
+        set_module(student, n, c)
     ft_cfg = FinetuneConfig(max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             lam=0.0, kd=1.0)
     res = distill(student, model, plan_stub, loaders, ft_cfg, device, state_dir=state_dir,
