@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from lrcompress.costs import dense_macs
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
-from lrcompress.latency_table import (
+from lrcompress.measure.latency_table import (
     LatencyTable,
     additive_estimate,
     check_additive,
@@ -26,7 +25,7 @@ from lrcompress.latency_table import (
     snap_options,
     snap_ranks,
 )
-from lrcompress.layer_timing import (
+from lrcompress.measure.layer_timing import (
     Candidate,
     Engine,
     Timing,
@@ -36,9 +35,10 @@ from lrcompress.layer_timing import (
     ort_session,
     round_robin,
 )
-from lrcompress.plan import LayerPlan
-from lrcompress.rank._problem import DENSE, layer_options
-from lrcompress.targets import LayerSpec
+from lrcompress.model.costs import dense_macs
+from lrcompress.model.layers import LayerSpec
+from lrcompress.model.plan import LayerPlan
+from lrcompress.rank.problem import DENSE, layer_options
 
 CONV = LayerSpec("conv", "conv2d", 16, 32, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8))
 CONV_S2 = LayerSpec("down", "conv2d", 32, 32, (3, 3), (2, 2), (1, 1), in_hw=(8, 8),

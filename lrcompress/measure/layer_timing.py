@@ -4,7 +4,7 @@ A *candidate* is what one layer could become: its dense conv/linear (``method="d
 factorization at a rank. What is timed is exactly what would run for it, as a small standalone
 graph fed a random input of the layer's real shape: ``(batch, in_ch, H, W)`` for a conv,
 ``(batch, in_features)`` for a classifier and ``(batch, tokens, in_features)`` for a token-wise
-linear layer (as :func:`lrcompress.latency.layer_input`).
+linear layer (as :func:`lrcompress.measure.latency.layer_input`).
 
 * ONNX Runtime engines run a graph built directly with ``onnx.helper`` from the chain's layers:
   one ``Conv`` per conv (kernel, strides, pads, dilations, group as in the module), ``Gemm``
@@ -12,7 +12,7 @@ linear layer (as :func:`lrcompress.latency.layer_input`).
   one — the nodes ``torch.onnx.export`` emits for these modules, without its cost (seconds per
   graph). Opset 18, static shapes, random weights. Sessions: ``ORT_ENABLE_ALL``,
   ``intra_op_num_threads = threads``, one inter-op thread, sequential execution, no spinning
-  (as :func:`lrcompress.onnx_export.ort_session`, which the whole-model timing uses).
+  (as :func:`lrcompress.deploy.onnx.ort_session`, which the whole-model timing uses).
 * PyTorch engines run the chain module itself (``eval``, ``inference_mode``) at ``threads``
   intra-op threads.
 
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from lrcompress.deploy.onnx import DEFAULT_OPSET, GPU_HINT
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
-from lrcompress.latency import cpu_count, layer_input, torch_threads
-from lrcompress.onnx_export import DEFAULT_OPSET, GPU_HINT
-from lrcompress.targets import LayerSpec
+from lrcompress.measure.latency import cpu_count, layer_input, torch_threads
+from lrcompress.model.layers import LayerSpec
 
 ENGINES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
 DENSE = "dense"

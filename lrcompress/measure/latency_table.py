@@ -1,9 +1,9 @@
 """The candidate latency table: measured per-layer latencies of every (factorization, rank), cached.
 
 ``LatencyTable(engine)`` answers "how long does this layer take as candidate c?" for the options of
-:func:`lrcompress.rank._problem.layer_options` (dense included), measuring lazily — only what is
-asked for and not already known — with :class:`lrcompress.layer_timing.MeasuringTimer` (or any
-injected timer), and remembering every answer on disk.
+:func:`lrcompress.rank.problem.layer_options` (dense included), measuring lazily — only what is
+asked for and not already known — with :class:`lrcompress.measure.layer_timing.MeasuringTimer`
+(or any injected timer), and remembering every answer on disk.
 
 Cache: JSON files under ``cache_dir``, else ``$LRCOMPRESS_CACHE_DIR/latency``, else
 ``$XDG_CACHE_HOME/lrcompress/latency`` (``~/.cache/lrcompress/latency``). One file per *machine
@@ -36,7 +36,7 @@ import torch
 
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
-from lrcompress.layer_timing import (
+from lrcompress.measure.layer_timing import (
     DENSE,
     Candidate,
     Engine,
@@ -44,7 +44,7 @@ from lrcompress.layer_timing import (
     Timing,
     as_candidate,
 )
-from lrcompress.targets import LayerSpec
+from lrcompress.model.layers import LayerSpec
 
 __all__ = [
     "AdditiveCheck", "Candidate", "Engine", "LatencyTable", "MeasuringTimer", "Timing",
@@ -327,9 +327,10 @@ def check_additive(specs: Sequence[LayerSpec], choices, table: LatencyTable, ori
 
 def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
                    repeats: int = 20, warmup: int = 5) -> dict[str, float]:
-    """Whole-model median ms of each model on ``engine`` with :func:`lrcompress.latency.measure`
-    (models timed round-robin; ONNX Runtime engines export each model first)."""
-    from lrcompress.latency import LatencyConfig, measure
+    """Whole-model median ms of each model on ``engine`` with
+    :func:`lrcompress.measure.latency.measure` (models timed round-robin; ONNX Runtime engines
+    export each model first)."""
+    from lrcompress.measure.latency import LatencyConfig, measure
 
     engine.check_available()
     ort = engine.runtime == "ort"
@@ -338,7 +339,7 @@ def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: En
                         per_layer=False)
     onnx_models = None
     if ort:
-        from lrcompress.onnx_export import export_onnx
+        from lrcompress.deploy.onnx import export_onnx
 
         onnx_models = {n: export_onnx(m, input_size, dynamic_batch=engine.batch > 1)
                        .SerializeToString() for n, m in models.items()}
