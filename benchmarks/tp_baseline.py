@@ -56,7 +56,8 @@ from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_
 from lrcompress.deploy.onnx import check_parity, export_onnx  # noqa: E402
 from lrcompress.errors import LrcError, TargetError, UserError  # noqa: E402
 from lrcompress.measure.metrics import evaluate, independent_macs, param_count  # noqa: E402
-from lrcompress.model.arch import _io_layers, build, load_model, load_state_dict_strict, parse_arch  # noqa: E402,E501
+from lrcompress.model.arch import build, io_layers, load_state_dict_strict, parse_arch  # noqa: E402
+from lrcompress.model.loading import load_model  # noqa: E402
 from lrcompress.model.plan import Plan  # noqa: E402
 from lrcompress.recover.finetune import distill  # noqa: E402
 from lrcompress.util.io import atomic_path, write_json  # noqa: E402
@@ -78,7 +79,7 @@ def _import_tp():
 
 
 def classifier_name(model: nn.Module) -> str:
-    _, head = _io_layers(model)
+    _, head = io_layers(model)
     if head is None:
         raise UserError("Cannot find the model's classifier (no timm pretrained_cfg and no "
                         "nn.Linear): Torch-Pruning must keep its outputs whole.")

@@ -22,21 +22,30 @@ PLAN_SCHEMA = 1
 @dataclass(frozen=True)
 class LayerPlan:
     name: str
-    method: str  # factorization name (svd, tucker2, cp, cp4, tt)
+    factorization: str  # svd, tucker2, cp, cp4, tt (stored as "method" on disk, see to_dict)
     rank: int | tuple[int, ...]
     spec: LayerSpec
 
     @property
+    def method(self) -> str:
+        """Deprecated alias of :attr:`factorization`, kept only until commands/search.py (which
+        still reads ``lp.method``) is updated; remove it then."""
+        return self.factorization
+
+    @property
     def macs(self) -> int:
-        return get_factorization(self.method).macs(self.spec, self.rank)
+        return get_factorization(self.factorization).macs(self.spec, self.rank)
 
     @property
     def params(self) -> int:
-        return get_factorization(self.method).params(self.spec, self.rank)
+        return get_factorization(self.factorization).params(self.spec, self.rank)
 
     def to_dict(self) -> dict:
         r = list(self.rank) if isinstance(self.rank, tuple) else self.rank
-        return {"name": self.name, "method": self.method, "rank": r, "spec": self.spec.to_dict()}
+        # The on-disk key keeps its historical name "method", so plan files and model.safetensors
+        # headers stay byte-identical and old files still load.
+        return {"name": self.name, "method": self.factorization, "rank": r,
+                "spec": self.spec.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
@@ -69,7 +78,7 @@ class Plan:
     base_macs: int
     base_params: int
     target: Target | None = None
-    method: str = ""  # rank-selection method that produced it
+    rank_method: str = ""  # rank-selection method that produced it ("method" on disk)
     version: str = field(default=__version__)
 
     def layer(self, name: str) -> LayerPlan:
@@ -106,7 +115,7 @@ class Plan:
             "base_params": self.base_params,
             "target": None if self.target is None else {"kind": self.target.kind,
                                                         "ratio": self.target.ratio},
-            "method": self.method,
+            "method": self.rank_method,  # on-disk key keeps its historical name
             "macs": self.macs,
             "params": self.params,
             "layers": [lp.to_dict() for lp in self.layers],
@@ -127,7 +136,7 @@ class Plan:
             layers=tuple(LayerPlan.from_dict(x) for x in d["layers"]),
             base_macs=int(d["base_macs"]), base_params=int(d["base_params"]),
             target=None if t is None else Target(t["kind"], float(t["ratio"])),
-            method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
+            rank_method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
         )
 
     @classmethod

@@ -28,7 +28,7 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class Option:
-    method: str  # factorization name, or "dense"
+    factorization: str  # factorization name, or "dense"
     rank: int  # scalar rank (tied); 0 for dense
     macs: int
     params: int
@@ -93,14 +93,14 @@ class RankProblem:
         k = self.target.kind
         return self.fixed_cost + sum(lo.options[j].cost(k) for lo, j in zip(self.layers, choice))
 
-    def to_plan(self, choice: list[int], method: str) -> Plan:
+    def to_plan(self, choice: list[int], rank_method: str) -> Plan:
         layers = []
         for lo, j in zip(self.layers, choice):
             o = lo.options[j]
-            if o.method != DENSE:
-                layers.append(LayerPlan(lo.spec.name, o.method, o.rank, lo.spec))
+            if o.factorization != DENSE:
+                layers.append(LayerPlan(lo.spec.name, o.factorization, o.rank, lo.spec))
         return Plan(self.arch, self.num_classes, self.in_chans, tuple(self.input_size),
-                    tuple(layers), self.base_macs, self.base_params, self.target, method)
+                    tuple(layers), self.base_macs, self.base_params, self.target, rank_method)
 
 
 def rank_grid(max_useful: int, multiple: int) -> list[int]:
@@ -115,7 +115,7 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
     dm, dp = dense_macs(spec), dense_params(spec)
     for name in methods:
         fact = get_factorization(name)
-        if fact.supports(spec):
+        if fact.unsupported_reason(spec):
             continue
         be = break_even_rank(fact, spec)
         if name in ("cp", "cp4"):
@@ -129,7 +129,7 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
                 opts.append(Option(name, r, m, p))
     # Linear layers and 1x1 convs reduce to SVD for every method: keep one copy of each cost.
     seen, uniq = set(), []
-    for o in sorted(opts, key=lambda o: (o.macs, o.params, o.method)):
+    for o in sorted(opts, key=lambda o: (o.macs, o.params, o.factorization)):
         if (o.macs, o.params) not in seen:
             seen.add((o.macs, o.params))
             uniq.append(o)

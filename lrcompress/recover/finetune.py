@@ -103,7 +103,7 @@ def frobenius_decay(student: nn.Module, plan: Plan) -> torch.Tensor:
     total = 0.0
     for lp in plan.layers:
         chain = student.get_submodule(lp.name)
-        w = get_factorization(lp.method).reconstruct(chain_factors(chain), lp.spec)
+        w = get_factorization(lp.factorization).reconstruct(chain_factors(chain), lp.spec)
         total = total + 0.5 * w.pow(2).sum()
     return total
 
@@ -141,7 +141,7 @@ def hoyer(student: nn.Module, plan: Plan) -> torch.Tensor:
     """Σ_i (‖s_i‖₁/‖s_i‖₂ − 1) over factorized layers: Hoyer sparsity of singular values (§5.2)."""
     total = 0.0
     for lp in plan.layers:
-        w = get_factorization(lp.method).reconstruct(
+        w = get_factorization(lp.factorization).reconstruct(
             chain_factors(student.get_submodule(lp.name)), lp.spec)
         total = total + hoyer_value(w.float())
     return total
@@ -180,7 +180,7 @@ def diss_loss(student, plan, teacher_w, s_taps, t_taps, reduction) -> torch.Tens
     red = F.mse_loss if reduction == "mean" else (lambda a, b: (a - b).pow(2).sum())
     total = 0.0
     for lp in plan.layers:
-        w = get_factorization(lp.method).reconstruct(
+        w = get_factorization(lp.factorization).reconstruct(
             chain_factors(student.get_submodule(lp.name)), lp.spec)
         total = total + red(w, teacher_w[lp.name])
         total = total + red(s_taps.out[lp.name].float(), t_taps.out[lp.name].float())

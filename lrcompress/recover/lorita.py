@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lrcompress.errors import UserError
-from lrcompress.model.surgery import _set_module
+from lrcompress.model.surgery import set_module
 from lrcompress.recover.finetune import FinetuneConfig, distill
 
 
@@ -133,7 +133,7 @@ def lorita_train(model: nn.Module, names: list[str], cfg: LoritaConfig, loaders,
     before = {n: schatten_penalty(student.get_submodule(n).weight, cfg.factors) for n in names}
     chains = {n: overparameterize(student.get_submodule(n), cfg.factors) for n in names}
     for n, c in chains.items():
-        _set_module(student, n, c)
+        set_module(student, n, c)
     ft_cfg = FinetuneConfig(max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             lam=0.0, kd=1.0)
     res = distill(student, model, plan_stub, loaders, ft_cfg, device, state_dir=state_dir,

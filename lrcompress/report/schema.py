@@ -99,7 +99,7 @@ def layer_rows(plan, specs, errs: dict, retries: dict | None = None) -> list[dic
         lp = planned.get(s.name)
         rows.append({
             "name": s.name, "kind": s.kind, "shape": list(s.weight_shape),
-            "factorization": lp.method if lp else "dense",
+            "factorization": lp.factorization if lp else "dense",
             "rank": (list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank) if lp else None,
             "macs_before": dense_macs(s), "macs_after": lp.macs if lp else dense_macs(s),
             "params_before": dense_params(s), "params_after": lp.params if lp else dense_params(s),
