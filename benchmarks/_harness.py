@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from lrcompress.commands.export import _sha256 as file_sha256
-from lrcompress.util.io import write_json
+from lrcompress.util.io import file_sha256, write_json
 
 from ._profiles import DECOMPS, FMNIST, TP, ModelSpec, Profile
 
@@ -293,7 +292,7 @@ class Runner:
         """(original model, its ModelInfo, its MACs, its params), loaded once."""
         if model.name not in self._originals:
             from lrcompress.measure.metrics import independent_macs, param_count
-            from lrcompress.model.arch import load_model
+            from lrcompress.model.loading import load_model
 
             lm = load_model(str(self.ckpt(model)), arch=model.arch)
             m = lm.model.eval()
@@ -318,7 +317,7 @@ class Runner:
             return self._equiv[model.name]
         from lrcompress.commands.search import SearchConfig, build_problem
         from lrcompress.errors import TargetError
-        from lrcompress.factorizations._base import is_matrix
+        from lrcompress.factorizations import is_matrix
         from lrcompress.model.plan import Target
 
         m, info = self.original(model)[:2]
@@ -331,7 +330,7 @@ class Runner:
                 continue
             # A 1x1 conv or linear layer is a matrix: every factorization factorizes it by the
             # same SVD into the same two-layer chain, whatever its name in the plan.
-            sig = tuple((lo.spec.name, tuple(("svd" if is_matrix(lo.spec) else o.method,
+            sig = tuple((lo.spec.name, tuple(("svd" if is_matrix(lo.spec) else o.factorization,
                                               o.rank, o.macs, o.params) for o in lo.options))
                         for lo in prob.layers)
             first = next((k for k, v in sigs.items() if v == sig), None)

@@ -85,7 +85,7 @@ def resnet18_layers(methods, device, repeats):
         fact = get_factorization(name)
         total, n_layers, n_decomps, worst = 0.0, 0, 0, ("", 0.0)
         for spec in specs:
-            if fact.supports(spec):
+            if fact.unsupported_reason(spec):
                 continue
             base = min(spec.in_ch, spec.out_ch)
             ranks = sorted({max(1, round(f * base)) for f in FRACTIONS})

@@ -50,13 +50,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrcompress import __version__  # noqa: E402
-from lrcompress.cli import _finetune_config, _floats, finetune_options, model_options  # noqa: E402
+from lrcompress.cli import finetune_config, finetune_options, model_options, parse_floats  # noqa: E402
 from lrcompress.commands.search import resolve_device  # noqa: E402
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess  # noqa: E402,E501
 from lrcompress.deploy.onnx import check_parity, export_onnx  # noqa: E402
 from lrcompress.errors import LrcError, TargetError, UserError  # noqa: E402
 from lrcompress.measure.metrics import evaluate, independent_macs, param_count  # noqa: E402
-from lrcompress.model.arch import _io_layers, build, load_model, load_state_dict_strict, parse_arch  # noqa: E402,E501
+from lrcompress.model.arch import build, io_layers, load_state_dict_strict, parse_arch  # noqa: E402
+from lrcompress.model.loading import load_model  # noqa: E402
 from lrcompress.model.plan import Plan  # noqa: E402
 from lrcompress.recover.finetune import distill  # noqa: E402
 from lrcompress.util.io import atomic_path, write_json  # noqa: E402
@@ -78,7 +79,7 @@ def _import_tp():
 
 
 def classifier_name(model: nn.Module) -> str:
-    _, head = _io_layers(model)
+    _, head = io_layers(model)
     if head is None:
         raise UserError("Cannot find the model's classifier (no timm pretrained_cfg and no "
                         "nn.Linear): Torch-Pruning must keep its outputs whole.")
@@ -345,11 +346,11 @@ def main(ctx, model, arch, num_classes, in_chans, trust_pickle, input_size, targ
     if not 0 < target_flops < 1:
         raise click.BadParameter(f"{target_flops} must be strictly between 0 and 1.",
                                  param_hint="--target-flops")
-    ft = replace(_finetune_config(finetune_kw), lam=0.0)
+    ft = replace(finetune_config(finetune_kw), lam=0.0)
     data = DataConfig(batch_size=batch_size, calib_fraction=calib_fraction, seed=seed,
                       test_subset=test_subset, train_subset=train_subset)
     report = run(model, data_spec, out, target=target_flops, arch=arch, input_size=input_size,
-                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"), finetune=ft,
+                 mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), finetune=ft,
                  data=data, device=device, seed=seed, importance=importance, scope=scope,
                  round_to=round_to, overwrite=overwrite, command=sys.argv)
     if as_json:

@@ -21,8 +21,9 @@ from lrcompress.api import (
 from lrcompress.commands.compress import CompressConfig, CompressResult
 from lrcompress.errors import CheckpointError, GateFailure, LrcError, TargetError, UserError
 from lrcompress.measure.metrics import Accuracy
-from lrcompress.model.arch import LoadedModel, ModelInfo, load_model
+from lrcompress.model.arch import LoadedModel, ModelInfo
 from lrcompress.model.layers import LayerSpec, find_layers
+from lrcompress.model.loading import load_model
 from lrcompress.model.plan import LayerPlan, Plan, Target
 from lrcompress.model.surgery import decompose_
 from lrcompress.model.weights import save_compressed

@@ -29,6 +29,8 @@ from lrcompress.commands.compress import (
     Loaders,
     build_problem,
     calibration_batches,
+    make_target,
+    prepare_latency,
     resolve_device,
     run_stages,
 )
@@ -36,13 +38,14 @@ from lrcompress.commands.compress import select_ranks as _select_on_problem
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.deploy.onnx import export_onnx as _export_graph
 from lrcompress.errors import UserError
+from lrcompress.measure.latency_target import LatencyConfig
 from lrcompress.measure.metrics import Accuracy
 from lrcompress.measure.metrics import evaluate as _evaluate
-from lrcompress.model.arch import PLAN_METADATA_KEY, ModelInfo, load_state_dict_strict
-from lrcompress.model.plan import Plan, Target
+from lrcompress.model.arch import ModelInfo, load_state_dict_strict
+from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
+from lrcompress.model.weights import PLAN_METADATA_KEY, read_compressed_file, save_compressed
 from lrcompress.model.weights import load as _load_named
-from lrcompress.model.weights import read_compressed_file, save_compressed
 from lrcompress.rank.rene import ReneConfig
 from lrcompress.recover.bn import recalibrate_bn as _recalibrate
 from lrcompress.recover.finetune import FinetuneConfig, FinetuneResult
@@ -54,7 +57,9 @@ CUSTOM = "custom:"  # Plan.arch prefix of a model the user built (rebuilt with l
 
 
 def compress(model: nn.Module, example_inputs, *, target_flops: float | None = None,
-             target_params: float | None = None, decomp: str = "tt", method: str = "rene",
+             target_params: float | None = None, target_latency: float | None = None,
+             target_speedup: float | None = None, latency: LatencyConfig | None = None,
+             decomp: str = "tt", method: str = "rene",
              calib=None, train=None, eval=None, finetune: FinetuneConfig | None = None,
              include=(), exclude=(), seed: int = 0, device: str = "auto", run_dir=None,
              input_key: str | None = None, label_key: str | None = None,
@@ -68,13 +73,19 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     ``(x, y)``, ``x`` alone, or dict batches (``input_key`` / ``label_key``). Unlabelled
     calibration and training batches are labelled with the original model's top-1 prediction
     (distillation only); ``eval`` must be labelled. ``model`` itself is never modified.
+
+    ``target_latency=R`` (or ``target_speedup=S``, R = 1/S): the compressed model's *measured*
+    latency at most R × the original's on ``latency``'s engine (default ONNX Runtime CPU, one
+    thread, batch 1); ``LatencyConfig(aware=True)`` with a MACs/params target drops candidates
+    that are slow for their cost and reports the measured speed-up.
     """
-    cfg = CompressConfig(_target(target_flops, target_params), decomp=decomp, method=method,
+    target = make_target(target_flops, target_params, target_latency, target_speedup)
+    cfg = CompressConfig(target, decomp=decomp, method=method,
                          rank_multiple=rank_multiple, include=tuple(include),
                          exclude=tuple(exclude), seed=seed, device=device,
                          calib_batches=calib_batches, rene=rene or ReneConfig(),
                          finetune=finetune or FinetuneConfig(), bn_batches=bn_batches,
-                         overwrite=overwrite)
+                         overwrite=overwrite, latency=latency or LatencyConfig())
     example = _example(example_inputs)
     _check_module(model)
     device_ = resolve_device(cfg.device)
@@ -91,8 +102,10 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
                         "train=... (labelled or not), or drop finetune.")
     run = RunDir(run_dir, _fingerprint(model, info, input_size, cfg, plan), cfg.overwrite)
     run.check()
-    job = Job(teacher, info, input_size, problem, loaders, cfg, device_, run,
-              progress or Progress(), plan, ["lrcompress.compress"])
+    progress = progress or Progress()
+    latency_costs = prepare_latency(problem, teacher, input_size, cfg, progress)
+    job = Job(teacher, info, input_size, problem, loaders, cfg, device_, run, progress, plan,
+              ["lrcompress.compress"], latency=latency_costs)
     return run_stages(job)
 
 
@@ -102,7 +115,7 @@ def select_ranks(model: nn.Module, example_inputs, *, target_flops: float | None
                  include=(), exclude=(), rank_multiple: int = 8, calib_batches: int = 8,
                  rene: ReneConfig | None = None, seed: int = 0, device: str = "auto") -> Plan:
     """Only the rank selection: the plan ``compress`` would apply (nothing is decomposed)."""
-    cfg = CompressConfig(_target(target_flops, target_params), decomp=decomp, method=method,
+    cfg = CompressConfig(make_target(target_flops, target_params), decomp=decomp, method=method,
                          rank_multiple=rank_multiple, include=tuple(include),
                          exclude=tuple(exclude), seed=seed, device=device,
                          calib_batches=calib_batches, rene=rene or ReneConfig())
@@ -198,13 +211,6 @@ def load(path, model=None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def _target(flops: float | None, params: float | None) -> Target:
-    if (flops is None) == (params is None):
-        raise UserError("Give exactly one target: target_flops=R or target_params=R (the "
-                        "fraction of the original to keep, e.g. 0.3).")
-    return Target("flops", flops) if flops is not None else Target("params", params)
 
 
 def _example(example_inputs) -> torch.Tensor:

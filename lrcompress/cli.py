@@ -170,7 +170,7 @@ def finetune_options(f):
     return f
 
 
-def _finetune_config(kw: dict):
+def finetune_config(kw: dict):
     from lrcompress.recover.finetune import FinetuneConfig
 
     keys = ("epochs", "max_steps", "lr", "optimizer", "weight_decay", "warmup_steps", "lam",
@@ -184,7 +184,7 @@ def _finetune_config(kw: dict):
 def _load(model, arch, num_classes, in_chans, trust_pickle, input_size=None):
     from pathlib import Path
 
-    from lrcompress.model.arch import load_model
+    from lrcompress.model.loading import load_model
 
     if in_chans is None and input_size is not None and not Path(model).exists():
         in_chans = input_size[0]  # a bare architecture name: build it for the asked channels
@@ -244,7 +244,7 @@ def inspect(model, arch, num_classes, in_chans, trust_pickle, input_size, includ
 # ------------------------------------------------------------------ search
 
 
-def _floats(value, name):
+def parse_floats(value, name):
     if value is None:
         return None
     try:
@@ -265,6 +265,24 @@ def _floats(value, name):
               "model's MACs, 0 < R < 1 (e.g. 0.3).")
 @click.option("--target-params", type=float, help="Keep at most this fraction of the "
               "parameters, 0 < R < 1.")
+@click.option("--target-latency", type=float, help="Measured latency at most this fraction of "
+              "the original's on --latency-engine, 0 < R < 1 (e.g. 0.4 = 2.5x faster). Layer "
+              "candidates are timed (cached in ~/.cache/lrcompress/latency), the result is "
+              "measured whole and re-solved if it misses.")
+@click.option("--target-speedup", type=float, help="The same as --target-latency 1/S: a "
+              "measured speed-up of at least S (> 1).")
+@click.option("--latency-engine", default="ort-cpu", show_default=True,
+              type=click.Choice(["ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda"]),
+              help="Where latency is measured: ONNX Runtime or PyTorch eager, CPU or CUDA.")
+@click.option("--latency-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Intra-op threads for latency measurements (0: all cores).")
+@click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batch size latency is measured at.")
+@click.option("--latency-aware", is_flag=True, help="With --target-flops/--target-params: "
+              "offer only ranks at the bottom of each measured latency step and never a chain "
+              "slower than its dense layer; the report shows the measured speed-up.")
+@click.option("--strict-target", is_flag=True, help="Exit 2 when the measured latency still "
+              "misses --target-latency after the re-solves (default: say so in the report).")
 @click.option("--method", default="rene", show_default=True,
               type=click.Choice(["rene", "sensitivity", "uniform", "energy", "vbmf", "lsvt",
                                  "gsvt", "isvt", "bisect"]),
@@ -339,14 +357,16 @@ def _floats(value, name):
 @click.option("--overwrite", is_flag=True, help="Replace results in a non-empty RUN directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
-           target_params, method, data_spec, out, include, exclude, rank_multiple, plan_path,
-           seed, device, batch_size, workers, calib_fraction, calib_batches, bn_batches,
-           test_subset,
+           target_params, target_latency, target_speedup, latency_engine, latency_threads,
+           latency_batch, latency_aware, strict_target, method, data_spec, out, include,
+           exclude, rank_multiple, plan_path, seed, device, batch_size, workers,
+           calib_fraction, calib_batches, bn_batches, test_subset,
            search_iters, search_warmup, search_loss, search_prior, vbmf_weaken,
            max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
            auto_batch, **finetune_kw):
-    """Compress MODEL to a FLOPs or params target: rank search, decomposition, evaluation.
+    """Compress MODEL to a FLOPs, params or measured-latency target: rank search,
+    decomposition, evaluation.
 
     Writes RUN/model.safetensors (reload with lrcompress.load), RUN/plan.json and
     RUN/report.json. The target counts the WHOLE model: layers kept dense count too.
@@ -362,25 +382,27 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
       lrcompress search resnet18.pt --input-size 1,28,28 --target-flops 0.3 --max-steps 400 \\
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18-ft
       lrcompress search resnet18.pt --plan runs/r18-tt30/plan.json --data ... -o runs/again
+      lrcompress search resnet18.pt --input-size 1,28,28 --target-speedup 2.5 \\
+          --latency-engine ort-cpu --latency-batch 64 --data ... -o runs/r18-2.5x
     """
-    from lrcompress.commands.compress import CompressConfig
+    from lrcompress.commands.compress import CompressConfig, make_target
     from lrcompress.commands.search import search as run_search
     from lrcompress.data import DataConfig
-    from lrcompress.model.plan import Target
+    from lrcompress.measure.latency_target import LatencyConfig
     from lrcompress.rank.rene import ReneConfig
     from lrcompress.recover.lorita import LoritaConfig
     from lrcompress.report.render import render_search
     from lrcompress.util import distributed
     from lrcompress.util.progress import RichProgress
 
-    if (target_flops is None) == (target_params is None) and plan_path is None:
-        raise UserError("Give exactly one of --target-flops R or --target-params R "
-                        "(the fraction of the original model to keep, e.g. 0.3).")
-    target = Target("flops", target_flops) if target_flops is not None else (
-        Target("params", target_params) if target_params is not None else None)
-    if target is None:
+    if plan_path is not None and all(v is None for v in (target_flops, target_params,
+                                                          target_latency, target_speedup)):
         raise UserError("With --plan, still give the target the plan was made for "
                         "(--target-flops or --target-params).")
+    target = make_target(target_flops, target_params, target_latency, target_speedup)
+    if latency_aware and target.kind == "latency":
+        raise UserError("--latency-aware goes with --target-flops or --target-params; a "
+                        "latency target is latency-aware already.")
     if not 0 < calib_fraction < 1:
         raise UserError(f"--calib-fraction {calib_fraction} must be between 0 and 1.")
     cfg = CompressConfig(
@@ -389,7 +411,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         calib_batches=calib_batches, bn_batches=bn_batches,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
                         seed=seed, test_subset=test_subset, train_subset=train_subset),
-        finetune=_finetune_config(finetune_kw), cache_dir=cache_dir,
+        finetune=finetune_config(finetune_kw), cache_dir=cache_dir,
         lorita=LoritaConfig(factors=lorita_factors, steps=lorita_steps, lr=lorita_lr,
                             weight_decay=lorita_wd),
         method_config={**({"vbmf": {"weaken": vbmf_weaken}} if vbmf_weaken is not None else {}),
@@ -397,8 +419,10 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
                           if max_loss_increase is not None else {})},
         rene=ReneConfig(iters=search_iters, warmup=search_warmup, alpha_loss=search_loss,
                         prior=search_prior.replace("-", "_")),
-        input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
         plan_path=plan_path, overwrite=overwrite, auto_batch=auto_batch,
+        latency=LatencyConfig(engine=latency_engine, threads=latency_threads,
+                              batch=latency_batch, strict=strict_target, aware=latency_aware),
     )
     distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel
     main_rank = distributed.is_main()
@@ -543,8 +567,8 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
 
     cfg = EvalConfig(data=DataConfig(batch_size=batch_size, workers=workers,
                                      test_subset=test_subset),
-                     input_size=input_size, mean=_floats(mean, "--mean"),
-                     std=_floats(std, "--std"), device=device,
+                     input_size=input_size, mean=parse_floats(mean, "--mean"),
+                     std=parse_floats(std, "--std"), device=device,
                      latency=_latency_config(lat_kw, per_layer=False))
     res = eval_model(model, data_spec, cfg, arch=arch, num_classes=num_classes,
                      in_chans=in_chans, trust_pickle=trust_pickle, progress=RichProgress())

@@ -90,7 +90,7 @@ def test_search_bad_targets(resnet_ckpt, tmp_path):
                       "strictly between 0 and 1")
     assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0", *common),
                       "strictly between 0 and 1")
-    assert_user_error(*run("search", resnet_ckpt["pt"], *common), "exactly one of")
+    assert_user_error(*run("search", resnet_ckpt["pt"], *common), "exactly one target")
     assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0.01", *common),
                       "cannot be reached")
     assert_user_error(*run("search", resnet_ckpt["pt"], "--target-flops", "0.5",

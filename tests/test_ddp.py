@@ -23,7 +23,7 @@ from lrcompress.model.surgery import decompose_
 from lrcompress.recover.finetune import FinetuneConfig, distill, shard_loader
 
 from .conftest import tiny_resnet
-from .test_finetune import _tiny_plan
+from .test_finetune import tiny_plan
 
 SEED = 3
 CFG_FIRST = FinetuneConfig(max_steps=1, lr=0.05)
@@ -40,7 +40,7 @@ def _freeze_bn(model: nn.Module) -> None:
 def _setup(batch_size: int):
     torch.manual_seed(0)
     teacher = tiny_resnet()
-    plan = _tiny_plan(teacher)
+    plan = tiny_plan(teacher)
     student = copy.deepcopy(teacher)
     decompose_(student, plan)
     _freeze_bn(student)

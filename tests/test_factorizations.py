@@ -384,15 +384,15 @@ def test_registry_and_unknown_name():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_supports(method):
+def test_unsupported_reason(method):
     fact = get_factorization(method)
-    assert fact.supports(SHAPES["3x3"]) == ""
-    assert fact.supports(SHAPES["linear"]) == ""
+    assert fact.unsupported_reason(SHAPES["3x3"]) == ""
+    assert fact.unsupported_reason(SHAPES["linear"]) == ""
     grouped = conv_spec(8, 8, 3, groups=2)
-    assert "grouped conv (groups=2)" in fact.supports(grouped)
-    assert "depthwise" in fact.supports(conv_spec(8, 8, 3, groups=8))
+    assert "grouped conv (groups=2)" in fact.unsupported_reason(grouped)
+    assert "depthwise" in fact.unsupported_reason(conv_spec(8, 8, 3, groups=8))
     odd = LayerSpec(**{**SHAPES["3x3"].to_dict(), "unsupported": "string padding 'same'"})
-    assert fact.supports(odd) == "string padding 'same'"
+    assert fact.unsupported_reason(odd) == "string padding 'same'"
     with pytest.raises(ValueError, match="grouped"):
         fact.skeleton(grouped, 2)
     w, _ = weights(SHAPES["3x3"])

@@ -20,23 +20,23 @@ from lrcompress.recover.losses import frobenius_decay, hoyer, hoyer_value, ortho
 from .conftest import tiny_resnet
 
 
-def _tiny_plan(model, method="tucker2", rank=4, size=(1, 16, 16)):
+def tiny_plan(model, factorization="tucker2", rank=4, size=(1, 16, 16)):
     specs = [s for s in find_layers(model, size) if s.kind == "conv2d" and s.kernel == (3, 3)
              and s.in_ch > 1][:3]
-    layers = tuple(LayerPlan(s.name, method, rank, s) for s in specs)
+    layers = tuple(LayerPlan(s.name, factorization, rank, s) for s in specs)
     return Plan("timm:test_resnet", 10, 1, size, layers, 1, 1)
 
 
 def test_frobenius_decay_equals_decay_on_the_product():
     torch.manual_seed(0)
     m = tiny_resnet()
-    plan = _tiny_plan(m)
+    plan = tiny_plan(m)
     decompose_(m, plan)
     val = frobenius_decay(m, plan)
     expect = 0.0
     for lp in plan.layers:
         chain = m.get_submodule(lp.name)
-        w = get_factorization(lp.method).reconstruct([c.weight for c in chain], lp.spec)
+        w = get_factorization(lp.factorization).reconstruct([c.weight for c in chain], lp.spec)
         expect = expect + 0.5 * w.pow(2).sum()
     torch.testing.assert_close(val, expect)
     # Its gradient on a 2-factor product U V is μ U VᵀV (Khodak, frobgrad), not μ U.
@@ -69,10 +69,10 @@ def test_orthogonality_matches_closed_form_gradient(kind):
         torch.testing.assert_close(layer.weight.grad, g, rtol=1e-9, atol=1e-9)
 
 
-def _setup():
+def distill_setup():
     torch.manual_seed(0)
     teacher = tiny_resnet()
-    plan = _tiny_plan(teacher)
+    plan = tiny_plan(teacher)
     student = copy.deepcopy(teacher)
     decompose_(student, plan)
     spec = parse_data_spec("synthetic:48")
@@ -82,7 +82,7 @@ def _setup():
 
 
 def test_distillation_lowers_the_training_loss():
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     cfg = FinetuneConfig(epochs=4, lr=0.05)
     res = distill(student, teacher, plan, loaders, cfg, torch.device("cpu"))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -91,13 +91,13 @@ def test_distillation_lowers_the_training_loss():
 
 def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     cfg = FinetuneConfig(epochs=3, lr=0.05, frobenius_decay=1e-4, orth="so")
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), seed=3)
     uninterrupted = student.state_dict()
 
     import lrcompress.recover.finetune as ft
 
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     calls = {"n": 0}
     real = ft.evaluate
 
@@ -112,7 +112,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
         distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
                 seed=3)
     monkeypatch.setattr(ft, "evaluate", real)
-    teacher, student, plan, loaders = _setup()  # a fresh process: nothing kept in memory
+    teacher, student, plan, loaders = distill_setup()  # a fresh process: nothing kept in memory
     res = distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
                   seed=3)
     assert res.resumed_from_epoch == 1
@@ -124,7 +124,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
 def test_a_list_of_batches_trains_like_a_loader():
     """A train "loader" that is not a DataLoader (a list of batches: no generator, sampler or
     dataset to seed) still fine-tunes."""
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     batches = [(x.clone(), y.clone()) for x, y in loaders.train]
     res = distill(student, teacher, plan, replace(loaders, train=batches),
                   FinetuneConfig(max_steps=2, lr=0.05), torch.device("cpu"))
@@ -133,7 +133,7 @@ def test_a_list_of_batches_trains_like_a_loader():
 
 
 def test_changed_command_refuses_to_resume(tmp_path):
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     cfg = FinetuneConfig(epochs=1, lr=0.05)
     distill(student, teacher, plan, loaders, cfg, torch.device("cpu"), state_dir=tmp_path,
             fingerprint="a")
@@ -158,9 +158,9 @@ def test_hoyer_on_singular_values_and_its_gradient():
     assert torch.autograd.gradcheck(hoyer_value, (x,))
     # Over the plan: the sum of each factorized layer's value on its reconstructed weight.
     m = tiny_resnet()
-    plan = _tiny_plan(m)
+    plan = tiny_plan(m)
     decompose_(m, plan)
-    expect = sum(hoyer_value(get_factorization(lp.method).reconstruct(
+    expect = sum(hoyer_value(get_factorization(lp.factorization).reconstruct(
         [c.weight for c in m.get_submodule(lp.name)], lp.spec)) for lp in plan.layers)
     val = hoyer(m, plan)
     torch.testing.assert_close(val, expect)
@@ -169,7 +169,7 @@ def test_hoyer_on_singular_values_and_its_gradient():
 
 
 def test_hoyer_weight_enters_the_loss():
-    teacher, student, plan, loaders = _setup()
+    teacher, student, plan, loaders = distill_setup()
     base = distill(copy.deepcopy(student), teacher, plan, loaders,
                    FinetuneConfig(max_steps=1, lr=0.05), torch.device("cpu"))
     reg = distill(student, teacher, plan, loaders, FinetuneConfig(max_steps=1, lr=0.05, hoyer=1.0),

@@ -51,9 +51,9 @@ GROUPED = LayerSpec("grp", "conv2d", 16, 32, (3, 3), (1, 1), (1, 1), groups=4, b
 
 def fake_ms(spec: LayerSpec, c: Candidate) -> float:
     """1 ms per million MACs, plus 0.01 ms per started block of 8 ranks."""
-    if c.method == DENSE:
+    if c.factorization == DENSE:
         return dense_macs(spec) * 1e-6
-    fact = get_factorization(c.method)
+    fact = get_factorization(c.factorization)
     r = fact.scalar_rank(fact.rank_from(spec, c.rank))
     return fact.macs(spec, c.rank) * 1e-6 + 0.01 * math.ceil(r / 8)
 
@@ -63,7 +63,7 @@ class FakeTimer:
         self.calls: list[list[tuple]] = []
 
     def __call__(self, spec, candidates):
-        self.calls.append([(c.method, c.rank) for c in candidates])
+        self.calls.append([(c.factorization, c.rank) for c in candidates])
         return [fake_ms(spec, c) for c in candidates]
 
     @property
@@ -119,7 +119,8 @@ def test_second_table_measures_nothing_it_knows(tmp_path):
     t1 = table(tmp_path)
     first = t1.layer_times(CONV, opts)
     assert t1.counts() == {"measured": len(opts), "cached": 0}
-    assert first == {o: pytest.approx(fake_ms(CONV, Candidate(o.method, o.rank))) for o in opts}
+    assert first == {o: pytest.approx(fake_ms(CONV, Candidate(o.factorization, o.rank)))
+                     for o in opts}
     t2 = table(tmp_path)
     assert t2.layer_times(CONV, opts) == first
     assert t2.counts() == {"measured": 0, "cached": len(opts)} and t2.timer.calls == []
@@ -324,9 +325,11 @@ def test_snap_options_with_the_table(tmp_path):
     steps = {DENSE: 9.0}
 
     def timer(spec, cands):  # steps of 32 ranks; ranks >= 40 are slower than dense
-        return [steps.get(c.method) or (10.0 if c.rank >= 40 else 1.0 + math.ceil(c.rank / 16))
+        return [steps.get(c.factorization)
+                or (10.0 if c.rank >= 40 else 1.0 + math.ceil(c.rank / 16))
                 for c in cands]
 
     opts = layer_options(spec, ["tucker2"], 8)
     kept = snap_options(spec, opts, table(tmp_path, timer=timer))
-    assert [(o.method, o.rank) for o in kept] == [("tucker2", 16), ("tucker2", 32), (DENSE, 0)]
+    assert [(o.factorization, o.rank) for o in kept] == [("tucker2", 16), ("tucker2", 32),
+                                                         (DENSE, 0)]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lrcompress.errors import CheckpointError, UserError
-from lrcompress.model.arch import load_model, parse_arch
+from lrcompress.model.arch import parse_arch
+from lrcompress.model.loading import load_model
 
 from .conftest import tiny_resnet
 

@@ -8,7 +8,7 @@ from lrcompress.errors import TargetError
 from lrcompress.model.layers import LayerSpec
 from lrcompress.model.plan import Target
 from lrcompress.rank.problem import DENSE, LayerOptions, Option, RankProblem, allocate, rank_grid
-from lrcompress.rank.rene import _initial_candidates, _narrow
+from lrcompress.rank.rene import initial_candidates, narrow
 
 
 def _layer(name, ranks, per_rank, dense):
@@ -32,7 +32,7 @@ def test_rank_grid():
 def test_allocate_meets_budget_and_wastes_at_most_one_step(ratio):
     p = _problem(ratio)
     # Score: higher rank is better, layer a twice as sensitive per rank as b.
-    scores = [[(2.0 if i == 0 else 1.0) * o.rank if o.method != DENSE else 10**4
+    scores = [[(2.0 if i == 0 else 1.0) * o.rank if o.factorization != DENSE else 10**4
                for o in lo.options] for i, lo in enumerate(p.layers)]
     choice = allocate(p, scores)
     cost = p.cost_of(choice)
@@ -48,7 +48,7 @@ def test_allocate_meets_budget_and_wastes_at_most_one_step(ratio):
 
 def test_allocate_prefers_the_more_sensitive_layer():
     p = _problem(0.3)
-    scores = [[-((64 - o.rank) ** 2) * (10 if i == 0 else 1) if o.method != DENSE else 0
+    scores = [[-((64 - o.rank) ** 2) * (10 if i == 0 else 1) if o.factorization != DENSE else 0
                for o in lo.options] for i, lo in enumerate(p.layers)]
     a, b = allocate(p, scores)
     assert p.layers[0].options[a].rank > p.layers[1].options[b].rank
@@ -68,9 +68,9 @@ def test_target_range_is_checked():
 
 def test_initial_candidates_span_the_grid_and_include_the_largest_and_dense():
     lo = _layer("a", range(1, 51), 1, 10**6)
-    cands, steps = _initial_candidates(lo, 10)
+    cands, steps = initial_candidates(lo, 10)
     # Keeping the layer dense is a candidate too (the last one), final once chosen (step 1).
-    assert lo.options[cands[-1]].method == DENSE and steps == {"tt": 5, DENSE: 1}
+    assert lo.options[cands[-1]].factorization == DENSE and steps == {"tt": 5, DENSE: 1}
     ranks = [lo.options[j].rank for j in cands[:-1]]
     assert len(ranks) == 10 and ranks[-1] == 50
     assert all(b - a == 5 for a, b in zip(ranks, ranks[1:]))
@@ -80,13 +80,13 @@ def test_narrowing_follows_figure_3():
     # Figure 3 of RENE in grid units: step 10 around r̄=20 -> 15..25 at step 1.
     lo = _layer("a", range(1, 101), 1, 10**6)
     best = next(j for j, o in enumerate(lo.options) if o.rank == 20)
-    cands, new_step = _narrow(lo, best, 10, 10)
+    cands, new_step = narrow(lo, best, 10, 10)
     assert [lo.options[j].rank for j in cands] == list(range(15, 26))
     assert new_step == 1
     # Coarser: step 100 around 200 with f=10 -> 150..250 at step 10.
     lo = _layer("a", range(1, 1001), 1, 10**6)
     best = next(j for j, o in enumerate(lo.options) if o.rank == 200)
-    cands, new_step = _narrow(lo, best, 100, 10)
+    cands, new_step = narrow(lo, best, 100, 10)
     assert [lo.options[j].rank for j in cands] == list(range(150, 251, 10))
     assert new_step == 10
 
@@ -94,7 +94,7 @@ def test_narrowing_follows_figure_3():
 def test_narrowing_clips_at_the_grid_edges():
     lo = _layer("a", range(1, 31), 1, 10**6)
     best = len(lo.options) - 2  # the largest rank (30)
-    cands, _ = _narrow(lo, best, 10, 10)
+    cands, _ = narrow(lo, best, 10, 10)
     ranks = [lo.options[j].rank for j in cands]
     assert min(ranks) == 25 and max(ranks) == 30
 

@@ -18,7 +18,7 @@ from lrcompress.model.arch import ModelInfo
 from lrcompress.model.plan import Target
 from lrcompress.model.surgery import swap_modules
 from lrcompress.rank import SelectContext, get_method
-from lrcompress.rank.signals import Cache, _calib_loss
+from lrcompress.rank.signals import Cache, calib_loss
 from lrcompress.rank.vbmf import evbmf
 
 METHODS = ["energy", "vbmf", "lsvt", "gsvt", "isvt", "bisect"]
@@ -111,7 +111,7 @@ def test_meets_budget_within_one_step_and_is_deterministic(method, kind, ratio):
     _check_budget(p, plan)
     again, _ = _run(method, p, config=cfg)
     assert plan.to_dict()["layers"] == again.to_dict()["layers"]
-    assert plan.method == method and trace
+    assert plan.rank_method == method and trace
 
 
 @pytest.mark.parametrize("decomp", ["svd", "tucker2", "cp", "cp4"])
@@ -121,7 +121,7 @@ def test_every_factorization(method, decomp):
     cfg = {"isvt": {"steps": 3}}  # CP's long option lists: keep the greedy short
     plan, _ = _run(method, p, config=cfg)
     _check_budget(p, plan)
-    assert {lp.method for lp in plan.layers} == {decomp}
+    assert {lp.factorization for lp in plan.layers} == {decomp}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -166,9 +166,9 @@ def _delta_plan_loss_increase(problem, delta_plan):
             swap[lo.spec.name] = get_factorization("tt").from_weight(mod.weight, mod.bias,
                                                                      lo.spec, r)
     with torch.no_grad():
-        base = _calib_loss(m, batches, "cpu")
+        base = calib_loss(m, batches, "cpu")
         with swap_modules(m, swap):
-            return _calib_loss(m, batches, "cpu") - base
+            return calib_loss(m, batches, "cpu") - base
 
 
 def test_bisect_honours_the_tolerance_when_the_budget_is_loose():
@@ -240,4 +240,4 @@ def test_search_end_to_end_with_vbmf(resnet_ckpt, tmp_path):
                        input_size=INPUT)
     res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "run", cfg)
     assert 0.40 <= res.report["totals"]["macs_ratio"] <= 0.5
-    assert res.plan.method == "vbmf" and res.report["search"]["vbmf_ranks"]
+    assert res.plan.rank_method == "vbmf" and res.report["search"]["vbmf_ranks"]

@@ -27,7 +27,7 @@ from lrcompress.rank.search_state import SearchState, load_search_state, save_se
 from lrcompress.recover.finetune import FinetuneConfig, distill
 
 from .conftest import tiny_resnet
-from .test_finetune import _setup
+from .test_finetune import distill_setup
 
 BASE = ("--input-size", "1,16,16", "--data", "synthetic:16", "--method", "uniform",
         "--target-flops", "0.5", "--rank-multiple", "1", "--batch-size", "8")
@@ -300,7 +300,7 @@ def test_out_of_memory_advice_then_auto_batch_halving(resnet_ckpt, tmp_path, mon
 def test_auto_batch_fine_tuning_accumulates_the_whole_batch(monkeypatch):
     """Each step still sees the whole batch (in micro-batches), steps once, and without
     --auto-batch the error propagates unchanged."""
-    teacher, student, plan, loaders = _setup()  # batches of 16
+    teacher, student, plan, loaders = distill_setup()  # batches of 16
     check = _oom_above(4)
     student.register_forward_pre_hook(
         lambda _m, a: check(a[0].shape[0]) if torch.is_grad_enabled() else None)

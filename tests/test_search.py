@@ -60,6 +60,25 @@ def test_sensitivity_meets_target(resnet_ckpt, tmp_path, kind):
     assert all(v > 0 for v in res.report["search"]["sensitivity"].values())
 
 
+def test_plan_files_keep_the_historical_method_key():
+    """LayerPlan.factorization and Plan.rank_method are stored under "method" (as before the
+    rename), so existing plan.json files and model.safetensors headers load unchanged."""
+    old = {"schema": 1, "lrcompress_version": "0.1.0", "arch": "timm:test_resnet",
+           "num_classes": 10, "in_chans": 1, "input_size": [1, 32, 32], "base_macs": 100,
+           "base_params": 10, "target": {"kind": "flops", "ratio": 0.5}, "method": "uniform",
+           "macs": 100, "params": 10, "layers": [{
+               "name": "fc", "method": "svd", "rank": 3, "spec": {
+                   "name": "fc", "kind": "linear", "in_ch": 8, "out_ch": 10, "kernel": [1, 1],
+                   "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                   "bias": True, "in_hw": [1, 1], "out_hw": [1, 1], "unsupported": ""}}]}
+    plan = Plan.from_dict(old)
+    assert plan.rank_method == "uniform" and plan.layers[0].factorization == "svd"
+    d = plan.to_dict()
+    assert d["method"] == "uniform" and d["layers"][0]["method"] == "svd"
+    assert "rank_method" not in d and "factorization" not in d["layers"][0]
+    assert Plan.from_json(plan.to_json()) == plan
+
+
 def test_reload_is_bit_exact_and_plan_round_trips(resnet_ckpt, tmp_path):
     res = search(str(resnet_ckpt["safetensors"]), "synthetic:64", tmp_path / "run", _cfg())
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
@@ -150,7 +169,7 @@ def _rene_ctx(resnet_ckpt, poison):
     """A rene SelectContext on test_resnet with two calibration batches; ``poison`` picks which
     of them get a NaN input image."""
     from lrcompress.commands.search import build_problem
-    from lrcompress.model.arch import load_model
+    from lrcompress.model.loading import load_model
     from lrcompress.rank import SelectContext
     from lrcompress.rank.signals import Cache
 
@@ -283,7 +302,7 @@ def test_rene_can_keep_a_layer_dense(resnet_ckpt, monkeypatch):
 
     def prior(ctx_, errs, *a, **kw):
         scores = [[0.0] * len(lo.options) for lo in layers]
-        scores[k] = [0.0 if o.method == DENSE else -1.0 for o in layers[k].options]
+        scores[k] = [0.0 if o.factorization == DENSE else -1.0 for o in layers[k].options]
         return scores, [1.0] * len(layers)
 
     monkeypatch.setattr(sensitivity, "truncation_scores", prior)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -26,6 +26,15 @@ from lrcompress.commands.run_dir import MODEL_FILE, PLAN_FILE, REPORT_FILE, RunD
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
 from lrcompress.factorizations import ALIASES, FACTORIZATIONS
+from lrcompress.measure.latency_target import (
+    LatencyConfig,
+    check_engine,
+    corrected_ratio,
+    make_table,
+    measure_whole,
+    option_times,
+    speedup_ratio,
+)
 from lrcompress.measure.metrics import Accuracy, evaluate, independent_macs, param_count
 from lrcompress.model.arch import ModelInfo
 from lrcompress.model.census import make_selection
@@ -81,6 +90,8 @@ class CompressConfig:
     # After decomposition, re-estimate the BatchNorm statistics downstream of the factorized
     # layers on this many calibration batches (0: keep the original model's statistics).
     bn_batches: int = 16
+    # Where latency targets (and --latency-aware) are measured.
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -99,6 +110,11 @@ class CompressConfig:
         d = asdict(self)
         d["target"] = {"kind": self.target.kind, "ratio": self.target.ratio}
         return d
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether the job measures latency (a latency target, or --latency-aware)."""
+        return self.target.kind == "latency" or self.latency.aware
 
 
 @dataclass
@@ -126,6 +142,7 @@ class Job:
     given_plan: Plan | None = None
     command: list[str] | None = None
     times: dict[str, float] = field(default_factory=dict)
+    latency: dict | None = None  # latency costs and checks (prepare_latency, latency_stage)
 
 
 @dataclass
@@ -161,6 +178,22 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"Unknown --device {name!r}: use auto, cpu, cuda or cuda:N.") from e
 
 
+def make_target(flops=None, params=None, latency=None, speedup=None) -> Target:
+    """The one target given: a MACs, params or latency ratio, or a speed-up S (ratio 1/S)."""
+    given = {k: v for k, v in (("flops", flops), ("params", params), ("latency", latency),
+                               ("speedup", speedup)) if v is not None}
+    if len(given) != 1:
+        raise UserError("Give exactly one target: --target-flops R, --target-params R, "
+                        "--target-latency R (fractions of the original to keep, e.g. 0.3) or "
+                        f"--target-speedup S (e.g. 2.5); got {', '.join(given) or 'none'}. "
+                        "(Python: target_flops=, target_params=, target_latency=, "
+                        "target_speedup=.)")
+    (kind, value), = given.items()
+    if kind == "speedup":
+        return Target("latency", speedup_ratio(value))
+    return Target(kind, value)
+
+
 def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
                   specs: list[LayerSpec] | None = None) -> RankProblem:
     """The rank problem: every eligible layer's options and the budget (checked reachable)."""
@@ -184,8 +217,32 @@ def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCo
                         "--decomp or --include more layers (see `lrcompress inspect`).")
     problem = RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
                           info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
-    problem.check_feasible()
+    if cfg.target.kind != "latency":  # a latency target is checked once measured
+        problem.check_feasible()
     return problem
+
+
+def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
+                    cfg: CompressConfig, progress: Progress | None = None) -> dict | None:
+    """Before any work: every candidate's measured time on the latency engine (the options
+    snapped to latency steps, nothing slower than dense) and the original measured whole.
+    None unless the job has a latency target or ``--latency-aware``."""
+    if not cfg.measures_latency:
+        return None
+    lat = cfg.latency
+    check_engine(lat)
+    if progress is not None:
+        progress.stage(f"measuring candidate latencies ({lat.engine}, {lat.threads} thread(s), "
+                       f"batch {lat.batch})")
+    table = make_table(lat, cfg.cache_dir)
+    options, summary = option_times(problem.layers, table, snap=True)
+    for lo, opts in zip(problem.layers, options):
+        lo.options = opts
+    whole = measure_whole(model, None, input_size, lat)
+    problem.base_latency = whole.original_ms
+    problem.check_feasible()
+    return {"config": lat.to_dict(), "table": summary,
+            "original_ms": whole.original_ms, "original_iqr_ms": whole.original_iqr_ms}
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -294,10 +351,11 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
 DATA_METHODS = ("rene", "sensitivity", "bisect")
 
 
-def decompose_stage(job: Job, source: nn.Module, plan: Plan) -> Decomposed:
-    """The factorized student (decomposed from ``source``, or re-read after a resume)."""
+def decompose_stage(job: Job, source: nn.Module, plan: Plan, fresh: bool = False) -> Decomposed:
+    """The factorized student (decomposed from ``source``, or re-read after a resume unless
+    ``fresh``)."""
     run = job.run
-    if run.has_state("decomposed.safetensors"):
+    if run.has_state("decomposed.safetensors") and not fresh:
         student = build_compressed(plan) if not _custom(job) else _skeleton(job.model, plan)
         student.load_state_dict(read_checkpoint(run.state("decomposed.safetensors"))[0])
         dec = run.read_state_json("decomposed.json")
@@ -325,11 +383,78 @@ def verify_stage(job: Job, student: nn.Module, plan: Plan) -> tuple[int, int]:
                        f"{params} params by FlopCounterMode, the plan says {plan.macs} / "
                        f"{plan.params}.")
     t = job.cfg.target
+    if t.kind == "latency":
+        return measured, params  # measured whole by latency_stage
     achieved = measured / job.problem.base_macs if t.kind == "flops" else (
         params / job.problem.base_params)
     if achieved > t.ratio + 1e-12:
         raise TargetError(f"the plan misses the target: {achieved:.4f} > {t.ratio}.")
     return measured, params
+
+
+def latency_stage(job: Job, source: nn.Module, batches: list, plan: Plan,
+                  dec: Decomposed) -> tuple[Plan, Decomposed]:
+    """Measure the student whole against the original; under a latency target that is missed
+    by more than the measurement's spread, re-solve with the corrected budget (up to
+    ``max_resolves`` times). Records every attempt in ``job.latency``."""
+    lat, target, problem = job.cfg.latency, job.cfg.target, job.problem
+    attempts, solved_at = [], target.ratio
+    while True:
+        job.progress.stage(f"measuring latency, original vs compressed ({lat.engine})")
+        whole = measure_whole(job.model, dec.student, job.input_size, lat)
+        row = {"solved_at": solved_at, "macs_ratio": plan.macs_ratio, **whole.to_dict()}
+        if target.kind == "latency":
+            row["estimated_ratio"] = problem.cost_of(problem.choice_of(plan)) / problem.base_cost
+        attempts.append(row)
+        if target.kind != "latency" or whole.ratio <= target.ratio + whole.spread:
+            break
+        if len(attempts) > lat.max_resolves:
+            break
+        solved_at = corrected_ratio(target.ratio, row["estimated_ratio"], whole.ratio, solved_at)
+        new = _resolve(job, source, batches, solved_at)
+        if new is None:
+            row["stop"] = "the corrected budget is below what any plan can reach"
+            break
+        plan, dec = new
+    problem.target = target
+    job.latency = {**(job.latency or {}), **_latency_verdict(target, attempts)}
+    if target.kind == "latency" and not job.latency["met"] and lat.strict:
+        raise UserError(job.latency["summary"] + " (--strict-target).")
+    return plan, dec
+
+
+def _resolve(job: Job, source: nn.Module, batches: list, ratio: float):
+    """Select and decompose again at budget ``ratio`` (None: that budget is unreachable)."""
+    try:
+        job.problem.target = Target("latency", ratio)
+        job.problem.check_feasible()
+    except (TargetError, UserError):
+        return None
+    plan, trace = select_ranks(source, job.problem, batches, job.cfg, job.device, job.run,
+                               tick=job.progress.advance, progress=job.progress)
+    plan = replace(plan, target=job.cfg.target)
+    job.run.write_state_json("trace.json", trace)
+    job.run.write_state_text(PLAN_FILE, plan.to_json() + "\n")
+    job.run.remove_state(f"search-{job.cfg.method}.pt")
+    dec = decompose_stage(job, source, plan, fresh=True)
+    verify_stage(job, dec.student, plan)
+    return plan, dec
+
+
+def _latency_verdict(target: Target, attempts: list[dict]) -> dict:
+    last = attempts[-1]
+    out = {"attempts": attempts, "measured_ratio": last["ratio"], "spread": last["spread"],
+           "macs_ratio": last["macs_ratio"], "speedup": round(1 / last["ratio"], 4)}
+    if target.kind != "latency":
+        out["summary"] = (f"measured latency {last['ratio']:.3f} of the original (speed-up "
+                          f"{1 / last['ratio']:.2f}x, ideal {1 / last['macs_ratio']:.2f}x)")
+        return out
+    met = last["ratio"] <= target.ratio + last["spread"]
+    verdict = "meets" if met else "MISSES"
+    out.update(target=target.ratio, met=met, summary=(
+        f"measured latency {last['ratio']:.3f} ± {last['spread']:.3f} of the original "
+        f"{verdict} the target {target.ratio:.3f} after {len(attempts)} attempt(s)"))
+    return out
 
 
 def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
@@ -390,8 +515,11 @@ def run_stages(job: Job) -> CompressResult:
     plan, trace = select_stage(job, source, batches)
     times["rank_selection"] = time.perf_counter() - t
     dec = _timed(times, "decompose", decompose_stage, job, source, plan)
+    macs, params = verify_stage(job, dec.student, plan)
+    if job.cfg.measures_latency:
+        plan, dec = _timed(times, "latency", latency_stage, job, source, batches, plan, dec)
+        macs, params = verify_stage(job, dec.student, plan)
     student = dec.student
-    macs, params = verify_stage(job, student, plan)
     acc["original"] = original
     acc["decomposed"] = _timed(times, "eval_decomposed", evaluate_stage, job, student,
                                "decomposed", "evaluating the decomposed model")

@@ -14,7 +14,7 @@ from pathlib import Path
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.measure.latency import LatencyConfig, measure
 from lrcompress.measure.metrics import evaluate, independent_macs, param_count
-from lrcompress.model.arch import load_model
+from lrcompress.model.loading import load_model
 from lrcompress.report.schema import read_report
 from lrcompress.util.progress import Progress
 

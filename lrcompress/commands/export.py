@@ -36,12 +36,13 @@ from lrcompress.deploy.onnx import (
 )
 from lrcompress.errors import LrcError, UserError
 from lrcompress.measure.latency import LatencyConfig, compare
-from lrcompress.model.arch import build, load_model, parse_arch
+from lrcompress.model.arch import build, parse_arch
+from lrcompress.model.loading import load_model
 from lrcompress.model.plan import Plan
 from lrcompress.model.weights import load
 from lrcompress.report.schema import read_report
 from lrcompress.report.write import remove_stale_plots, render_reports
-from lrcompress.util.io import _default, atomic_path
+from lrcompress.util.io import atomic_path, file_sha256, json_default
 from lrcompress.util.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,6 @@ class ExportResult:
     files: list[Path]  # artifacts written (model.onnx, a safetensors copy)
     section: dict  # what was added to report.json under "export"
     report: dict  # the whole updated report
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parity_inputs(report: dict, model: nn.Module, n: int, data: str | None = None):
@@ -190,7 +183,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
                 dest = out / "model.safetensors"
                 tmp = stage.enter_context(atomic_path(dest))
                 shutil.copyfile(st_path, tmp)
-                if _sha256(tmp) != section["safetensors"]["sha256"]:
+                if file_sha256(tmp) != section["safetensors"]["sha256"]:
                     raise LrcError(f"the copy of {st_path} to {dest} differs from the original.")
                 files.append(dest)
                 section["safetensors"]["copied_to"] = _rel(dest, run)
@@ -202,7 +195,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
         # (the model in RUN/ never changes, so those figures still hold).
         report = {**report, "export": {**(report.get("export") or {}), **section}}
         progress.stage("writing")
-        text = json.dumps(report, indent=1, default=_default) + "\n"
+        text = json.dumps(report, indent=1, default=json_default) + "\n"
         stage.enter_context(atomic_path(run / "report.json")).write_text(text, encoding="utf-8")
         rendered = render_reports(report)
         for name, data in rendered.items():
@@ -231,7 +224,7 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
     if plan.macs != report["totals"]["macs_after"]:
         raise UserError(f"{path} holds a plan of {plan.macs} MACs but report.json says "
                         f"{report['totals']['macs_after']}: the files come from different runs.")
-    return {"path": _rel(path, run), "bytes": path.stat().st_size, "sha256": _sha256(path),
+    return {"path": _rel(path, run), "bytes": path.stat().st_size, "sha256": file_sha256(path),
             "reload": "lrcompress.load: weights and outputs bit-exact", "macs": plan.macs,
             "params": plan.params}
 

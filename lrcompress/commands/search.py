@@ -19,13 +19,14 @@ from lrcompress.commands.compress import (
     Job,
     Loaders,
     build_problem,
+    prepare_latency,
     resolve_device,
     run_stages,
 )
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.errors import UserError
-from lrcompress.model.arch import load_model
+from lrcompress.model.loading import load_model
 from lrcompress.model.plan import Plan
 from lrcompress.util.progress import Progress
 
@@ -38,6 +39,8 @@ def fingerprint(model_spec: str, data_spec: str, cfg: CompressConfig, extra: dic
     d = cfg.to_dict()
     for k in ("overwrite", "device", "cache_dir", "auto_batch"):
         d.pop(k, None)
+    if not cfg.measures_latency:
+        d.pop("latency", None)
     d["data"].pop("workers", None)
     path = Path(model_spec)
     if path.is_file():
@@ -81,10 +84,11 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: CompressConfig, *, arc
     problem = build_problem(model, info, pre.input_size, cfg)
     given_plan = _read_plan(cfg, info.arch)
     built = build_loaders(dspec, pre, cfg.data, num_classes=info.num_classes)
+    latency = prepare_latency(problem, model, tuple(pre.input_size), cfg, progress)
     loaders = Loaders(built.calib, built.train, built.test, description=data_spec,
                       batch_size=cfg.data.batch_size)
     job = Job(model, info, tuple(pre.input_size), problem, loaders, cfg, device, run, progress,
-              given_plan, command)
+              given_plan, command, latency=latency)
     job.times["load"] = time.perf_counter() - t
     return run_stages(job)
 

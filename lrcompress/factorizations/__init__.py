@@ -6,7 +6,7 @@ in ``_base``. This package is the only place that uses tensorly, always inside a
 context.
 
 Decided for v1: linear layers and 1×1 convs are factorized by SVD whatever the method; grouped convs
-(``1 < groups``) are not factorized, depthwise convs never (``supports()`` gives the reason).
+(``1 < groups``) are not factorized, depthwise convs never (``unsupported_reason()`` says why).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from lrcompress.factorizations._base import (
     Factorization,
     Rank,
     chain_factors,
+    collect_notes,
+    is_matrix,
     relative_error,
+    single_threaded,
 )
 from lrcompress.factorizations.cp import CP3, CP4
 from lrcompress.factorizations.svd import SVD
@@ -41,8 +44,11 @@ __all__ = [
     "Tucker2",
     "break_even_rank",
     "chain_factors",
+    "collect_notes",
     "get_factorization",
+    "is_matrix",
     "relative_error",
+    "single_threaded",
 ]
 
 
@@ -62,7 +68,7 @@ def get_factorization(name: str) -> Factorization:
 def break_even_rank(fact: Factorization, spec: LayerSpec) -> int:
     """Largest scalar rank r >= 1 with ``fact.macs(spec, r) < dense_macs(spec)``; 0 if none (or
     if the method cannot factorize the layer). MACs grow with the rank, so a bisection suffices."""
-    if fact.supports(spec):
+    if fact.unsupported_reason(spec):
         return 0
     dense = dense_macs(spec)
     lo, hi = 0, fact.scalar_rank(fact.max_rank(spec))

@@ -154,7 +154,9 @@ def balanced_split(u: torch.Tensor, p: torch.Tensor, r: int) -> tuple[torch.Tens
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """``‖W − Ŵ‖_F / ‖W‖_F`` in float64 (0 for an exactly reproduced zero weight)."""
+    """``‖W − Ŵ‖_F / ‖W‖_F`` in float64 (0 for an exactly reproduced zero weight, inf for any
+    other approximation of a zero weight). The one definition of the error the reports, the
+    rank signals and the CP checks use."""
     w = weight.detach().to(torch.float64)
     a = approx.detach().to(device=w.device, dtype=torch.float64)
     num = (w - a).norm().item()
@@ -247,7 +249,7 @@ class Factorization:
 
     # -- eligibility and ranks --------------------------------------------------------------
 
-    def supports(self, spec: LayerSpec) -> str:
+    def unsupported_reason(self, spec: LayerSpec) -> str:
         """"" when this method can factorize the layer, else a short reason."""
         if spec.unsupported:
             return spec.unsupported
@@ -259,7 +261,7 @@ class Factorization:
             return f"grouped conv (groups={spec.groups}): not factorized in v1"
         if is_matrix(spec):
             return ""
-        return self._conv_supports(spec)
+        return self._conv_unsupported_reason(spec)
 
     def max_rank(self, spec: LayerSpec) -> Rank:
         """Largest meaningful rank (full rank where the method is exact there)."""
@@ -384,7 +386,7 @@ class Factorization:
     # -- shared internals -----------------------------------------------------------------------
 
     def _require_support(self, spec: LayerSpec) -> None:
-        why = self.supports(spec)
+        why = self.unsupported_reason(spec)
         if why:
             raise ValueError(f"{self.name} cannot factorize {spec.name!r}: {why}")
 
@@ -408,7 +410,7 @@ class Factorization:
 
     # -- hooks for the k×k conv case ----------------------------------------------------------
 
-    def _conv_supports(self, spec: LayerSpec) -> str:
+    def _conv_unsupported_reason(self, spec: LayerSpec) -> str:
         return ""
 
     def _conv_max_rank(self, spec: LayerSpec) -> Rank:

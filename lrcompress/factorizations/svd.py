@@ -7,7 +7,7 @@ conv r→T (+bias). Params ``r(S·kh·kw + T)``, MACs ``H'W'·r(S·kh·kw + T)``
 ``min(T, S·kh·kw)``, where the chain is exact.
 
 Linear layers and 1×1 convs take the base class's matrix path (the same split). Grouped convs are
-not factorized in v1 (``supports()`` says so), depthwise convs never.
+not factorized in v1 (``unsupported_reason()`` says so), depthwise convs never.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def layer_table(original: nn.Module, compressed: nn.Module, plan, cfg: LatencyCo
                                     "factorized": _torch_fn(chain, x)}, cfg)
             d, f = st["dense"]["median_ms"], st["factorized"]["median_ms"]
             speedup = d / f if f > 0 else float("inf")
-            rows.append({"name": lp.name, "factorization": lp.method,
+            rows.append({"name": lp.name, "factorization": lp.factorization,
                          "rank": list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank,
                          "batch": b, "dense_ms": d, "factorized_ms": f,
                          "speedup": round(speedup, 4), "ideal_speedup": round(ideal, 4),

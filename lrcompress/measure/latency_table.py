@@ -112,9 +112,9 @@ def layer_key(spec: LayerSpec) -> str:
 
 def candidate_key(spec: LayerSpec, cand: Candidate) -> str:
     """``dense``, or ``METHOD:RANK`` with the rank as the chain gets it (``rank_from``)."""
-    if cand.method == DENSE:
+    if cand.factorization == DENSE:
         return DENSE
-    fact = get_factorization(cand.method)
+    fact = get_factorization(cand.factorization)
     rank = fact.rank_from(spec, cand.rank)
     method = "svd" if spec.kind == "linear" or tuple(spec.kernel) == (1, 1) else fact.name
     return f"{method}:{'x'.join(map(str, rank)) if isinstance(rank, tuple) else rank}"
@@ -269,7 +269,7 @@ def _choice_map(choices) -> dict[str, Candidate]:
     """Layer name -> candidate, from a ``Plan`` (its ``layers``) or a mapping of name to
     anything :func:`as_candidate` takes."""
     if hasattr(choices, "layers"):
-        return {lp.name: Candidate(lp.method, lp.rank) for lp in choices.layers}
+        return {lp.name: Candidate(lp.factorization, lp.rank) for lp in choices.layers}
     return {name: as_candidate(c) for name, c in dict(choices).items()}
 
 
@@ -399,13 +399,13 @@ def snap_ranks(times_by_rank: Mapping, dense_ms: float | None = None, rtol: floa
 
 def snap_options(spec: LayerSpec, options: Sequence, table: LatencyTable, rtol: float = 0.03
                  ) -> list:
-    """``options`` (as from ``layer_options``: ``.method``/``.rank``, dense included) reduced
+    """``options`` (as from ``layer_options``: ``.factorization``/``.rank``, dense included) reduced
     to each factorization's :func:`snap_ranks` against the measured dense time; dense and the
     order of ``options`` are kept."""
     timings = table.layer_timings(spec, list(options) + [DENSE])
     dense = timings[DENSE].median_ms
     keep = set()
-    for method in {o.method for o in options if o.method != DENSE}:
-        mine = {o.rank: timings[o] for o in options if o.method == method}
+    for method in {o.factorization for o in options if o.factorization != DENSE}:
+        mine = {o.rank: timings[o] for o in options if o.factorization == method}
         keep |= {(method, r) for r in snap_ranks(mine, dense, rtol)}
-    return [o for o in options if o.method == DENSE or (o.method, o.rank) in keep]
+    return [o for o in options if o.factorization == DENSE or (o.factorization, o.rank) in keep]

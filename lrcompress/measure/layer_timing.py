@@ -1,6 +1,6 @@
 """Timing one layer's candidates: the engine, the standalone graphs, and the round-robin clock.
 
-A *candidate* is what one layer could become: its dense conv/linear (``method="dense"``) or a
+A *candidate* is what one layer could become: its dense conv/linear (``factorization="dense"``) or a
 factorization at a rank. What is timed is exactly what would run for it, as a small standalone
 graph fed a random input of the layer's real shape: ``(batch, in_ch, H, W)`` for a conv,
 ``(batch, in_features)`` for a classifier and ``(batch, tokens, in_features)`` for a token-wise
@@ -101,16 +101,16 @@ class Engine:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One thing a layer can become: ``method`` (a factorization name or ``"dense"``) at ``rank``
+    """One thing a layer can become: ``factorization`` (a name or ``"dense"``) at ``rank``
     (anything the factorization's ``rank_from`` accepts; 0 for dense)."""
 
-    method: str
+    factorization: str
     rank: int | tuple[int, ...] = 0
 
 
 def as_candidate(x) -> Candidate:
-    """A Candidate from a Candidate, an ``Option``/``LayerPlan`` (``.method``, ``.rank``), a
-    ``(method, rank)`` pair or the string ``"dense"``."""
+    """A Candidate from a Candidate, an ``Option``/``LayerPlan`` (``.factorization``, ``.rank``), a
+    ``(factorization, rank)`` pair or the string ``"dense"``."""
     if isinstance(x, Candidate):
         return x
     if isinstance(x, str):
@@ -119,9 +119,9 @@ def as_candidate(x) -> Candidate:
         return Candidate(DENSE)
     if isinstance(x, tuple) and len(x) == 2:
         return Candidate(str(x[0]), x[1])
-    if hasattr(x, "method") and hasattr(x, "rank"):
-        return Candidate(x.method, x.rank)
-    raise ValueError(f"not a candidate: {x!r} (want an Option, (method, rank) or 'dense')")
+    if hasattr(x, "factorization") and hasattr(x, "rank"):
+        return Candidate(x.factorization, x.rank)
+    raise ValueError(f"not a candidate: {x!r} (want an Option, (factorization, rank) or 'dense')")
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,10 @@ def dense_module(spec: LayerSpec) -> nn.Module:
 def candidate_module(spec: LayerSpec, cand: Candidate, seed: int = 0) -> nn.Module:
     """The module that would run for ``cand`` (the factorization's chain, or the dense layer),
     in eval mode with seeded random weights (scaled by 1/√fan-in, so activations stay O(1))."""
-    if cand.method == DENSE:
+    if cand.factorization == DENSE:
         mod = dense_module(spec)
     else:
-        mod = get_factorization(cand.method).skeleton(spec, cand.rank)
+        mod = get_factorization(cand.factorization).skeleton(spec, cand.rank)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in mod.parameters():

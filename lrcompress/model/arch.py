@@ -1,10 +1,11 @@
-"""Model loading: architecture + checkpoint -> ``nn.Module`` with its ``ModelInfo``.
+"""Architectures: naming, building, and reading a checkpoint's class and channel counts.
 
 An architecture is named ``timm:NAME``, ``torchvision:NAME`` or a bare ``NAME`` (timm first, then
 torchvision), optionally with constructor arguments: ``timm:vit_tiny_patch16_224(img_size=28,
 patch_size=4)``. When no architecture is given, the checkpoint file's stem is tried
 (``resnet18.pt`` -> ``resnet18``; ``resnet18_fmnist.pt`` -> ``resnet18`` after dropping suffixes).
 ``num_classes`` and ``in_chans`` are read off the checkpoint's classifier and stem shapes.
+Loading a checkpoint into a model (:func:`lrcompress.model.loading.load_model`) is in ``loading``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ import torch
 from torch import nn
 
 from lrcompress.errors import CheckpointError, UserError
-from lrcompress.model.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "torchvision")
-PLAN_METADATA_KEY = "lrcompress.plan"
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def _set_tv_in_chans(model: nn.Module, in_chans: int) -> None:
             return
 
 
-def _io_layers(model: nn.Module) -> tuple[str | None, str | None]:
+def io_layers(model: nn.Module) -> tuple[str | None, str | None]:
     """(stem conv, classifier) module names: timm's pretrained_cfg, else first conv/last linear."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = {n for n, _ in model.named_modules()}
@@ -178,7 +177,7 @@ def infer_io(arch: ArchSpec, sd: dict[str, torch.Tensor]) -> tuple[int | None, i
     """(num_classes, in_chans) read from the checkpoint's classifier and stem weight shapes."""
     with torch.device("meta"):
         probe = build(arch)
-    stem, head = _io_layers(probe)
+    stem, head = io_layers(probe)
     nc = sd[f"{head}.weight"].shape[0] if head and f"{head}.weight" in sd else None
     ic = sd[f"{stem}.weight"].shape[1] if stem and f"{stem}.weight" in sd else None
     return (int(nc) if nc is not None else None), (int(ic) if ic is not None else None)
@@ -210,60 +209,6 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: 
             "architecture or variant."
         )
     model.load_state_dict(sd, strict=True)
-
-
-def load_model(
-    spec: str,
-    arch: str | None = None,
-    num_classes: int | None = None,
-    in_chans: int | None = None,
-    trust_pickle: bool = False,
-) -> LoadedModel:
-    """Build the architecture and load the checkpoint named by ``spec`` into it.
-
-    ``spec`` is a checkpoint path, a RUN directory / compressed ``model.safetensors`` (rebuilt from
-    the plan in its metadata), or a bare ``timm:NAME`` (random weights, with a warning).
-    """
-    path = Path(spec)
-    if path.is_dir() and (path / "model.safetensors").exists():
-        path = path / "model.safetensors"
-    if not path.exists():
-        if re.match(r"^(timm|torchvision):", spec) or (arch is None and ":" not in spec
-                                                         and not path.suffix):
-            a = parse_arch(spec)
-            log.warning("%s has random weights (no checkpoint given): fine for inspect, tests "
-                        "and dry runs, meaningless for accuracy.", a)
-            model = build(a, num_classes, in_chans)
-            nc, ic = _model_io(model)
-            return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, "random"))
-        raise CheckpointError(f"No such file: {spec}. Give a checkpoint path, a RUN directory, or "
-                              "an architecture name such as timm:resnet18.")
-    sd, meta = read_checkpoint(path, trust_pickle=trust_pickle)
-    if PLAN_METADATA_KEY in meta:
-        from lrcompress.model.weights import load_compressed  # noqa: PLC0415 - avoids an import cycle
-
-        return load_compressed(path, sd, meta)
-    a = parse_arch(arch) if arch else arch_from_stem(path)
-    nc_ck, ic_ck = infer_io(a, sd)
-    checks = (("--num-classes", num_classes, nc_ck), ("--in-chans", in_chans, ic_ck))
-    for opt, given, found in checks:
-        if given is not None and found is not None and given != found:
-            raise CheckpointError(f"{opt} {given} contradicts the checkpoint {path.name}, which "
-                                  f"has {found}. Drop {opt} or fix it.")
-    model = build(a, num_classes or nc_ck, in_chans or ic_ck)
-    load_state_dict_strict(model, sd, f"{a} (from {path.name})")
-    nc, ic = _model_io(model)
-    return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path)))
-
-
-def _model_io(model: nn.Module) -> tuple[int, int]:
-    stem, head = _io_layers(model)
-    nc = getattr(model, "num_classes", None)
-    if nc is None and head is not None:
-        nc = model.get_submodule(head).out_features
-    first = model.get_submodule(stem) if stem else None
-    ic = first.in_channels if isinstance(first, nn.Conv2d) else 3
-    return int(nc or 0), int(ic)
 
 
 def default_input_size(model: nn.Module, in_chans: int) -> tuple[int, int, int]:

@@ -74,7 +74,7 @@ def census(model: nn.Module, arch: str, input_size, include=(), exclude=()) -> C
         reason = skip_reason(s, sel)
         be = {}
         for name, fact in FACTORIZATIONS.items():
-            if not fact.supports(s):
+            if not fact.unsupported_reason(s):
                 be[name] = break_even_rank(fact, s)
         if not reason and not any(be.values()):
             reason = "too small: no factorization saves MACs at any rank"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lrcompress.measure.metrics import param_count
 from lrcompress.model.layers import LayerSpec
 
 aten = torch.ops.aten
@@ -38,10 +39,6 @@ def dense_params(spec: LayerSpec) -> int:
     for d in spec.weight_shape:
         n *= d
     return n + (spec.out_ch if spec.bias else 0)
-
-
-def module_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _shape_prod(shape) -> int:
@@ -115,5 +112,5 @@ def count_model(model: nn.Module, specs: list[LayerSpec], input_size) -> ModelCo
         model.train(was)
     other = max(0, counter.macs - linear_mm)
     return ModelCost(
-        macs=layer + other, params=module_params(model), layer_macs=layer, other_macs=other
+        macs=layer + other, params=param_count(model), layer_macs=layer, other_macs=other
     )

@@ -17,26 +17,30 @@ from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.model.layers import LayerSpec
 
 PLAN_SCHEMA = 1
+TARGET_KINDS = ("flops", "params", "latency")
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     name: str
-    method: str  # factorization name (svd, tucker2, cp, cp4, tt)
+    factorization: str  # svd, tucker2, cp, cp4, tt (stored as "method" on disk, see to_dict)
     rank: int | tuple[int, ...]
     spec: LayerSpec
 
     @property
     def macs(self) -> int:
-        return get_factorization(self.method).macs(self.spec, self.rank)
+        return get_factorization(self.factorization).macs(self.spec, self.rank)
 
     @property
     def params(self) -> int:
-        return get_factorization(self.method).params(self.spec, self.rank)
+        return get_factorization(self.factorization).params(self.spec, self.rank)
 
     def to_dict(self) -> dict:
         r = list(self.rank) if isinstance(self.rank, tuple) else self.rank
-        return {"name": self.name, "method": self.method, "rank": r, "spec": self.spec.to_dict()}
+        # The on-disk key keeps its historical name "method", so plan files and model.safetensors
+        # headers stay byte-identical and old files still load.
+        return {"name": self.name, "method": self.factorization, "rank": r,
+                "spec": self.spec.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
@@ -46,16 +50,19 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "flops" | "params"
+    kind: str  # "flops" | "params" | "latency" (measured, relative to the original)
     ratio: float
 
     def __post_init__(self):
-        if self.kind not in ("flops", "params"):
-            raise UserError(f"Unknown target kind {self.kind!r}: use 'flops' or 'params'.")
-        if not 0.0 < self.ratio < 1.0:
-            raise UserError(f"--target-{self.kind} {self.ratio} is out of range: it is the "
-                            "fraction of the original model to keep, strictly between 0 and 1 "
-                            "(e.g. 0.3 keeps 30 %).")
+        if self.kind not in TARGET_KINDS:
+            raise UserError(f"Unknown target kind {self.kind!r}: use 'flops', 'params' or "
+                            "'latency'.")
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            what = ("the compressed model's measured latency over the original's"
+                    if self.kind == "latency" else "the fraction of the original model to keep")
+            raise UserError(f"--target-{self.kind} {self.ratio} is out of range: it is {what}, "
+                            "strictly between 0 and 1 (e.g. 0.3 keeps 30 %; a speed-up S is "
+                            "--target-speedup S, the same as --target-latency 1/S).")
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class Plan:
     base_macs: int
     base_params: int
     target: Target | None = None
-    method: str = ""  # rank-selection method that produced it
+    rank_method: str = ""  # rank-selection method that produced it ("method" on disk)
     version: str = field(default=__version__)
 
     def layer(self, name: str) -> LayerPlan:
@@ -106,7 +113,7 @@ class Plan:
             "base_params": self.base_params,
             "target": None if self.target is None else {"kind": self.target.kind,
                                                         "ratio": self.target.ratio},
-            "method": self.method,
+            "method": self.rank_method,  # on-disk key keeps its historical name
             "macs": self.macs,
             "params": self.params,
             "layers": [lp.to_dict() for lp in self.layers],
@@ -127,7 +134,7 @@ class Plan:
             layers=tuple(LayerPlan.from_dict(x) for x in d["layers"]),
             base_macs=int(d["base_macs"]), base_params=int(d["base_params"]),
             target=None if t is None else Target(t["kind"], float(t["ratio"])),
-            method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
+            rank_method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
         )
 
     @classmethod

@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations import chain_factors, get_factorization
-from lrcompress.factorizations._base import collect_notes
+from lrcompress.factorizations import (
+    chain_factors,
+    collect_notes,
+    get_factorization,
+    relative_error,
+)
 from lrcompress.model.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -73,15 +77,14 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
     for lp in plan.layers:
         t0 = time.perf_counter()
         mod = model.get_submodule(lp.name)
-        fact = get_factorization(lp.method)
+        fact = get_factorization(lp.factorization)
         retries = 0
         if weights:
             with collect_notes() as notes:
                 chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank, **opts)
             retries = sum(n.get("retries", 0) for n in notes)
-            w = mod.weight.detach().double()
             rec = fact.reconstruct([f.double() for f in chain_factors(chain)], lp.spec)
-            err = float(torch.linalg.norm(w - rec) / torch.linalg.norm(w).clamp_min(1e-30))
+            err = relative_error(mod.weight, rec)
         else:
             chain = fact.skeleton(lp.spec, lp.rank, dtype=mod.weight.dtype,
                                   device=mod.weight.device)

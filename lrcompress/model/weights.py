@@ -17,7 +17,6 @@ from torch import nn
 from lrcompress._version import __version__
 from lrcompress.errors import CheckpointError
 from lrcompress.model.arch import (
-    PLAN_METADATA_KEY,
     LoadedModel,
     ModelInfo,
     build,
@@ -28,6 +27,9 @@ from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
 from lrcompress.util.io import atomic_path
+
+# The safetensors ``__metadata__`` key that holds the plan (its presence marks a compressed model).
+PLAN_METADATA_KEY = "lrcompress.plan"
 
 
 def save_compressed(model: nn.Module, plan: Plan, path) -> Path:

@@ -60,7 +60,7 @@ def spectrum_scores(layers: list[LayerSpectrum]) -> list[list[float]]:
 def _loss_model_scores(ctx, choice, batches) -> list[list[float]]:
     from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
 
-    ref = [j if lo.options[j].method != DENSE else len(lo.options) - 2
+    ref = [j if lo.options[j].factorization != DENSE else len(lo.options) - 2
            for lo, j in zip(ctx.problem.layers, choice)]
     errs = error_curves(ctx.model, ctx.problem, ctx.cache)
     sens = sensitivities(ctx.model, ctx.problem, ref, batches, ctx.device, ctx.cache)
@@ -114,7 +114,7 @@ def select(ctx) -> tuple:
         "delta_plan_cost_ratio": before / problem.base_cost,
         "cost_ratio": problem.cost_of(final) / problem.base_cost,
         "layers_changed": sum(a != b for a, b in zip(best, final)),
-        "delta_plan": {lo.spec.name: lo.options[j].rank if lo.options[j].method != DENSE
+        "delta_plan": {lo.spec.name: lo.options[j].rank if lo.options[j].factorization != DENSE
                        else "dense" for lo, j in zip(problem.layers, best)},
         "loss_evaluations": trials.evals, "decompositions": trials.decompositions,
         "search": history, "failed_decompositions": trials.failed,

@@ -15,7 +15,7 @@ smaller than the cheapest single upgrade still available (one rank step).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lrcompress.errors import TargetError
 from lrcompress.factorizations import break_even_rank, get_factorization
@@ -28,13 +28,23 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class Option:
-    method: str  # factorization name, or "dense"
+    factorization: str  # factorization name, or "dense"
     rank: int  # scalar rank (tied); 0 for dense
     macs: int
     params: int
+    latency: float | None = None  # measured ms on the latency engine (latency targets only)
 
-    def cost(self, kind: str) -> int:
-        return self.macs if kind == "flops" else self.params
+    def cost(self, kind: str) -> float:
+        if kind == "flops":
+            return self.macs
+        if kind == "params":
+            return self.params
+        if self.latency is None:
+            raise ValueError(f"option {self} has no measured latency")
+        return self.latency
+
+    def with_latency(self, ms: float) -> Option:
+        return replace(self, latency=float(ms))
 
 
 @dataclass
@@ -59,13 +69,22 @@ class RankProblem:
     input_size: tuple[int, int, int]
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason it stays dense
     specs: list[LayerSpec] = field(default_factory=list)  # every conv/linear layer (census)
+    # The original model measured whole on the latency engine (ms); latency targets only.
+    base_latency: float | None = None
 
     @property
-    def base_cost(self) -> int:
-        return self.base_macs if self.target.kind == "flops" else self.base_params
+    def base_cost(self) -> float:
+        kind = self.target.kind
+        if kind == "latency":
+            if self.base_latency is None:
+                raise ValueError("a latency target needs the measured base latency")
+            return self.base_latency
+        return self.base_macs if kind == "flops" else self.base_params
 
     @property
-    def budget(self) -> int:
+    def budget(self) -> float:
+        if self.target.kind == "latency":
+            return self.target.ratio * self.base_cost
         return math.floor(self.target.ratio * self.base_cost)
 
     @property
@@ -73,12 +92,22 @@ class RankProblem:
         """Cost of everything that is not a candidate layer (kept whatever the plan)."""
         return self.base_cost - sum(lo.dense.cost(self.target.kind) for lo in self.layers)
 
-    def min_cost(self) -> int:
-        return self.fixed_cost + sum(lo.options[0].cost(self.target.kind) for lo in self.layers)
+    def min_cost(self) -> float:
+        k = self.target.kind
+        return self.fixed_cost + sum(min(o.cost(k) for o in lo.options) for lo in self.layers)
 
     def check_feasible(self) -> None:
         lo = self.min_cost()
         if lo > self.budget:
+            if self.target.kind == "latency":
+                raise TargetError(
+                    f"--target-latency {self.target.ratio:.4g} cannot be reached: even with "
+                    f"every factorizable layer at its fastest measured candidate the model "
+                    f"keeps {lo / self.base_cost:.3f} of its measured latency "
+                    f"({self.base_cost:.3f} ms; {len(self.layers)} factorizable layers, the "
+                    f"rest stays as it is). Ask for "
+                    f"{math.ceil(lo / self.base_cost * 100) / 100:.2f} or more, --include more "
+                    "layers, or use another --decomp.")
             kind = "MACs" if self.target.kind == "flops" else "parameters"
             raise TargetError(
                 f"--target-{self.target.kind} {self.target.ratio} cannot be reached: even at the "
@@ -89,18 +118,30 @@ class RankProblem:
                 "layers."
             )
 
-    def cost_of(self, choice: list[int]) -> int:
+    def cost_of(self, choice: list[int]) -> float:
         k = self.target.kind
         return self.fixed_cost + sum(lo.options[j].cost(k) for lo, j in zip(self.layers, choice))
 
-    def to_plan(self, choice: list[int], method: str) -> Plan:
+    def choice_of(self, plan: Plan) -> list[int]:
+        """The option index per layer that ``plan`` chose (dense where it names no layer)."""
+        chosen = {lp.name: (lp.factorization, lp.rank) for lp in plan.layers}
+        out = []
+        for lo in self.layers:
+            want = chosen.get(lo.spec.name, (DENSE, 0))
+            idx = [j for j, o in enumerate(lo.options) if (o.factorization, o.rank) == want]
+            if not idx:
+                raise ValueError(f"{lo.spec.name}: {want} is not one of its options")
+            out.append(idx[0])
+        return out
+
+    def to_plan(self, choice: list[int], rank_method: str) -> Plan:
         layers = []
         for lo, j in zip(self.layers, choice):
             o = lo.options[j]
-            if o.method != DENSE:
-                layers.append(LayerPlan(lo.spec.name, o.method, o.rank, lo.spec))
+            if o.factorization != DENSE:
+                layers.append(LayerPlan(lo.spec.name, o.factorization, o.rank, lo.spec))
         return Plan(self.arch, self.num_classes, self.in_chans, tuple(self.input_size),
-                    tuple(layers), self.base_macs, self.base_params, self.target, method)
+                    tuple(layers), self.base_macs, self.base_params, self.target, rank_method)
 
 
 def rank_grid(max_useful: int, multiple: int) -> list[int]:
@@ -115,7 +156,7 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
     dm, dp = dense_macs(spec), dense_params(spec)
     for name in methods:
         fact = get_factorization(name)
-        if fact.supports(spec):
+        if fact.unsupported_reason(spec):
             continue
         be = break_even_rank(fact, spec)
         if name in ("cp", "cp4"):
@@ -129,7 +170,7 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
                 opts.append(Option(name, r, m, p))
     # Linear layers and 1x1 convs reduce to SVD for every method: keep one copy of each cost.
     seen, uniq = set(), []
-    for o in sorted(opts, key=lambda o: (o.macs, o.params, o.method)):
+    for o in sorted(opts, key=lambda o: (o.macs, o.params, o.factorization)):
         if (o.macs, o.params) not in seen:
             seen.add((o.macs, o.params))
             uniq.append(o)

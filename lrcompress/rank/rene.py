@@ -208,13 +208,13 @@ class MixedLayer(nn.Module):
         return self._dense_apply(sum(pk * wk for pk, wk in zip(p, recon)), x, self.bias)
 
 
-def _initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
+def initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
     """~n evenly spaced option indices per factorization (largest rank always in), plus keeping
     the layer dense; step sizes (dense: 1, final once chosen)."""
     by_method: dict[str, list[int]] = {}
     for j, o in enumerate(lo.options):
-        if o.method != DENSE:
-            by_method.setdefault(o.method, []).append(j)
+        if o.factorization != DENSE:
+            by_method.setdefault(o.factorization, []).append(j)
     cands, steps = [], {DENSE: 1}
     for m, idx in by_method.items():
         idx.sort(key=lambda j: lo.options[j].rank)
@@ -226,10 +226,10 @@ def _initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, 
     return cands, steps
 
 
-def _narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[int], int]:
+def narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[int], int]:
     """Figure 3's rule in grid units: r̄ ± step/2 at step ⌊step/f⌋ (at least one grid unit)."""
-    m = lo.options[best].method
-    idx = sorted((j for j, o in enumerate(lo.options) if o.method == m),
+    m = lo.options[best].factorization
+    idx = sorted((j for j, o in enumerate(lo.options) if o.factorization == m),
                  key=lambda j: lo.options[j].rank)
     pos = idx.index(best)
     new = max(1, step // refine)
@@ -258,7 +258,7 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
             teacher = [model(x.to(ctx.device)).float() for x, _ in ctx.batches]
     state = []  # per layer: (candidate option indices, step per method)
     for lo in problem.layers:
-        cands, steps = _initial_candidates(lo, cfg.n_candidates)
+        cands, steps = initial_candidates(lo, cfg.n_candidates)
         state.append((cands, steps))
     trace = {"config": asdict(cfg), "steps": []}
     step_no = 0
@@ -275,13 +275,13 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
             base = model.get_submodule(lo.spec.name)
             per_method: dict[str, list[int]] = {}
             for j in cands:
-                per_method.setdefault(lo.options[j].method, []).append(j)
+                per_method.setdefault(lo.options[j].factorization, []).append(j)
             factors_by_j = {j: [] for j in per_method.pop(DENSE, [])}
             for m, js in per_method.items():
                 fs = get_factorization(m).decompose_many(
                     base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
                 factors_by_j.update(zip(js, fs))
-            cl = [(j, lo.options[j].method, lo.options[j].rank) for j in cands]
+            cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
             mx = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands],
                             batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
             if prior is not None:
@@ -292,8 +292,9 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
             ctx.tick()
         step_trace = _optimise(ctx, problem, mixed, cfg, kind, teacher)
         choice = expected_cost_choice(problem, list(mixed.values()))
-        step_trace["chosen_ranks"] = {lo.spec.name: [lo.options[j].method, lo.options[j].rank]
-                                      for lo, j in zip(problem.layers, choice)}
+        step_trace["chosen_ranks"] = {
+            lo.spec.name: [lo.options[j].factorization, lo.options[j].rank]
+            for lo, j in zip(problem.layers, choice)}
         step_trace["chosen_cost_ratio"] = problem.cost_of(choice) / problem.base_cost
         trace["steps"].append(step_trace)
         log.info("rene step %d: expected-cost plan at %.3f of the cost (target %.3f)",
@@ -301,13 +302,13 @@ def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
         # Narrow: a layer is done when its step is one grid unit; all done -> stop.
         new_state, done = [], True
         for lo, (_cands, steps), j in zip(problem.layers, state, choice):
-            s = steps[lo.options[j].method]
+            s = steps[lo.options[j].factorization]
             if s <= 1:
-                new_state.append(([j], {lo.options[j].method: 1}))
+                new_state.append(([j], {lo.options[j].factorization: 1}))
                 continue
             done = False
-            nc, ns = _narrow(lo, j, s, cfg.refine)
-            new_state.append((nc, {lo.options[j].method: ns}))
+            nc, ns = narrow(lo, j, s, cfg.refine)
+            new_state.append((nc, {lo.options[j].factorization: ns}))
         state = new_state
         if done or all(len(c) == 1 for c, _ in state):
             return choice, trace
@@ -507,7 +508,8 @@ def select(ctx) -> tuple:
     before = ctx.problem.cost_of(choice)
     # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
     # has no truncation error there, so it is anchored at its smallest rank (cached already).
-    ref = [0 if lo.options[j].method == DENSE else j for lo, j in zip(ctx.problem.layers, choice)]
+    ref = [0 if lo.options[j].factorization == DENSE else j
+           for lo, j in zip(ctx.problem.layers, choice)]
     sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache)
     scores = loss_model_scores(errs, sens, ref)
     final = allocate(ctx.problem, scores, start=choice)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompress.factorizations import get_factorization
+from lrcompress.factorizations import get_factorization, relative_error
 from lrcompress.rank.problem import DENSE, RankProblem
 from lrcompress.util.io import write_json
 
@@ -92,11 +92,10 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
         wkey = weight_key(w)
         by_method = defaultdict(list)
         for j, o in enumerate(lo.options):
-            if o.method != DENSE:
-                by_method[o.method].append((j, o.rank))
+            if o.factorization != DENSE:
+                by_method[o.factorization].append((j, o.rank))
         errs = [0.0] * len(lo.options)
         w64 = w.double().cpu()
-        norm = torch.linalg.norm(w64).clamp_min(1e-30)
         for method, items in by_method.items():
             key = f"err/{lo.spec.name}/{method}/{wkey}"
             cached = cache.get(key) or {}
@@ -107,7 +106,7 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
                 fact = get_factorization(method)
                 for r, fs in zip(todo, fact.decompose_many(w64, lo.spec, todo, **opts)):
                     rec = fact.reconstruct(fs, lo.spec)
-                    cached[str(r)] = float(torch.linalg.norm(w64 - rec) / norm)
+                    cached[str(r)] = relative_error(w64, rec)
                 cache.put(key, cached)
             xs = torch.tensor(anchors, dtype=torch.float64)
             ys = torch.tensor([cached[str(r)] for r in anchors], dtype=torch.float64)
@@ -119,7 +118,7 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
     return curves
 
 
-def _calib_loss(model, batches, device) -> float:
+def calib_loss(model, batches, device) -> float:
     total, n = 0.0, 0
     for x, y in batches:
         total += F.cross_entropy(model(x.to(device)).float(), y.to(device), reduction="sum").item()
@@ -140,14 +139,15 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     for lo, j in zip(problem.layers, ref):
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
-        key = f"sens/{lo.spec.name}/{o.method}/{o.rank}/{weight_key(mod.weight)}/{data}"
+        key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{weight_key(mod.weight)}/{data}"
         val = cache.get(key)
         if val is None:
             if base is None:
-                base = _calib_loss(model, batches, device)
-            chain = get_factorization(o.method).from_weight(mod.weight, mod.bias, lo.spec, o.rank)
+                base = calib_loss(model, batches, device)
+            chain = get_factorization(o.factorization).from_weight(mod.weight, mod.bias, lo.spec,
+                                                                   o.rank)
             with swap_modules(model, {lo.spec.name: chain}):
-                val = _calib_loss(model, batches, device) - base
+                val = calib_loss(model, batches, device) - base
             cache.put(key, val)
         out.append(max(float(val), 1e-6))
         if progress is not None:

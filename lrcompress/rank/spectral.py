@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations._base import single_threaded
+from lrcompress.factorizations import DecompositionError, get_factorization, single_threaded
 from lrcompress.rank.problem import DENSE, RankProblem, allocate
-from lrcompress.rank.signals import weight_key
+from lrcompress.rank.signals import calib_loss, weight_key
 
 BISECT_ITERS = 60
 
@@ -80,7 +80,8 @@ def read_config(ctx, method: str, defaults: dict) -> dict:
 
 def single_method(problem: RankProblem, method: str) -> str:
     """The one factorization the problem offers; UserError for multi-method (auto) problems."""
-    names = {o.method for lo in problem.layers for o in lo.options if o.method != DENSE}
+    names = {o.factorization for lo in problem.layers for o in lo.options
+             if o.factorization != DENSE}
     if len(names) != 1:
         raise UserError(f"--method {method} needs a single factorization: use --decomp svd, "
                         "tucker2, cp, cp4 or tt (--decomp auto needs --method rene).")
@@ -113,7 +114,7 @@ def layer_spectra(ctx, method: str) -> list[LayerSpectrum]:
     single_method(ctx.problem, method)
     out = []
     for lo in ctx.problem.layers:
-        fact = sorted((o.rank, j) for j, o in enumerate(lo.options) if o.method != DENSE)
+        fact = sorted((o.rank, j) for j, o in enumerate(lo.options) if o.factorization != DENSE)
         weight = ctx.model.get_submodule(lo.spec.name).weight
         out.append(LayerSpectrum(lo.spec.name, spectrum(weight, lo.spec.name, ctx.cache),
                                  np.array([r for r, _ in fact], dtype=np.float64),
@@ -217,22 +218,18 @@ class Trials:
     def base(self) -> float:
         """Calibration loss of the original model."""
         if self._base is None:
-            from lrcompress.rank.signals import _calib_loss
-
             with torch.no_grad():
-                self._base = _calib_loss(self.ctx.model, self.batches, self.ctx.device)
+                self._base = calib_loss(self.ctx.model, self.batches, self.ctx.device)
         return self._base
 
     def chain(self, i: int, j: int):
-        from lrcompress.factorizations import DecompositionError, get_factorization
-
         if (i, j) not in self.chains:
             lo = self.ctx.problem.layers[i]
             o = lo.options[j]
             mod = self.ctx.model.get_submodule(lo.spec.name)
             try:
                 with torch.no_grad():
-                    self.chains[i, j] = get_factorization(o.method).from_weight(
+                    self.chains[i, j] = get_factorization(o.factorization).from_weight(
                         mod.weight, mod.bias, lo.spec, o.rank)
             except DecompositionError as err:
                 self.failed.append(str(err))
@@ -245,21 +242,20 @@ class Trials:
 
     def loss(self, choice) -> float:
         from lrcompress.model.surgery import swap_modules
-        from lrcompress.rank.signals import _calib_loss
 
         key = tuple(choice)
         if key in self.memo:
             return self.memo[key]
         swap = {}
         for i, (lo, j) in enumerate(zip(self.ctx.problem.layers, choice)):
-            if lo.options[j].method != DENSE:
+            if lo.options[j].factorization != DENSE:
                 ch = self.chain(i, j)
                 if ch is None:
                     self.memo[key] = math.inf
                     return math.inf
                 swap[lo.spec.name] = ch
         with torch.no_grad(), swap_modules(self.ctx.model, swap):
-            val = _calib_loss(self.ctx.model, self.batches, self.ctx.device)
+            val = calib_loss(self.ctx.model, self.batches, self.ctx.device)
         self.evals += 1
         self.ctx.tick()
         self.memo[key] = val

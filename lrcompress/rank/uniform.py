@@ -18,11 +18,11 @@ from lrcompress.rank.problem import DENSE, RankProblem, allocate
 def choice_at(problem: RankProblem, rho: float) -> list[int]:
     choice = []
     for lo in problem.layers:
-        fact_opts = [(j, o) for j, o in enumerate(lo.options) if o.method != DENSE]
-        if len({o.method for _, o in fact_opts}) > 1:
+        fact_opts = [(j, o) for j, o in enumerate(lo.options) if o.factorization != DENSE]
+        if len({o.factorization for _, o in fact_opts}) > 1:
             raise UserError("uniform ranks need a single factorization: use --decomp svd, "
                             "tucker2, cp, cp4 or tt (--decomp auto needs --method rene).")
-        fact = get_factorization(fact_opts[0][1].method)
+        fact = get_factorization(fact_opts[0][1].factorization)
         cap = rho * fact.scalar_rank(fact.max_rank(lo.spec))
         if cap > fact_opts[-1][1].rank:
             choice.append(len(lo.options) - 1)  # past break-even: dense is the better deal
@@ -56,10 +56,10 @@ def evenness_scores(problem: RankProblem) -> list[list[float]]:
     for lo in problem.layers:
         row = []
         for o in lo.options:
-            if o.method == DENSE:
+            if o.factorization == DENSE:
                 row.append(0.0)
             else:
-                f = get_factorization(o.method)
+                f = get_factorization(o.factorization)
                 row.append(-((1 - o.rank / f.scalar_rank(f.max_rank(lo.spec))) ** 2))
         scores.append(row)
     return scores

@@ -36,7 +36,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations._base import single_threaded
+from lrcompress.factorizations import single_threaded
 from lrcompress.rank.spectral import (
     choice_for,
     finish,

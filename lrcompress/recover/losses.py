@@ -53,7 +53,7 @@ class Taps:
 
 def _product(student: nn.Module, lp) -> torch.Tensor:
     """Ŵ: the dense weight that the factorized chain of layer ``lp`` computes."""
-    return get_factorization(lp.method).reconstruct(
+    return get_factorization(lp.factorization).reconstruct(
         chain_factors(student.get_submodule(lp.name)), lp.spec)
 
 

@@ -68,6 +68,11 @@ def render_search(report: dict) -> None:
         t.add_row("top-1 (test), after fine-tuning", "", f"{acc['finetuned']['top1']:.2f}", "")
     con = console()
     con.print(t)
+    lat = report.get("latency") or {}
+    if lat.get("summary"):
+        c = lat["config"]
+        con.print(f"Latency ({c['engine']}, {c['threads']} thread(s), batch {c['batch']}): "
+                  f"{lat['summary']}; MACs ratio {lat['macs_ratio']:.3f}.", highlight=False)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     con.print(f"Time: {secs}.")
 

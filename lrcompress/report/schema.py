@@ -36,6 +36,8 @@ SECTIONS = {
     "bn_recalibration": "BatchNorm re-estimation summary, or None",
     "finetune": "fine-tuning history and settings, or None",
     "lorita": "LoRITa pre-tuning summary, or None",
+    "latency": "latency target / --latency-aware: engine, candidate table, attempts (measured "
+               "ratio, spread, MACs ratio), met; or None",
     "layers": "a row per conv/linear layer: factorization, rank, costs, reconstruction error",
     "skipped": "layer -> why it was not factorized",
     "search": "the rank method's trace",
@@ -79,6 +81,7 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
         "bn_recalibration": bn_report,
         "finetune": ft_report,
         "lorita": lorita_report,
+        "latency": job.latency,
         "layers": layer_rows(plan, problem.specs, dec.rel_errors, dec.retries),
         "skipped": problem.skipped,
         "search": trace,
@@ -100,7 +103,7 @@ def layer_rows(plan, specs, errs: dict, retries: dict | None = None) -> list[dic
         lp = planned.get(s.name)
         rows.append({
             "name": s.name, "kind": s.kind, "shape": list(s.weight_shape),
-            "factorization": lp.method if lp else "dense",
+            "factorization": lp.factorization if lp else "dense",
             "rank": (list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank) if lp else None,
             "macs_before": dense_macs(s), "macs_after": lp.macs if lp else dense_macs(s),
             "params_before": dense_params(s), "params_after": lp.params if lp else dense_params(s),

@@ -6,6 +6,7 @@ A run killed at any moment leaves either the previous complete file or none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -56,12 +57,22 @@ def write_text(path, text: str) -> None:
 
 
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, default=_default) + "\n")
+    write_text(path, json.dumps(obj, indent=1, default=json_default) + "\n")
 
 
-def _default(o):
+def json_default(o):
+    """``json.dumps(default=...)``: tuples and sets as lists, objects by their ``to_dict()``."""
     if isinstance(o, (tuple, set)):
         return list(o)
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,86 @@
+"""Latency targets on the CPU, measured: does ``--target-latency`` land where it is asked?
+
+    OMP_NUM_THREADS=1 python benchmarks/latency_targets.py [--arch timm:resnet18] [--out F.json]
+
+For each setting (factorization × target × batch) this compresses the architecture (random
+weights: latency does not depend on them; accuracy is the benchmark harness's job) with the
+``uniform`` rank method and prints the target, the measured whole-model latency ratio (ONNX
+Runtime CPU, one thread, round-robin medians), its spread, the attempts the re-solve needed,
+the MACs ratio, and the time spent building the candidate table (cold, then warm cache).
+Plain ``--target-flops`` and ``--target-flops --latency-aware`` rows give the achieved/ideal
+speed-up at equal MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import timm
+import torch
+
+import lrcompress
+from lrcompress.measure.latency_target import LatencyConfig, measure_whole
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    return timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=10,
+                             in_chans=1).eval()
+
+
+def one(model, kind: str, value: float, decomp: str, batch: int, cache: str, aware=False):
+    lat = LatencyConfig(batch=batch, aware=aware, repeats=30)
+    t0 = time.perf_counter()
+    kw = {"target_latency": value} if kind == "latency" else {"target_flops": value}
+    res = lrcompress.compress(model, torch.zeros(1, 1, 28, 28), decomp=decomp, method="uniform",
+                              latency=lat, device="cpu", **kw)
+    secs = time.perf_counter() - t0
+    rep = res.report
+    la = rep["latency"]
+    if la is None:  # a plain MACs target: measure it the same way, for comparison
+        w = measure_whole(model, res.model, (1, 28, 28), lat)
+        la = {"measured_ratio": round(w.ratio, 4), "spread": round(w.spread, 4),
+              "speedup": round(1 / w.ratio, 4), "macs_ratio": res.plan.macs_ratio,
+              "attempts": [w.to_dict()]}
+    return {"decomp": decomp, "target": f"{kind} {value}", "batch": batch, "aware": aware,
+            "measured_ratio": la["measured_ratio"], "spread": la["spread"],
+            "speedup": la["speedup"], "ideal_speedup": round(1 / la["macs_ratio"], 3),
+            "achieved_over_ideal": round(la["speedup"] * la["macs_ratio"], 3),
+            "met": la.get("met"), "attempts": len(la["attempts"]),
+            "first_ratio": la["attempts"][0]["ratio"],
+            "first_estimate": la["attempts"][0].get("estimated_ratio"),
+            "macs_ratio": round(la["macs_ratio"], 4), "table": la.get("table", {}),
+            "seconds": round(secs, 1), "latency_stage_s": rep["seconds"].get("latency")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="timm:resnet18")
+    ap.add_argument("--decomps", default="tucker2,tt")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model = build(args.arch)
+    cache = tempfile.mkdtemp()
+    import os
+
+    os.environ["LRCOMPRESS_CACHE_DIR"] = cache  # a cold cache for the first row of each batch
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        for decomp in args.decomps.split(","):
+            for kind, value, aware in (("latency", 0.4, False), ("flops", 0.3, False),
+                                       ("flops", 0.3, True)):
+                r = one(model, kind, value, decomp, batch, cache, aware)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"arch": args.arch, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Latency targets: measured candidate costs for the rank problem, and the whole-model check.
+
+A latency target ``--target-latency R`` asks for a compressed model whose *measured* latency on
+one engine (ONNX Runtime or PyTorch, CPU or CUDA, at a thread count and batch size) is at most
+``R ×`` the original's. The rank methods solve it like a MACs target, with each candidate's cost
+its measured standalone time (:class:`~lrcompress.measure.latency_table.LatencyTable`) and the
+budget ``R ×`` the original model measured whole. The sum of layer times is only a model of the
+whole graph, so the result is measured whole against the original (round-robin), and when it
+misses the target by more than the measurement's spread the problem is re-solved with the
+budget corrected by the measured/estimated factor (:func:`corrected_ratio`), up to
+``max_resolves`` times.
+
+Measuring goes through two functions tests replace with deterministic fakes:
+:func:`make_table` (the per-candidate timer) and :func:`measure_whole` (whole models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lrcompress.errors import UserError
+from lrcompress.measure.latency_table import LatencyTable, snap_options
+from lrcompress.measure.layer_timing import ENGINES, Engine
+
+REL_TOL = 0.03  # snapping: times within 3 % (or the IQR) are one latency step
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Where and how latency targets are measured."""
+
+    engine: str = "ort-cpu"  # ort-cpu | torch-cpu | ort-cuda | torch-cuda
+    threads: int = 1  # intra-op threads (0: all cores)
+    batch: int = 1
+    repeats: int = 20  # timed runs per measurement (median)
+    warmup: int = 5
+    max_resolves: int = 3  # re-solves with corrected costs when the whole model misses
+    strict: bool = False  # a target still missed after the re-solves is an error (exit 2)
+    aware: bool = False  # MACs/params targets: drop candidates slow for their cost, report speed
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise UserError(f"Unknown --latency-engine {self.engine!r}: use one of "
+                            f"{', '.join(ENGINES)}.")
+        if self.threads < 0 or self.batch < 1:
+            raise UserError(f"--latency-threads {self.threads} must be >= 0 (0: all cores) and "
+                            f"--latency-batch {self.batch} >= 1.")
+        if self.repeats < 5 or self.warmup < 0:
+            raise UserError(f"latency repeats {self.repeats} must be >= 5 (20 or more for a "
+                            "target worth trusting) and warmup >= 0.")
+        if self.max_resolves < 0:
+            raise UserError(f"max_resolves {self.max_resolves} must be >= 0.")
+
+    def engine_spec(self) -> Engine:
+        return Engine(self.engine, self.threads, self.batch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WholeTiming:
+    """Original and compressed model measured whole, round-robin, on one engine (ms)."""
+
+    original_ms: float
+    compressed_ms: float
+    original_iqr_ms: float
+    compressed_iqr_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_ms / self.original_ms
+
+    @property
+    def spread(self) -> float:
+        """Half the inter-quartile ranges, propagated to the ratio (relative errors added in
+        quadrature): how far the measured ratio may sit from the truth by noise alone."""
+        a = self.original_iqr_ms / (2 * self.original_ms)
+        b = self.compressed_iqr_ms / (2 * self.compressed_ms)
+        return self.ratio * math.hypot(a, b)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": round(self.ratio, 4), "spread": round(self.spread, 4)}
+
+
+def speedup_ratio(speedup) -> float:
+    """--target-speedup S as the latency ratio 1/S (S must be a number above 1)."""
+    if not isinstance(speedup, (int, float)) or not math.isfinite(speedup) or speedup <= 1:
+        raise UserError(f"--target-speedup {speedup} must be a number above 1 (the measured "
+                        "original latency over the compressed one, e.g. 2.5).")
+    return 1.0 / speedup
+
+
+def check_engine(cfg: LatencyConfig) -> Engine:
+    """The engine, refused (UserError) when it cannot run here (CUDA without a GPU, ...)."""
+    engine = cfg.engine_spec()
+    engine.check_available()
+    return engine
+
+
+def make_table(cfg: LatencyConfig, cache_dir=None) -> LatencyTable:
+    """The candidate latency table of ``cfg``'s engine (cached under ``cache_dir/latency``, or
+    the user cache ``~/.cache/lrcompress/latency``)."""
+    folder = None if cache_dir is None else Path(cache_dir) / "latency"
+    return LatencyTable(cfg.engine_spec(), cache_dir=folder, repeats=cfg.repeats,
+                        warmup=cfg.warmup)
+
+
+def measure_whole(original: nn.Module, compressed: nn.Module | None, input_size,
+                  cfg: LatencyConfig) -> WholeTiming:
+    """Both models timed together (round-robin) on the engine; ``compressed=None`` times the
+    original alone (``compressed_ms`` then repeats it)."""
+    from lrcompress.deploy.onnx import export_onnx
+    from lrcompress.measure.latency import LatencyConfig as TimingConfig
+    from lrcompress.measure.latency import measure
+
+    engine = cfg.engine_spec()
+    models = {"original": original}
+    if compressed is not None:
+        models["compressed"] = compressed
+    onnx = None
+    if engine.runtime == "ort":
+        onnx = {n: export_onnx(m.cpu().eval(), input_size,
+                               dynamic_batch=engine.batch > 1).SerializeToString()
+                for n, m in models.items()}
+    tcfg = TimingConfig(repeats=cfg.repeats, warmup=cfg.warmup, batches=(engine.batch,),
+                        threads=(engine.threads,), onnxruntime=engine.runtime == "ort",
+                        torch=engine.runtime == "torch", per_layer=False)
+    res = measure(models, input_size, tcfg, onnx)
+    want = ("onnxruntime" if engine.runtime == "ort" else "torch", engine.device)
+    row = next((r for r in res["runs"] if (r["engine"], r["device"]) == want), None)
+    if row is None:
+        raise UserError(f"Latency engine {engine.name} produced no measurement here: "
+                        f"{'; '.join(res['notes']) or 'the engine is not available'}.")
+    med, iqr = row["median_ms"], row["iqr_ms"]
+    c = "compressed" if compressed is not None else "original"
+    return WholeTiming(med["original"], med[c], iqr["original"], iqr[c])
+
+
+def option_times(layers, table: LatencyTable, snap: bool) -> tuple[list[list], dict]:
+    """Per layer, its options with their measured time (``Option.latency`` set, dense last);
+    with ``snap``, only the top rank of each latency step and nothing slower than dense.
+    Returns (options per layer, summary counts)."""
+    out, offered, kept = [], 0, 0
+    for lo in layers:
+        opts = snap_options(lo.spec, lo.options, table, REL_TOL) if snap else list(lo.options)
+        times = table.layer_times(lo.spec, opts)
+        dense = times[opts[-1]]
+        timed = [o.with_latency(times[o]) for o in opts]
+        if snap:  # never offer a chain that is not faster than the dense layer
+            timed = [o for o in timed[:-1] if o.latency < dense] + [timed[-1]]
+        offered += len(lo.options)
+        kept += len(timed)
+        out.append(timed)
+    return out, {"options_offered": offered, "options_kept": kept, **table.counts(),
+                 "cache": str(table.cache_path)}
+
+
+def corrected_ratio(target: float, estimated: float, measured: float, current: float) -> float:
+    """The budget ratio for the next solve: the additive model said ``estimated`` for a plan
+    that measured ``measured``; scale the ratio we solved at (``current``) by target/measured,
+    so that the same error on the next plan lands on the target."""
+    if measured <= 0 or estimated <= 0:
+        return current
+    return current * target / measured

@@ -1,0 +1,83 @@
+"""Loading any model lrcompress accepts: a checkpoint, a compressed run, or a bare architecture.
+
+:func:`load_model` is the one entry point; it sits above both :mod:`lrcompress.model.arch`
+(building architectures, plain checkpoints) and :mod:`lrcompress.model.weights` (compressed
+``model.safetensors`` files, rebuilt from the plan in their header), so neither imports the other's
+caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from torch import nn
+
+from lrcompress.errors import CheckpointError
+from lrcompress.model.arch import (
+    LoadedModel,
+    ModelInfo,
+    arch_from_stem,
+    build,
+    infer_io,
+    io_layers,
+    load_state_dict_strict,
+    parse_arch,
+)
+from lrcompress.model.checkpoint import read_checkpoint
+from lrcompress.model.weights import PLAN_METADATA_KEY, load_compressed
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    spec: str,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Build the architecture and load the checkpoint named by ``spec`` into it.
+
+    ``spec`` is a checkpoint path, a RUN directory / compressed ``model.safetensors`` (rebuilt from
+    the plan in its metadata), or a bare ``timm:NAME`` (random weights, with a warning).
+    """
+    path = Path(spec)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        path = path / "model.safetensors"
+    if not path.exists():
+        if re.match(r"^(timm|torchvision):", spec) or (arch is None and ":" not in spec
+                                                         and not path.suffix):
+            a = parse_arch(spec)
+            log.warning("%s has random weights (no checkpoint given): fine for inspect, tests "
+                        "and dry runs, meaningless for accuracy.", a)
+            model = build(a, num_classes, in_chans)
+            nc, ic = _model_io(model)
+            return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, "random"))
+        raise CheckpointError(f"No such file: {spec}. Give a checkpoint path, a RUN directory, or "
+                              "an architecture name such as timm:resnet18.")
+    sd, meta = read_checkpoint(path, trust_pickle=trust_pickle)
+    if PLAN_METADATA_KEY in meta:
+        return load_compressed(path, sd, meta)
+    a = parse_arch(arch) if arch else arch_from_stem(path)
+    nc_ck, ic_ck = infer_io(a, sd)
+    checks = (("--num-classes", num_classes, nc_ck), ("--in-chans", in_chans, ic_ck))
+    for opt, given, found in checks:
+        if given is not None and found is not None and given != found:
+            raise CheckpointError(f"{opt} {given} contradicts the checkpoint {path.name}, which "
+                                  f"has {found}. Drop {opt} or fix it.")
+    model = build(a, num_classes or nc_ck, in_chans or ic_ck)
+    load_state_dict_strict(model, sd, f"{a} (from {path.name})")
+    nc, ic = _model_io(model)
+    return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path)))
+
+
+def _model_io(model: nn.Module) -> tuple[int, int]:
+    stem, head = io_layers(model)
+    nc = getattr(model, "num_classes", None)
+    if nc is None and head is not None:
+        nc = model.get_submodule(head).out_features
+    first = model.get_submodule(stem) if stem else None
+    ic = first.in_channels if isinstance(first, nn.Conv2d) else 3
+    return int(nc or 0), int(ic)

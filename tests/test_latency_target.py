@@ -1,0 +1,179 @@
+"""Latency targets with deterministic fake timers (no timing in tests).
+
+The fake per-candidate timer makes a layer's time proportional to its MACs; the fake whole-model
+timer counts the model's MACs (FlopCounterMode) and, where a test says so, a fixed cost per
+conv/linear module — a graph-level effect the additive model does not see, so the first plan
+misses and the re-solve must correct it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lrcompress
+import lrcompress.commands.compress as stages
+from lrcompress.factorizations import get_factorization
+from lrcompress.measure.latency_table import LatencyTable
+from lrcompress.measure.latency_target import LatencyConfig, WholeTiming, corrected_ratio
+from lrcompress.measure.metrics import independent_macs
+from lrcompress.model.costs import dense_macs
+
+from .conftest import tiny_resnet
+from .test_cli import assert_user_error, run
+
+MS_PER_MAC = 1e-5
+EX = torch.zeros(1, 1, 28, 28)
+
+
+def fake_ms(spec, cand, slow_from=None) -> float:
+    """MACs-proportional; with ``slow_from``, chains of that rank or more take 3× dense."""
+    if cand.factorization == "dense":
+        return dense_macs(spec) * MS_PER_MAC
+    if slow_from is not None and cand.rank >= slow_from:
+        return 3 * dense_macs(spec) * MS_PER_MAC
+    return get_factorization(cand.factorization).macs(spec, cand.rank) * MS_PER_MAC
+
+
+def whole_ms(model: nn.Module, per_module: float) -> float:
+    n = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    return independent_macs(model, (1, 28, 28)) * MS_PER_MAC + 0.05 + per_module * n
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """Install the fake timers; returns a dict to tune them (``per_module``, ``slow_from``,
+    ``no_speedup``) and count whole-model measurements (``whole_calls``)."""
+    knobs = {"per_module": 0.0, "slow_from": None, "no_speedup": False, "whole_calls": 0}
+
+    def table(cfg, cache_dir=None):
+        return LatencyTable(cfg.engine_spec(), cache_dir=tmp_path / "lat",
+                            timer=lambda spec, cands: [fake_ms(spec, c, knobs["slow_from"])
+                                                       for c in cands], repeats=cfg.repeats)
+
+    def whole(original, compressed, input_size, cfg):
+        knobs["whole_calls"] += 1
+        o = whole_ms(original, knobs["per_module"])
+        c = o if compressed is None else whole_ms(compressed, knobs["per_module"])
+        if knobs["no_speedup"] and compressed is not None:
+            c = 0.99 * o
+        return WholeTiming(o, c, 0.0, 0.0)
+
+    monkeypatch.setattr(stages, "make_table", table)
+    monkeypatch.setattr(stages, "measure_whole", whole)
+    return knobs
+
+
+def compress(**kw):
+    args = dict(target_latency=0.5, decomp="tucker2", method="uniform", device="cpu",
+                calib=None, eval=None)
+    args.update(kw)
+    return lrcompress.compress(tiny_resnet(), EX, **args)
+
+
+def test_a_latency_target_is_met_exactly_when_the_additive_model_is_right(fake):
+    res = compress()
+    lat = res.report["latency"]
+    assert lat["met"] is True and len(lat["attempts"]) == 1
+    first = lat["attempts"][0]
+    # MACs-proportional times: the estimate is the measurement, to rounding.
+    assert first["estimated_ratio"] == pytest.approx(first["ratio"], abs=1e-4)  # 4 decimals
+    assert first["ratio"] <= 0.5
+    assert res.plan.target == lrcompress.Target("latency", 0.5)
+    assert res.report["target"] == {"kind": "latency", "ratio": 0.5}
+
+
+def test_a_missed_target_is_re_solved_with_corrected_costs(fake):
+    fake["per_module"] = 0.4  # every conv/linear costs extra in the graph: chains cost more
+    res = compress(target_latency=0.6)
+    lat = res.report["latency"]
+    ratios = [a["ratio"] for a in lat["attempts"]]
+    assert len(ratios) >= 2 and ratios[0] > 0.6
+    assert lat["met"] is True and ratios[-1] <= 0.6
+    assert [a["solved_at"] for a in lat["attempts"]][1] < 0.6  # the budget was tightened
+    assert independent_macs(res.model, (1, 28, 28)) == res.report["totals"]["macs_after"]
+
+
+def test_a_target_still_missed_is_said_plainly_or_refused_under_strict(fake):
+    fake["no_speedup"] = True
+    res = compress(latency=LatencyConfig(max_resolves=1))
+    lat = res.report["latency"]
+    assert lat["met"] is False and "MISSES" in lat["summary"] and len(lat["attempts"]) == 2
+    with pytest.raises(lrcompress.UserError, match="MISSES.*strict"):
+        compress(latency=LatencyConfig(max_resolves=0, strict=True))
+
+
+def test_an_unreachable_latency_is_refused_before_anything_is_written(fake, tmp_path):
+    with pytest.raises(lrcompress.TargetError, match="cannot be reached.*Ask for"):
+        compress(target_latency=0.02, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_latency_aware_macs_target_never_ships_a_chain_slower_than_dense(fake):
+    fake["slow_from"] = 24
+    res = compress(target_latency=None, target_flops=0.6, latency=LatencyConfig(aware=True))
+    assert res.plan.layers
+    for lp in res.plan.layers:
+        assert lp.rank < 24
+        assert fake_ms(lp.spec, lp) < fake_ms(lp.spec, type(lp)("x", "dense", 0, lp.spec))
+    assert res.report["latency"]["speedup"] > 1
+    assert res.report["totals"]["macs_ratio"] <= 0.6
+
+
+def test_the_latency_cache_is_reused_by_a_second_run(fake):
+    first = compress()
+    second = compress()
+    assert first.report["latency"]["table"]["measured"] > 0
+    assert second.report["latency"]["table"]["measured"] == 0
+    assert second.plan == first.plan
+
+
+def test_corrected_ratio_scales_the_budget_by_target_over_measured():
+    assert corrected_ratio(0.5, 0.5, 0.6, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
+    assert corrected_ratio(0.5, 0.4, 0.45, 0.45) == pytest.approx(0.45 * 0.5 / 0.45)
+
+
+def test_speedup_is_the_inverse_latency_ratio(fake):
+    res = compress(target_latency=None, target_speedup=2.0)
+    assert res.report["target"]["ratio"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def test_cli_latency_target_writes_the_verdict(fake, resnet_ckpt, tmp_path):
+    code, out = run("search", resnet_ckpt["pt"], "--input-size", "1,28,28", "--data",
+                    "synthetic:64", "--method", "uniform", "--decomp", "tucker2",
+                    "--target-speedup", "2", "-o", tmp_path / "r", "--bn-batches", "0")
+    assert code == 0, out
+    assert "Latency (ort-cpu, 1 thread(s), batch 1)" in out and "meets the target" in out
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["latency"]["met"] is True and rep["config"]["latency"]["engine"] == "ort-cpu"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target-latency", "0"], ["--target-latency 0.0 is out of range"]),
+    (["--target-latency", "1.5"], ["out of range"]),
+    (["--target-speedup", "1"], ["--target-speedup 1.0 must be a number above 1"]),
+    (["--target-speedup", "nan"], ["above 1"]),
+    (["--target-flops", "0.3", "--target-latency", "0.5"], ["exactly one target"]),
+    (["--target-latency", "0.5", "--latency-aware"], ["--latency-aware goes with"]),
+])
+def test_cli_bad_latency_targets(args, words, resnet_ckpt, tmp_path):
+    code, out = run("search", resnet_ckpt["pt"], "--input-size", "1,28,28", "--data",
+                    "synthetic:64", *args, "-o", tmp_path / "r")
+    assert_user_error(code, out, *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_an_engine_that_is_not_here(resnet_ckpt, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out = run("search", resnet_ckpt["pt"], "--input-size", "1,28,28", "--data",
+                    "synthetic:64", "--target-latency", "0.5", "--latency-engine", "torch-cuda",
+                    "-o", tmp_path / "r")
+    assert_user_error(code, out, "torch-cuda needs a CUDA GPU")
+    assert not (tmp_path / "r").exists()
