@@ -20,6 +20,7 @@ from lrcompress.cli import main
 from lrcompress.commands.export import ExportConfig, export_run
 from lrcompress.commands.search import SearchConfig, search
 from lrcompress.data import DataConfig
+from lrcompress.deploy.onnx import merge_linear_chains
 from lrcompress.errors import UserError
 from lrcompress.measure.latency import LatencyConfig
 from lrcompress.model.plan import Target
@@ -91,7 +92,10 @@ def test_onnx_export_checks_and_matches_pytorch(runs, decomp, tmp_path):
     assert set(ops) <= STANDARD_OPS, set(ops) - STANDARD_OPS
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
     model = lrcompress.load(runs[decomp])
-    mods = list(model.modules())
+    # chains on 1×1 maps are shipped merged into fewer convs (merge_linear_chains)
+    merged, names = merge_linear_chains(model, (1, 32, 32))
+    assert res.section["onnx"]["merged_chains"] == names
+    mods = list(merged.modules())
     assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in mods)
     assert ops.count("Gemm") + ops.count("MatMul") == sum(isinstance(m, nn.Linear) for m in mods)
     # Our own check, apart from the library's: the file in ONNX Runtime vs PyTorch.

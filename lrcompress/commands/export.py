@@ -32,6 +32,7 @@ from lrcompress.deploy.onnx import (
     check_opset,
     check_parity,
     export_onnx,
+    merged_chains,
     op_counts,
 )
 from lrcompress.errors import LrcError, UserError
@@ -172,6 +173,8 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
                 "input": {"name": INPUT_NAME,
                           "shape": ["batch" if cfg.dynamic_batch else 1, *input_size]},
                 "output": OUTPUT_NAME, "ops": op_counts(proto),
+                # chains on 1×1 maps multiplied into fewer 1×1 convs (deploy.merge_linear_chains)
+                "merged_chains": merged_chains(proto),
                 "checker": "onnx.checker.check_model(full_check=True) passed",
                 "parity": par.to_dict(),
             }

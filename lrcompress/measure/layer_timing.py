@@ -10,9 +10,9 @@ linear layer (as :func:`lrcompress.measure.latency.layer_input`).
   one ``Conv`` per conv (kernel, strides, pads, dilations, group as in the module), ``Gemm``
   (``transB=1``) per linear layer on a 2-D input and ``MatMul`` (+ ``Add`` for a bias) on a 3-D
   one — the nodes ``torch.onnx.export`` emits for these modules, without its cost (seconds per
-  graph). Opset 18, static shapes, random weights. Sessions: ``ORT_ENABLE_ALL``,
-  ``intra_op_num_threads = threads``, one inter-op thread, sequential execution, no spinning
-  (as :func:`lrcompress.deploy.onnx.ort_session`, which the whole-model timing uses).
+  graph). Opset 18, static shapes, random weights. Sessions: :func:`lrcompress.deploy.onnx.
+  session_options` (``ORT_ENABLE_ALL``, ``intra_op_num_threads = threads``, one inter-op thread,
+  sequential execution, no spinning), the options of the parity and whole-model sessions.
 * PyTorch engines run the chain module itself (``eval``, ``inference_mode``) at ``threads``
   intra-op threads.
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lrcompress.deploy.onnx import DEFAULT_OPSET, GPU_HINT
+from lrcompress.deploy.onnx import ort_session as deploy_session
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
 from lrcompress.measure.latency import cpu_count, layer_input, torch_threads
@@ -234,25 +235,9 @@ def layer_graph(spec: LayerSpec, module: nn.Module, batch: int = 1, opset: int =
 
 
 def ort_session(model_bytes: bytes, engine: Engine):
-    """An ONNX Runtime session with the settings the module docstring lists, checked to run on
-    the engine's device."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = engine.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if engine.device == "cuda":
-        providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(model_bytes, so, providers=providers)
-    if sess.get_providers()[0] != providers[0]:
-        raise UserError(f"ONNX Runtime was asked for {providers[0]} but runs on "
-                        f"{sess.get_providers()}. " + GPU_HINT)
-    return sess
+    """An ONNX Runtime session on the engine's device with the shipped session options
+    (:func:`lrcompress.deploy.onnx.session_options`), checked to run there."""
+    return deploy_session(model_bytes, threads=engine.threads, device=engine.device)
 
 
 # ---------------------------------------------------------------------------------------------
