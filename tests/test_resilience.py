@@ -23,7 +23,11 @@ from safetensors.torch import load_file
 import lrcompress.commands.compress as stages
 import lrcompress.recover.finetune as ft
 from lrcompress.cli import main
-from lrcompress.rank.search_state import SearchState, load_search_state, save_search_state
+from lrcompress.rank.selection_state import (
+    SelectionState,
+    load_selection_state,
+    save_selection_state,
+)
 from lrcompress.recover.finetune import FinetuneConfig, distill
 
 from .conftest import tiny_resnet
@@ -178,23 +182,23 @@ def test_search_state_round_trip_and_refusals(tmp_path, monkeypatch):
     p = tmp_path / "state" / "search-rene.pt"
     state = {"step": 3, "alpha": [torch.randn(4), torch.zeros(2)], "cands": [([1, 2], {"tt": 4})],
              "trace": {"ce": [0.5, 0.25]}, "rng": torch.get_rng_state()}
-    save_search_state(p, state, "fp-a")
-    got = load_search_state(p, "fp-a")
+    save_selection_state(p, state, "fp-a")
+    got = load_selection_state(p, "fp-a")
     assert got["step"] == 3 and got["trace"] == state["trace"]
     assert got["cands"] == [([1, 2], {"tt": 4})]
     assert all(torch.equal(a, b) for a, b in zip(got["alpha"], state["alpha"], strict=True))
-    assert load_search_state(p, "fp-b") is None  # another command's state: start over
-    assert load_search_state(tmp_path / "none.pt", "fp-a") is None
+    assert load_selection_state(p, "fp-b") is None  # another command's state: start over
+    assert load_selection_state(tmp_path / "none.pt", "fp-a") is None
     # A kill while the next state is written leaves the previous one whole.
     monkeypatch.setattr(os, "replace", Counter(os.replace, kill=1))
     with pytest.raises(KeyboardInterrupt):
-        save_search_state(p, {"step": 4}, "fp-a")
+        save_selection_state(p, {"step": 4}, "fp-a")
     monkeypatch.undo()
-    assert load_search_state(p, "fp-a")["step"] == 3
+    assert load_selection_state(p, "fp-a")["step"] == 3
     assert not list(p.parent.glob("*.tmp"))
     # Only weights_only material is read back: anything else is ignored, never executed.
     p.write_bytes(b"garbage")
-    assert load_search_state(p, "fp-a") is None
+    assert load_selection_state(p, "fp-a") is None
 
 
 def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monkeypatch):
@@ -207,7 +211,7 @@ def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monke
         select = real(name)
 
         def run(ctx):
-            assert isinstance(ctx.state, SearchState)
+            assert isinstance(ctx.state, SelectionState)
             seen.append(ctx.state.load())
             if seen[-1] is None:
                 ctx.state.save({"iteration": 7, "alpha": torch.ones(3)})

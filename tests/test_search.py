@@ -189,7 +189,7 @@ def _rene_ctx(resnet_ckpt, poison):
 def test_rene_rolls_back_non_finite_steps(resnet_ckpt):
     """Every second α step sees a NaN batch: those steps are skipped (recorded), the logits stay
     finite and the search still ends with a plan."""
-    from lrcompress.rank.rene import search as rene_search
+    from lrcompress.rank.rene import softmax_search as rene_search
 
     ctx = _rene_ctx(resnet_ckpt, poison={1})
     choice, trace = rene_search(ctx, FAST_RENE)
@@ -200,7 +200,7 @@ def test_rene_rolls_back_non_finite_steps(resnet_ckpt):
 
 
 def test_rene_stops_with_the_stage_named_when_nan_persists(resnet_ckpt):
-    from lrcompress.rank.rene import search as rene_search
+    from lrcompress.rank.rene import softmax_search as rene_search
 
     ctx = _rene_ctx(resnet_ckpt, poison={0, 1})
     with pytest.raises(UserError, match=r"rene, α step.*NaN/Inf on 3 consecutive steps"):
@@ -213,12 +213,12 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     import lrcompress.rank.rene as rene
 
     ctx = _rene_ctx(resnet_ckpt, poison=set())
-    full_choice, full_trace = rene.search(ctx, FAST_RENE)
+    full_choice, full_trace = rene.softmax_search(ctx, FAST_RENE)
     assert len(full_trace["steps"]) >= 2, "the tiny problem must need several steps"
 
-    from lrcompress.rank.search_state import SearchState
+    from lrcompress.rank.selection_state import SelectionState
 
-    ctx.state = SearchState(tmp_path / "search-rene.pt", "fingerprint")
+    ctx.state = SelectionState(tmp_path / "search-rene.pt", "fingerprint")
     real, calls = rene._optimise, {"n": 0}
 
     def dying(*a, **k):
@@ -229,7 +229,7 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
 
     monkeypatch.setattr(rene, "_optimise", dying)
     with pytest.raises(KeyboardInterrupt):
-        rene.search(ctx, FAST_RENE)
+        rene.softmax_search(ctx, FAST_RENE)
     assert (tmp_path / "search-rene.pt").exists()
     monkeypatch.setattr(rene, "_optimise", real)
     calls_after = {"n": 0}
@@ -239,7 +239,7 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
         return real(*a, **k)
 
     monkeypatch.setattr(rene, "_optimise", counting)
-    choice, trace = rene.search(ctx, FAST_RENE)
+    choice, trace = rene.softmax_search(ctx, FAST_RENE)
     assert calls_after["n"] == len(full_trace["steps"]) - 1
     assert choice == full_choice
     assert json.dumps(trace, sort_keys=True) == json.dumps(full_trace, sort_keys=True)

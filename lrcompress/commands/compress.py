@@ -47,7 +47,7 @@ from lrcompress.model.weights import build_compressed, save_compressed
 from lrcompress.rank import SelectContext, get_method
 from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
 from lrcompress.rank.rene import ReneConfig
-from lrcompress.rank.search_state import SearchState
+from lrcompress.rank.selection_state import SelectionState
 from lrcompress.rank.signals import Cache
 from lrcompress.recover.bn import recalibrate_bn
 from lrcompress.recover.finetune import FinetuneConfig, distill
@@ -330,7 +330,7 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
                         "Give a few hundred inputs, or use method='uniform'.")
     cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
     cache = Cache(None if cache_dir is None else _path(cache_dir) / "signals.json")
-    state = (SearchState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
+    state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
     ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
                         {**cfg.method_config, "rene": cfg.rene},

@@ -22,7 +22,7 @@ from lrcompress.rank.problem import (
     allocate,
     layer_options,
 )
-from lrcompress.rank.search_state import SearchState
+from lrcompress.rank.selection_state import SelectionState
 from lrcompress.rank.signals import Cache
 
 RANK_METHODS: dict[str, Callable] = {}
@@ -55,9 +55,9 @@ class SelectContext:
     seed: int = 0
     config: dict = field(default_factory=dict)  # per-method configs, e.g. {"rene": ReneConfig}
     tick: Callable[[], None] = lambda: None  # progress callback
-    # Mid-search progress under RUN/state/ (search_state.SearchState): load() at the start,
+    # Mid-search progress under RUN/state/ (selection_state.SelectionState): load() at the start,
     # save() every so often, so a killed search resumes inside its loop. None: not kept.
-    state: SearchState | None = None
+    state: SelectionState | None = None
 
 
 def _load_builtin() -> None:

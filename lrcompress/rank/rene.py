@@ -238,7 +238,7 @@ def narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[in
     return sorted({idx[k] for k in range(lo_i, hi_i + 1, new)} | {best}), new
 
 
-def search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
+def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
            ) -> tuple[list[int], dict]:
     """Run the multi-step search; returns (chosen option per layer, trace).
 
@@ -504,7 +504,7 @@ def select(ctx) -> tuple:
     cfg = ctx.config.get("rene") or ReneConfig()
     errs = error_curves(ctx.model, ctx.problem, ctx.cache)
     prior = truncation_scores(ctx, errs)[0] if cfg.prior == "loss_model" else None
-    choice, trace = search(ctx, cfg, prior)
+    choice, trace = softmax_search(ctx, cfg, prior)
     before = ctx.problem.cost_of(choice)
     # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
     # has no truncation error there, so it is anchored at its smallest rank (cached already).

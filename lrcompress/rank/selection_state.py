@@ -1,9 +1,10 @@
-"""Mid-search progress under RUN/state/, so a killed rank search resumes inside its loop.
+"""Mid-selection progress under RUN/state/, so a killed rank selection resumes inside its
+loop (the file keeps its historical name, ``state/search-METHOD.pt``).
 
 The pipeline already keeps whole stages (plan, decomposition, fine-tuning epochs). A long rank
 search (RENE: minutes per narrowing step on a real model) can also save its loop state — step
 number, candidate sets, logits, factors, optimizer and RNG states — through a
-:class:`SearchState` that the pipeline hands it as ``ctx.state``:
+:class:`SelectionState` that the pipeline hands it as ``ctx.state``:
 
     st = ctx.state.load() if ctx.state else None      # None: start from the beginning
     ...
@@ -32,13 +33,13 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def save_search_state(path, state: dict, fingerprint: str) -> None:
+def save_selection_state(path, state: dict, fingerprint: str) -> None:
     """Write ``state`` atomically: the previous file stays whole until the new one is complete."""
     with atomic_path(Path(path)) as tmp:
         torch.save({"format": FORMAT, "fingerprint": fingerprint, "state": state}, tmp)
 
 
-def load_search_state(path, fingerprint: str) -> dict | None:
+def load_selection_state(path, fingerprint: str) -> dict | None:
     """The saved state, or None when there is none, it is unreadable, or it is another run's."""
     path = Path(path)
     if not path.exists():
@@ -58,18 +59,19 @@ def load_search_state(path, fingerprint: str) -> dict | None:
     return blob["state"]
 
 
-class SearchState:
-    """:func:`save_search_state` / :func:`load_search_state` bound to one file and fingerprint."""
+class SelectionState:
+    """:func:`save_selection_state` / :func:`load_selection_state` bound to one file and its
+    fingerprint."""
 
     def __init__(self, path, fingerprint: str):
         self.path, self.fingerprint = Path(path), fingerprint
 
     def load(self) -> dict | None:
-        return load_search_state(self.path, self.fingerprint)
+        return load_selection_state(self.path, self.fingerprint)
 
     def save(self, state: dict) -> None:
         if distributed.is_main():  # under torchrun every rank searches; rank 0 writes
-            save_search_state(self.path, state, self.fingerprint)
+            save_selection_state(self.path, state, self.fingerprint)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
