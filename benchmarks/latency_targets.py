@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 
@@ -61,8 +62,15 @@ def main():
     ap.add_argument("--arch", default="timm:resnet18")
     ap.add_argument("--decomps", default="tucker2,tt")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON of the rows (default: none)")
+    ap.add_argument("--md", default=None, help="render the rows as Markdown here")
+    ap.add_argument("--from-json", default=None, help="only render this JSON (no runs)")
     args = ap.parse_args()
+    if args.from_json:
+        data = json.loads(open(args.from_json).read())
+        if args.md:
+            write_md(data, args.md)
+        return
     model = build(args.arch)
     cache = tempfile.mkdtemp()
     import os
@@ -76,11 +84,48 @@ def main():
                 r = one(model, kind, value, decomp, batch, cache, aware)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+    data = {"arch": args.arch, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "OMP_NUM_THREADS=1 python benchmarks/latency_targets.py "
+                       + " ".join(sys.argv[1:]),
+            "machine": machine(), "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"arch": args.arch, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f,
-                      indent=1)
+            json.dump(data, f, indent=1)
+    if args.md:
+        write_md(data, args.md)
 
+
+def machine() -> str:
+    import onnxruntime
+
+    from lrcompress.measure.latency_table import cpu_model
+    from lrcompress.measure.layer_timing import cpu_count
+
+    return (f"{cpu_model()}, {cpu_count()} core(s); torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}")
+
+
+def write_md(data: dict, path: str) -> None:
+    """The rows as a Markdown table: one line per setting."""
+    lines = [f"# Latency targets, measured ({data['arch']}, random weights, 1×28×28)", "",
+             f"{data['date']}; {data['machine']}. Command: `{data['command']}`.", "",
+             "ONNX Runtime CPU, 1 thread; ratios are compressed/original medians measured "
+             "round-robin in one process (30 runs); spread = half-IQRs propagated to the ratio. "
+             "Rank method `uniform` (the benchmark harness has the accuracy rows).", "",
+             "| decomp | target | batch | measured latency ratio ± spread | speed-up | ideal "
+             "(1/MACs ratio) | achieved/ideal | MACs ratio | attempts (first ratio; estimate) "
+             "| candidates timed | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        tgt = r["target"] + (" --latency-aware" if r["aware"] else "")
+        first = (f"{r['attempts']} ({r['first_ratio']:.3f}; {r['first_estimate']:.3f})"
+                 if r["first_estimate"] is not None else f"{r['attempts']}")
+        lines.append(f"| {r['decomp']} | {tgt} | {r['batch']} | {r['measured_ratio']:.3f} ± "
+                     f"{r['spread']:.3f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× | "
+                     f"{r['achieved_over_ideal']:.2f} | {r['macs_ratio']:.3f} | {first} | "
+                     f"{r['table'].get('measured', '-')} | {r['seconds']} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
