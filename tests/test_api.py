@@ -202,3 +202,15 @@ def test_load_refuses_a_model_that_does_not_match_the_plan(tmp_path):
         lrcompress.load(path, model=lambda: Net(width=16))
     with pytest.raises(lrcompress.UserError):
         lrcompress.load(path, model=OnlyHead)
+
+
+def test_the_file_format_keeps_its_header_key(tmp_path):
+    """model.safetensors carries the plan under 'lrcompress.plan' (files written by every
+    earlier version use that key; a code move once renamed it by accident)."""
+    from safetensors import safe_open
+
+    path = lrcompress.save(run(method="uniform", calib=None, eval=None), tmp_path / "m.st")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert set(meta) == {"lrcompress.plan", "lrcompress.version", "format"}
+    assert json.loads(meta["lrcompress.plan"])["layers"][0]["method"] == "tucker2"

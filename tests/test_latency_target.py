@@ -177,3 +177,13 @@ def test_cli_an_engine_that_is_not_here(resnet_ckpt, tmp_path):
                     "-o", tmp_path / "r")
     assert_user_error(code, out, "torch-cuda needs a CUDA GPU")
     assert not (tmp_path / "r").exists()
+
+
+def test_rene_and_sensitivity_take_latency_targets(fake):
+    """The default rank method (and the loss-model one) solve a latency target too."""
+    calib = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    for method in ("rene", "sensitivity"):
+        res = compress(method=method, calib=calib, target_latency=0.6,
+                       rene=lrcompress.ReneConfig(iters=3, warmup=1, n_candidates=3))
+        lat = res.report["latency"]
+        assert lat["met"] is True and lat["measured_ratio"] <= 0.6, method
