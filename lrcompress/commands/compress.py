@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lrcompress.batches import sample_count
-from lrcompress.commands.run_dir import MODEL_FILE, PLAN_FILE, REPORT_FILE, RunDir
+from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
 from lrcompress.factorizations import ALIASES, FACTORIZATIONS
@@ -57,6 +57,7 @@ from lrcompress.report.write import write_reports
 from lrcompress.util.io import write_json, write_text
 from lrcompress.util.progress import Progress
 from lrcompress.util.resources import rebatch, retry_halving
+from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_DIR
 
 AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
 
@@ -474,7 +475,7 @@ def finetune_stage(job: Job, student: nn.Module, plan: Plan) -> dict:
     _need(job.loaders.train, "fine-tuning", "train")
     steps = cfg.finetune.max_steps or cfg.finetune.epochs * len(job.loaders.train)
     job.progress.stage("fine-tuning (distillation)", total=_samples(job, steps))
-    state_dir = job.run.path / "state" if job.run.enabled else None
+    state_dir = job.run.path / STATE_DIR if job.run.enabled else None
     ft = distill(student, job.model, plan, job.loaders, cfg.finetune, job.device,
                  state_dir=state_dir, progress=job.progress.advance,
                  fingerprint=job.run.fingerprint_text, seed=cfg.seed,

@@ -17,6 +17,7 @@ from lrcompress.measure.metrics import evaluate, independent_macs, param_count
 from lrcompress.model.loading import load_model
 from lrcompress.report.schema import read_report
 from lrcompress.util.progress import Progress
+from lrcompress.util.run_files import MODEL_FILE, REPORT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ class EvalConfig:
 def _run_report(spec: str) -> dict | None:
     """The report of the run ``spec`` points at (RUN/ or RUN/model.safetensors), if any."""
     p = Path(spec)
-    run = p if p.is_dir() else p.parent if p.name == "model.safetensors" else None
-    if run is None or not (run / "report.json").is_file():
+    run = p if p.is_dir() else p.parent if p.name == MODEL_FILE else None
+    if run is None or not (run / REPORT_FILE).is_file():
         return None
     return read_report(run)
 

@@ -45,6 +45,14 @@ from lrcompress.report.schema import read_report
 from lrcompress.report.write import remove_stale_plots, render_reports
 from lrcompress.util.io import atomic_path, file_sha256, json_default
 from lrcompress.util.progress import Progress
+from lrcompress.util.run_files import (
+    FINGERPRINT_FILE,
+    MODEL_FILE,
+    ONNX_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    STATE_DIR,
+)
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "safetensors")
@@ -112,7 +120,7 @@ def original_model(run: Path, report: dict, plan: Plan) -> tuple[nn.Module, str]
     when its checkpoint is gone; latency does not depend on the weights."""
     m = report["model"]
     cands = [m.get("source")]
-    fp = run / "state" / "fingerprint.json"
+    fp = run / STATE_DIR / FINGERPRINT_FILE
     if fp.exists():  # the absolute path, for runs started from another working directory
         cands.append((json.loads(fp.read_text()).get("checkpoint") or {}).get("path"))
     for src in cands:
@@ -138,7 +146,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
     progress = progress or Progress()
     run = Path(run_dir)
     report = read_report(run)
-    st_path = run / "model.safetensors"
+    st_path = run / MODEL_FILE
     if not st_path.is_file():
         raise UserError(f"{run} has no model.safetensors: it is not a finished run. Run "
                         "`lrcompress search ... -o RUN` first.")
@@ -162,7 +170,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
             progress.stage("checking ONNX Runtime against PyTorch")
             par = check_parity(compressed, onnx_bytes, x, dynamic_batch=cfg.dynamic_batch,
                                rtol=cfg.rtol, atol=cfg.atol, source=source)
-            dest = out / "model.onnx"
+            dest = out / ONNX_FILE
             tmp = stage.enter_context(atomic_path(dest))
             tmp.write_bytes(onnx_bytes)
             files.append(dest)
@@ -183,7 +191,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
             section["safetensors"] = _validate_safetensors(run, st_path, compressed, plan, x,
                                                            report)
             if out.resolve() != run.resolve():
-                dest = out / "model.safetensors"
+                dest = out / MODEL_FILE
                 tmp = stage.enter_context(atomic_path(dest))
                 shutil.copyfile(st_path, tmp)
                 if file_sha256(tmp) != section["safetensors"]["sha256"]:
@@ -199,7 +207,7 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
         report = {**report, "export": {**(report.get("export") or {}), **section}}
         progress.stage("writing")
         text = json.dumps(report, indent=1, default=json_default) + "\n"
-        stage.enter_context(atomic_path(run / "report.json")).write_text(text, encoding="utf-8")
+        stage.enter_context(atomic_path(run / REPORT_FILE)).write_text(text, encoding="utf-8")
         rendered = render_reports(report)
         for name, data in rendered.items():
             tmp = stage.enter_context(atomic_path(run / name))
@@ -218,7 +226,7 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
         same = torch.equal(model(x), reloaded.eval()(x))
     if not same:
         raise LrcError(f"{path} reloads to a model whose outputs differ: it is not deterministic.")
-    plan_json = run / "plan.json"
+    plan_json = run / PLAN_FILE
     if plan_json.exists():
         on_disk = Plan.from_json(plan_json.read_text())
         if on_disk.to_dict()["layers"] != plan.to_dict()["layers"]:

@@ -20,18 +20,12 @@ from pathlib import Path
 from lrcompress.errors import UserError
 from lrcompress.util import distributed
 from lrcompress.util.io import cannot_write_in, write_json, write_text
-
-MODEL_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
-REPORT_FILE = "report.json"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-ONNX_FILE = "model.onnx"
-STATE_DIR = "state"
-FINGERPRINT_FILE = "fingerprint.json"
-# Results a finished run leaves at the top of RUN/ (--overwrite removes these and state/ only).
-RESULT_FILES = (MODEL_FILE, PLAN_FILE, REPORT_FILE, REPORT_MD, REPORT_HTML, ONNX_FILE,
-                "model.onnx.data")
+from lrcompress.util.run_files import (
+    FINGERPRINT_FILE,
+    REPORT_FILE,
+    RESULT_FILES,
+    STATE_DIR,
+)
 
 
 class RunDir:

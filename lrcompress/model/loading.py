@@ -27,6 +27,7 @@ from lrcompress.model.arch import (
 )
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.weights import PLAN_METADATA_KEY, load_compressed
+from lrcompress.util.run_files import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ def load_model(
     the plan in its metadata), or a bare ``timm:NAME`` (random weights, with a warning).
     """
     path = Path(spec)
-    if path.is_dir() and (path / "model.safetensors").exists():
-        path = path / "model.safetensors"
+    if path.is_dir() and (path / MODEL_FILE).exists():
+        path = path / MODEL_FILE
     if not path.exists():
         if re.match(r"^(timm|torchvision):", spec) or (arch is None and ":" not in spec
                                                          and not path.suffix):

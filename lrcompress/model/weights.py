@@ -27,6 +27,7 @@ from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
 from lrcompress.util.io import atomic_path
+from lrcompress.util.run_files import MODEL_FILE
 
 # The safetensors ``__metadata__`` key that holds the plan (its presence marks a compressed model).
 PLAN_METADATA_KEY = "lrcompress.plan"
@@ -92,7 +93,7 @@ def read_compressed_file(path) -> tuple[Path, dict, dict]:
     """(file, weights, header metadata) of ``RUN/`` or a compressed ``model.safetensors``."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE
     sd, meta = read_checkpoint(path)
     if PLAN_METADATA_KEY not in meta:
         raise CheckpointError(f"{path} has no lrcompress plan in its header: it is not a model "

@@ -19,6 +19,7 @@ from lrcompress._version import __version__
 from lrcompress.batches import sample_count
 from lrcompress.errors import UserError
 from lrcompress.model.costs import dense_macs, dense_params
+from lrcompress.util.run_files import REPORT_FILE
 
 SCHEMA = 1
 # Top-level sections of report.json and what each holds.
@@ -132,10 +133,10 @@ def read_report(run) -> dict:
     if not run.exists():
         raise UserError(f"No such run: {run}. Give the folder written by "
                         "`lrcompress search ... -o RUN`.")
-    if run.is_file() and run.name != "report.json":
+    if run.is_file() and run.name != REPORT_FILE:
         raise UserError(f"{run} is a file: give the RUN folder written by `lrcompress search` "
                         "(or its report.json).")
-    path = run if run.is_file() else run / "report.json"
+    path = run if run.is_file() else run / REPORT_FILE
     if not path.is_file():
         raise UserError(f"{run} has no report.json: it is not a finished run. "
                         "`lrcompress search ... -o RUN` writes it.")
