@@ -214,3 +214,26 @@ def test_the_file_format_keeps_its_header_key(tmp_path):
         meta = f.metadata()
     assert set(meta) == {"lrcompress.plan", "lrcompress.version", "format"}
     assert json.loads(meta["lrcompress.plan"])["layers"][0]["method"] == "tucker2"
+
+
+def test_progress_names_each_rene_step_with_its_size():
+    """Long stages say what unit of work they count and how many there are (for the ETA)."""
+    from lrcompress.util.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self):
+            self.stages, self.done = [], {}
+
+        def stage(self, name, total=None):
+            self.stages.append((name, total))
+            self.done[name] = 0
+
+        def advance(self, n=1):
+            self.done[self.stages[-1][0]] += n
+
+    rec = Recorder()
+    run(progress=rec)
+    steps = [(n, t) for n, t in rec.stages if n.startswith("rank selection (rene): step")]
+    assert steps and all(t is not None for _, t in steps)
+    for name, total in steps:  # every counted stage ends at its announced size
+        assert rec.done[name] == total, (name, rec.done[name], total)

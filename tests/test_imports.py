@@ -152,3 +152,20 @@ def test_private_modules_used_only_in_their_package():
                     and owner != "lrcompress._version" and not inside):
                 bad.append(f"{MODULES[mod].relative_to(ROOT.parent)}:{line}: {target}")
     assert not bad, "private modules imported from outside their package:\n" + "\n".join(bad)
+
+
+def test_public_names_resolve_and_the_cli_starts_without_torch():
+    """Every name in ``lrcompress.__all__`` resolves; ``--help`` and usage errors do not pay for
+    importing torch (the package imports its API on first use)."""
+    import subprocess
+    import sys
+
+    import lrcompress
+
+    for name in lrcompress.__all__:
+        assert getattr(lrcompress, name) is not None, name
+    code = ("import sys, lrcompress.cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(lrcompress.cli.main, ['search', '--help']); "
+            "assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported by --help'")
+    subprocess.run([sys.executable, "-c", code], check=True)

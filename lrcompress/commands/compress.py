@@ -335,7 +335,9 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
              if run.enabled else None)
     ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
                         {**cfg.method_config, "rene": cfg.rene},
-                        tick=tick or (lambda: None), state=state)
+                        tick=tick or (lambda: None), state=state,
+                        stage=progress.stage if progress is not None else
+                        (lambda name, total=None: None))
 
     def select(size):  # --auto-batch: the same calibration samples in smaller batches
         ctx.batches = rebatch(batches, size)

@@ -54,7 +54,10 @@ class SelectContext:
     cache: Cache
     seed: int = 0
     config: dict = field(default_factory=dict)  # per-method configs, e.g. {"rene": ReneConfig}
-    tick: Callable[[], None] = lambda: None  # progress callback
+    tick: Callable[[], None] = lambda: None  # progress callback: one unit of work done
+    # Names a unit of work and how many units it has (e.g. "step 2: optimising", 100), so the
+    # progress bar shows a count and a time estimate; a no-op by default.
+    stage: Callable[..., None] = lambda name, total=None: None
     # Mid-search progress under RUN/state/ (selection_state.SelectionState): load() at the start,
     # save() every so often, so a killed search resumes inside its loop. None: not kept.
     state: SelectionState | None = None

@@ -270,6 +270,8 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
     while True:
         step_no += 1
         torch.manual_seed(ctx.seed + step_no)  # each step reproducible on its own (resume)
+        ctx.stage(f"rank selection (rene): step {step_no}, candidate factors per layer",
+                  total=len(problem.layers))
         mixed = {}
         for lo, (cands, _) in zip(problem.layers, state):
             base = model.get_submodule(lo.spec.name)
@@ -290,6 +292,8 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
                     mx.alpha.copy_(torch.tensor([prior[i][j] / cfg.prior_temp for j in cands]))
             mixed[lo.spec.name] = mx
             ctx.tick()
+        ctx.stage(f"rank selection (rene): step {step_no}, weight and rank iterations "
+                  f"({cfg.warmup} weight-only first)", total=cfg.iters)
         step_trace = _optimise(ctx, problem, mixed, cfg, kind, teacher)
         choice = expected_cost_choice(problem, list(mixed.values()))
         step_trace["chosen_ranks"] = {

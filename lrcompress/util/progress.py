@@ -25,14 +25,21 @@ class RichProgress(Progress):
 
     def __init__(self):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._console = Console(stderr=True)
         self._enabled = self._console.is_terminal
         self._bar = None
         self._task = None
+        # Elapsed and, where the stage knows its size, the time left at the measured rate.
         self._cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn())
+                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
 
     def stage(self, name, total=None):
         from rich.progress import Progress as _P
