@@ -63,6 +63,20 @@ def _rows(x: torch.Tensor, mod: nn.Module, kind: str) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _run(model: nn.Module, batches, handles) -> None:
+    """The batches through ``model`` in eval mode; the hooks ``handles`` are removed after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int = MAX_BYTES,
                         damping: float = DAMPING) -> tuple[dict[str, LayerStats], dict[str, str]]:
@@ -100,16 +114,8 @@ def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int
                 acc[name][f"n_{kind}"] += rows.shape[0]
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in acc]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run(model, batches, [model.get_submodule(n).register_forward_pre_hook(hook(n))
+                          for n in acc])
     stats = {}
     for name, a in acc.items():
         st = LayerStats(damping=damping)
@@ -141,16 +147,7 @@ def output_errors(model: nn.Module, batches, chains: dict[str, dict[str, nn.Modu
                 num[name][fit] += float((y - yh).square().sum())
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run(model, batches, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
     return {n: {fit: (v / den[n]) ** 0.5 if den[n] > 0 else 0.0 for fit, v in num[n].items()}
             for n in names}
 
