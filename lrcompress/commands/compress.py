@@ -40,6 +40,7 @@ from lrcompress.model.arch import ModelInfo
 from lrcompress.model.census import make_selection
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.costs import count_model
+from lrcompress.model.input_stats import collect_input_stats, fit_report
 from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
 from lrcompress.model.plan import Plan, Target
 from lrcompress.model.surgery import decompose_
@@ -60,6 +61,7 @@ from lrcompress.util.resources import rebatch, retry_halving
 from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_DIR
 
 AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
+FITS = ("weight", "activation")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class CompressConfig:
     bn_batches: int = 16
     # Where latency targets (and --latency-aware) are measured.
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # What the factors fit: "weight" (min ‖W − Ŵ‖) or "activation" (min output error on the
+    # calibration batches' layer inputs; factorizations/_activation.py).
+    fit: str = "weight"
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -104,6 +109,8 @@ class CompressConfig:
             raise UserError(f"--rank-multiple {self.rank_multiple} must be 1 or more.")
         if self.calib_batches < 1:
             raise UserError(f"--calib-batches {self.calib_batches} must be 1 or more.")
+        if self.fit not in FITS:
+            raise UserError(f"fit={self.fit!r}: choose one of {', '.join(FITS)}.")
         if self.bn_batches < 0:
             raise UserError(f"--bn-batches {self.bn_batches} must be 0 (off) or more.")
 
@@ -151,6 +158,7 @@ class Decomposed:
     student: nn.Module
     rel_errors: dict[str, float]
     retries: dict[str, int]
+    fit: dict | None = None  # fit="activation": fit_report()
 
 
 @dataclass
@@ -362,16 +370,22 @@ def decompose_stage(job: Job, source: nn.Module, plan: Plan, fresh: bool = False
         student = build_compressed(plan) if not _custom(job) else _skeleton(job.model, plan)
         student.load_state_dict(read_checkpoint(run.state("decomposed.safetensors"))[0])
         dec = run.read_state_json("decomposed.json")
-        out = Decomposed(student, dec["rel_error"], dec["retries"])
+        out = Decomposed(student, dec["rel_error"], dec["retries"], dec.get("fit"))
     else:
+        stats = batches = None
+        if job.cfg.fit == "activation":
+            batches = calibration_batches(job)
+            stats, fit_skipped = collect_input_stats(source, batches, plan)
         job.progress.stage("decomposing", total=len(plan.layers))
         student = copy.deepcopy(source).cpu()
-        res = decompose_(student, plan, progress=lambda _n: job.progress.advance())
+        res = decompose_(student, plan, progress=lambda _n: job.progress.advance(), stats=stats)
         out = Decomposed(student, {r.name: r.rel_error for r in res},
                          {r.name: r.retries for r in res if r.retries})
+        if stats is not None:
+            out.fit = fit_report(source, student, plan, batches, res, fit_skipped)
         if run.writes:  # decomposed.safetensors last: its presence means the stage is complete
             write_json(run.state("decomposed.json"),
-                       {"rel_error": out.rel_errors, "retries": out.retries})
+                       {"rel_error": out.rel_errors, "retries": out.retries, "fit": out.fit})
             save_compressed(student, plan, run.state("decomposed.safetensors"))
     out.student.to(job.device).eval()
     return out

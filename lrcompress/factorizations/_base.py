@@ -344,19 +344,27 @@ class Factorization:
             if bias is not None:
                 last.bias.copy_(bias)
 
-    def from_weight(self, weight, bias, spec: LayerSpec, rank, **opts) -> nn.Sequential:
+    def from_weight(self, weight, bias, spec: LayerSpec, rank, stats=None,
+                    **opts) -> nn.Sequential:
         """Skeleton + decompose + load: the factorized replacement of one layer."""
         seq = self.skeleton(spec, rank, dtype=weight.dtype, device=weight.device)
-        self.load_(seq, self.decompose(weight, spec, rank, **opts), bias)
+        self.load_(seq, self.decompose(weight, spec, rank, stats=stats, **opts), bias)
         return seq
 
     # -- decomposition ------------------------------------------------------------------------
 
-    def decompose(self, weight: torch.Tensor, spec: LayerSpec, rank, **opts) -> list[torch.Tensor]:
-        """The chain's weight tensors (module order, no bias) in ``weight``'s dtype and device."""
-        return self.decompose_many(weight, spec, [rank], **opts)[0]
+    def decompose(self, weight: torch.Tensor, spec: LayerSpec, rank, stats=None,
+                  **opts) -> list[torch.Tensor]:
+        """The chain's weight tensors (module order, no bias) in ``weight``'s dtype and device.
 
-    def decompose_many(self, weight, spec: LayerSpec, ranks, **opts) -> list[list[torch.Tensor]]:
+        ``stats`` (a :class:`~lrcompress.factorizations._activation.LayerStats` of the layer's
+        inputs) asks for the activation-aware fit (min output error on those inputs) where the
+        method has one and the statistics allow it; otherwise the weight fit is used. Which one
+        was used is reported through :func:`note` as ``fit=...``."""
+        return self.decompose_many(weight, spec, [rank], stats=stats, **opts)[0]
+
+    def decompose_many(self, weight, spec: LayerSpec, ranks, stats=None,
+                       **opts) -> list[list[torch.Tensor]]:
         """:meth:`decompose` for several ranks, sharing the expensive work (one SVD, ...)."""
         self._require_support(spec)
         opts = self._check_opts(opts)
@@ -368,9 +376,14 @@ class Factorization:
         rs = [self.rank_from(spec, r) for r in ranks]
         w = work_tensor(weight)
         with single_threaded(w.device):
-            if is_matrix(spec):
+            out = None
+            if stats is not None:
+                out = (self._matrix_activation_many(w, spec, rs, stats) if is_matrix(spec)
+                       else self._conv_activation_many(w, spec, rs, opts, stats))
+                note(fit="weight" if out is None else "activation")
+            if out is None and is_matrix(spec):
                 out = self._matrix_decompose_many(w, spec, rs)
-            else:
+            elif out is None:
                 out = self._conv_decompose_many(w, spec, rs, opts)
         return [[f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in fs]
                 for fs in out]
@@ -408,7 +421,25 @@ class Factorization:
             out.append([b, a])
         return out
 
+    def _matrix_activation_many(self, w, spec, ranks, stats):
+        from lrcompress.factorizations._activation import damped_cholesky, whitened_splits
+
+        if stats.patch is None or (chol := damped_cholesky(stats.patch, stats.damping)) is None:
+            return None
+        m = w.reshape(spec.out_ch, spec.in_ch)
+        out = []
+        for r, (a, b) in zip(ranks, whitened_splits(m, chol.to(m.device), ranks, left_basis,
+                                                    balanced_split)):
+            if spec.kind == "conv2d":
+                b, a = b.reshape(r, spec.in_ch, 1, 1), a.reshape(spec.out_ch, r, 1, 1)
+            out.append([b, a])
+        return out
+
     # -- hooks for the k×k conv case ----------------------------------------------------------
+
+    def _conv_activation_many(self, w, spec, ranks, opts, stats):
+        """Activation-aware k×k fit, or None: this method has none (the weight fit is used)."""
+        return None
 
     def _conv_unsupported_reason(self, spec: LayerSpec) -> str:
         return ""

@@ -12,6 +12,7 @@ not factorized in v1 (``unsupported_reason()`` says so), depthwise convs never.
 
 from __future__ import annotations
 
+from lrcompress.factorizations._activation import damped_cholesky, whitened_splits
 from lrcompress.factorizations._base import (
     Factorization,
     balanced_split,
@@ -49,6 +50,16 @@ class SVD(Factorization):
             a, b = balanced_split(u, p, r)
             out.append([b.reshape(r, s, *spec.kernel), a.reshape(t, r, 1, 1)])
         return out
+
+    def _conv_activation_many(self, w, spec, ranks, opts, stats):
+        """Whitened SVD of the unfolded weight with the patch second moment (C_in·kh·kw)²."""
+        if stats.patch is None or (chol := damped_cholesky(stats.patch, stats.damping)) is None:
+            return None
+        t, s = spec.out_ch, spec.in_ch
+        pairs = whitened_splits(w.reshape(t, -1), chol.to(w.device), ranks, left_basis,
+                                balanced_split)
+        return [[b.reshape(r, s, *spec.kernel), a.reshape(t, r, 1, 1)]
+                for r, (a, b) in zip(ranks, pairs)]
 
     def _conv_reconstruct(self, factors, spec):
         b, a = factors

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from lrcompress.factorizations._activation import chain_fit
 from lrcompress.factorizations._base import (
     Factorization,
     as_int_tuple,
@@ -94,6 +95,11 @@ class TT(Factorization):
             g_y = u2[:, :r2].reshape(r1, kh, kw, r2).permute(0, 3, 1, 2)
             out.append([p2[:r2].reshape(r2, s, 1, 1), g_y, u1[:, :r1].reshape(t, r1, 1, 1)])
         return out
+
+    def _conv_activation_many(self, w, spec, ranks, opts, stats):
+        """The chain is a Tucker-2 chain with (R4, R3) = (r1, r2): the same activation-aware fit
+        (:func:`~lrcompress.factorizations._activation.chain_fit`), not TT-SVD."""
+        return chain_fit(w, [_ranks(r) for r in ranks], stats, left_basis)
 
     @staticmethod
     def _tensorly(tensor, spec, r1, r2):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from lrcompress.factorizations._activation import chain_fit
 from lrcompress.factorizations._base import (
     Factorization,
     as_int_tuple,
@@ -101,6 +102,12 @@ class Tucker2(Factorization):
                 core, (uo, ui) = self._hooi(w, core, uo, ui, iters)
             out.append(self._chain(core, uo, ui))
         return out
+
+    def _conv_activation_many(self, w, spec, ranks, opts, stats):
+        """Input factor from the channel second moment, core and output factor by the
+        reduced-rank regression of :func:`~lrcompress.factorizations._activation.chain_fit`
+        (``hooi_iters`` and ``impl`` do not apply)."""
+        return chain_fit(w, ranks, stats, left_basis)
 
     @staticmethod
     def _chain(core, u_out, u_in):

@@ -27,6 +27,7 @@ class LayerResult:
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the factorized weight (nan for skeletons)
     seconds: float
     retries: int = 0  # extra attempts the decomposition needed (CP-ALS re-initialisations)
+    fit: str = "weight"  # "activation" where input statistics were given and used
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -64,11 +65,13 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 
 @torch.no_grad()
 def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=None,
-               **opts) -> list[LayerResult]:
+               stats: dict | None = None, **opts) -> list[LayerResult]:
     """Replace each planned layer by its factorized chain, in place.
 
     ``weights=False`` builds empty skeletons (for reloading saved weights); otherwise each chain is
     decomposed from the layer's current weight. ``progress(name)`` is called after each layer.
+    ``stats`` (``{name: LayerStats}``, from :func:`~lrcompress.model.input_stats.
+    collect_input_stats`) asks for the activation-aware fit of the layers it covers.
     """
     import time
 
@@ -78,11 +81,13 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
         t0 = time.perf_counter()
         mod = model.get_submodule(lp.name)
         fact = get_factorization(lp.factorization)
-        retries = 0
+        retries, fit = 0, "weight"
         if weights:
             with collect_notes() as notes:
-                chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank, **opts)
+                chain = fact.from_weight(mod.weight, mod.bias, lp.spec, lp.rank,
+                                         stats=(stats or {}).get(lp.name), **opts)
             retries = sum(n.get("retries", 0) for n in notes)
+            fit = next((n["fit"] for n in notes if "fit" in n), "weight")
             rec = fact.reconstruct([f.double() for f in chain_factors(chain)], lp.spec)
             err = relative_error(mod.weight, rec)
         else:
@@ -90,7 +95,7 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
                                   device=mod.weight.device)
             err = float("nan")
         set_module(model, lp.name, chain)
-        results.append(LayerResult(lp.name, err, time.perf_counter() - t0, retries))
+        results.append(LayerResult(lp.name, err, time.perf_counter() - t0, retries, fit))
         if progress is not None:
             progress(lp.name)
     return results

@@ -40,6 +40,8 @@ SECTIONS = {
     "latency": "latency target / --latency-aware: engine, candidate table, attempts (measured "
                "ratio, spread, MACs ratio), met; or None",
     "layers": "a row per conv/linear layer: factorization, rank, costs, reconstruction error",
+    "fit": "fit='activation': per layer the fit used and the relative output error on the "
+           "calibration inputs of it and of the weight fit; None for the weight fit",
     "skipped": "layer -> why it was not factorized",
     "search": "the rank method's trace",
     "resumed": "whether the run continued an interrupted one",
@@ -84,6 +86,7 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
         "lorita": lorita_report,
         "latency": job.latency,
         "layers": layer_rows(plan, problem.specs, dec.rel_errors, dec.retries),
+        "fit": dec.fit,
         "skipped": problem.skipped,
         "search": trace,
         "resumed": job.run.resumed,

@@ -1,0 +1,125 @@
+"""Activation-aware fits: factors that minimise the layer's output error on its inputs.
+
+The weight fit minimises ``‖W − Ŵ‖_F``. What matters is the output, ``E‖(W − Ŵ) x‖²
+= ‖(W − Ŵ) L‖_F²`` with ``Σ = E[x xᵀ] = L Lᵀ`` the input's second moment (ASVD, SVD-LLM
+whitening; arXiv 2511.04494). ``x`` is what the factor touching the input sees: the feature
+vector of a linear layer, the unfolded patch (``C_in·kh·kw``) of a conv fitted as one matrix, the
+channel vector for the first 1×1 conv of a Tucker-2 / TT chain.
+
+* Matrix fits (linear, 1×1 conv, svd of a k×k conv): truncated SVD of ``W L``, balanced split of
+  the singular values as in the weight fit, input factor un-whitened by ``L⁻¹`` — optimal for the
+  (damped) Σ-norm at every rank.
+* Tucker-2 / TT chains (1×1 S→r_in, k×k core, 1×1 r_out→T): the input factor ``A`` is the optimal
+  rank-r_in input projection of the mode-2 map under the channel second moment Σ_c (whitened SVD of
+  ``Lᵀ W_(2)``, ``A = Vᵀ L⁻¹``). With ``A`` fixed, the core and output factor solve the
+  reduced-rank regression ``min E‖W p − U G (A ⊗ I) p‖²`` (p the patch): ``M* = W Σ_p Pᵀ Σ_q⁻¹``,
+  ``U`` the top left singular vectors of ``M* Σ_q^½``, ``G = Uᵀ M*``. ``Σ_p`` is the measured
+  patch second moment when the statistics have it, else ``Σ_c ⊗ I`` (taps uncorrelated).
+
+Damping: ``Σ + λ·mean(diag Σ)·I`` (λ = :data:`DAMPING` unless the statistics say otherwise), so
+rank-deficient inputs (dead ReLU channels, zero padding) still have a Cholesky factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DAMPING = 1e-2
+
+
+@dataclass
+class LayerStats:
+    """One layer's input second moments, float64, already divided by the number of rows seen.
+
+    ``patch``: ``E[p pᵀ]`` of the layer's own unfolded input (features of a linear layer;
+    ``C_in·kh·kw`` patches of a conv, with its stride/padding/dilation; ``C_in`` for a 1×1 conv).
+    ``channel``: ``E[x xᵀ]`` over the channels at every input position (k×k convs only).
+    Either may be None (not requested, or over the memory budget)."""
+
+    patch: torch.Tensor | None = None
+    channel: torch.Tensor | None = None
+    rows: int = 0
+    damping: float = DAMPING
+
+
+def damped_cholesky(sigma: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Lower ``L`` with ``L Lᵀ = Σ + λ·mean(diag Σ)·I``; None for an all-zero Σ (nothing to
+    weight by: the caller keeps the weight fit)."""
+    sigma = sigma.to(torch.float64)
+    scale = sigma.diagonal().mean()
+    if not torch.isfinite(scale) or scale <= 0:
+        return None
+    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    lam = damping * scale
+    for _ in range(6):  # only a numerically indefinite Σ with damping ~0 needs more than one try
+        chol, info = torch.linalg.cholesky_ex(sigma + lam * eye)
+        if int(info) == 0:
+            return chol
+        lam = max(lam * 10, 1e-10 * scale)
+    return None
+
+
+def unwhiten(b: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """``b L⁻¹``."""
+    return torch.linalg.solve_triangular(chol, b, upper=False, left=False)
+
+
+def whitened_splits(m: torch.Tensor, chol: torch.Tensor, ranks, left_basis, balanced_split):
+    """``[(A, B)]`` per rank: the balanced split of the truncated SVD of ``m L``, with ``B``
+    un-whitened, so ``A B`` minimises ``‖(m − A B) L‖_F`` over rank-r matrices."""
+    u, p = left_basis(m @ chol, max(ranks))
+    out = []
+    for r in ranks:
+        a, b = balanced_split(u, p, r)
+        out.append((a, unwhiten(b, chol)))
+    return out
+
+
+def _pad_cols(u: torch.Tensor, r: int) -> torch.Tensor:
+    if u.shape[1] >= r:
+        return u[:, :r]
+    return torch.cat([u, u.new_zeros(u.shape[0], r - u.shape[1])], dim=1)
+
+
+def chain_fit(w: torch.Tensor, pairs, stats: LayerStats, left_basis):
+    """Activation-aware (1×1 S→r_in, k×k core r_in→r_out, 1×1 r_out→T) chain factors per
+    ``(r_out, r_in)`` pair: ``[[A (r_in,S,1,1), G (r_out,r_in,kh,kw), U (T,r_out,1,1)], ...]``,
+    or None when the statistics cannot weight the fit (the caller keeps the weight fit)."""
+    if stats.channel is None:
+        return None
+    chol_c = damped_cholesky(stats.channel.to(w.device), stats.damping)
+    if chol_c is None:
+        return None
+    t, s, kh, kw = w.shape
+    k = kh * kw
+    sigma_p = None
+    if stats.patch is not None:  # damped like Σ_c
+        sigma_p = stats.patch.to(dtype=w.dtype, device=w.device)
+        sigma_p = sigma_p + stats.damping * sigma_p.diagonal().mean() * torch.eye(
+            sigma_p.shape[0], dtype=sigma_p.dtype, device=sigma_p.device)
+    # Input factor: top right singular vectors of W_(2)ᵀ L (the mode-2 map, whitened).
+    w2 = w.transpose(0, 1).reshape(s, t * k)
+    v, _ = left_basis(chol_c.T @ w2, max(r3 for _, r3 in pairs), with_p=False)
+    eye_k = torch.eye(k, dtype=w.dtype, device=w.device)
+    out = []
+    for r4, r3 in pairs:
+        a = unwhiten(_pad_cols(v, r3).T, chol_c)  # r3 × S, A Σ_c Aᵀ = I
+        if sigma_p is None:  # Σ_p ≈ Σ_c ⊗ I: Σ_q = I, M* = W ×₂ (Σ_c Aᵀ)ᵀ
+            sca = chol_c @ (chol_c.T @ a.T)  # (damped Σ_c) Aᵀ, S × r3
+            m_star = torch.einsum("tshw,si->tihw", w, sca).reshape(t, r3 * k)
+            whitened = m_star
+        else:
+            # (r3·k) × (S·k), channel-major like W.reshape(T, -1) and F.unfold
+            proj = torch.kron(a.contiguous(), eye_k)
+            sp = sigma_p @ proj.T
+            sigma_q = proj @ sp
+            cq = torch.linalg.cholesky(sigma_q)
+            m_star = torch.cholesky_solve((w.reshape(t, -1) @ sp).T, cq).T
+            whitened = m_star @ cq
+        u, _ = left_basis(whitened, r4, with_p=False)
+        u = _pad_cols(u, r4)
+        core = (u.T @ m_star).reshape(r4, r3, kh, kw)
+        out.append([a.reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
+    return out

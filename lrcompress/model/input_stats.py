@@ -1,0 +1,174 @@
+"""Input statistics of the planned layers, for activation-aware fits (``fit="activation"``).
+
+:func:`collect_input_stats` runs the calibration batches through the model once, with forward
+pre-hooks that accumulate, in float64 and streaming, each planned layer's input second moments in
+the form its factorization needs (:func:`needs`):
+
+* linear: ``E[x xᵀ]`` over every token (``in × in``);
+* conv fitted as one matrix (1×1 convs, svd of a k×k conv): the unfolded patch second moment
+  (``C_in·kh·kw`` squared, with the layer's stride, padding and dilation);
+* tucker2 / tt of a k×k conv: the channel second moment over all input positions (``C_in²``, for
+  the first 1×1 factor) and, within the memory budget, the patch one (for the exact core refit);
+* cp / cp4 of a k×k conv: nothing (weight fit).
+
+A matrix over ``max_bytes`` (float64) is not collected; the layer falls back to what it can do
+without it (the weight fit when nothing is left), and :func:`collect_input_stats` says so.
+
+:func:`output_errors` measures what a fit achieves: per layer, ``‖y − ŷ‖_F / ‖y‖_F`` with ``y``
+the dense layer's output and ``ŷ`` the chain's, on the dense model's own layer inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrcompress.factorizations import is_matrix
+from lrcompress.factorizations._activation import DAMPING, LayerStats
+from lrcompress.model.plan import Plan
+
+MAX_BYTES = 64 << 20
+CHAIN_METHODS = ("tucker2", "tt")
+
+
+def needs(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """Per planned layer, the statistics its fit uses: a subset of ``("patch", "channel")``."""
+    out = {}
+    for lp in plan.layers:
+        spec = lp.spec
+        if is_matrix(spec) or lp.factorization == "svd":
+            out[lp.name] = ("patch",)
+        elif lp.factorization in CHAIN_METHODS:
+            out[lp.name] = ("channel", "patch")
+    return out
+
+
+def _dim(spec, kind: str) -> int:
+    if kind == "channel" or spec.kind == "linear":
+        return spec.in_ch
+    return spec.in_ch * spec.kernel[0] * spec.kernel[1]
+
+
+def _rows(x: torch.Tensor, mod: nn.Module, kind: str) -> torch.Tensor:
+    """The vectors whose second moment is wanted, one per row."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if kind == "channel":
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    pad = mod.padding
+    if isinstance(pad, str):
+        raise ValueError(f"padding={pad!r} convs are not supported by the activation fit")
+    cols = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)  # B × C·k × L
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _run(model: nn.Module, batches, handles) -> None:
+    """The batches through ``model`` in eval mode; the hooks ``handles`` are removed after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int = MAX_BYTES,
+                        damping: float = DAMPING) -> tuple[dict[str, LayerStats], dict[str, str]]:
+    """One pass over ``batches`` ((x, y) pairs). Returns ``(stats, skipped)``: a
+    :class:`LayerStats` per planned layer that got any statistics, and per layer a reason for
+    what was left out (over ``max_bytes``, or a method with no activation fit)."""
+    device = next(model.parameters()).device
+    specs = {lp.name: lp.spec for lp in plan.layers}
+    want = needs(plan)
+    skipped = {lp.name: f"{lp.factorization} of a k×k conv has no activation fit (weight fit)"
+               for lp in plan.layers if lp.name not in want}
+    acc: dict[str, dict] = {}
+    for name, kinds in want.items():
+        keep = []
+        for kind in kinds:
+            d = _dim(specs[name], kind)
+            if d * d * 8 > max_bytes:
+                then = ("core fitted as if the taps were uncorrelated" if keep
+                        else "weight fit")
+                skipped[name] = (f"{kind} second moment {d}×{d} is over the "
+                                 f"{max_bytes / 2**20:.0f} MiB budget: {then}")
+            else:
+                keep.append(kind)
+        if keep:
+            acc[name] = {k: torch.zeros(_dim(specs[name], k), _dim(specs[name], k),
+                                        dtype=torch.float64, device=device) for k in keep}
+            acc[name].update({f"n_{k}": 0 for k in keep})
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach()
+            for kind in [k for k in acc[name] if not k.startswith("n_")]:
+                rows = _rows(x, mod, kind).to(torch.float64)
+                acc[name][kind].addmm_(rows.T, rows)
+                acc[name][f"n_{kind}"] += rows.shape[0]
+        return fn
+
+    _run(model, batches, [model.get_submodule(n).register_forward_pre_hook(hook(n))
+                          for n in acc])
+    stats = {}
+    for name, a in acc.items():
+        st = LayerStats(damping=damping)
+        for kind in ("patch", "channel"):
+            if kind in a and a[f"n_{kind}"]:
+                setattr(st, kind, (a[kind] / a[f"n_{kind}"]).cpu())
+                st.rows = max(st.rows, a[f"n_{kind}"])
+        stats[name] = st
+    return stats, skipped
+
+
+@torch.no_grad()
+def output_errors(model: nn.Module, batches, chains: dict[str, dict[str, nn.Module]]
+                  ) -> dict[str, dict[str, float]]:
+    """``{layer: {fit: ‖y − ŷ‖_F / ‖y‖_F}}`` over ``batches``, ``y`` the dense layer's output in
+    ``model`` and ``ŷ`` that of ``chains[fit][layer]`` on the same input."""
+    device = next(model.parameters()).device
+    names = sorted({n for per in chains.values() for n in per})
+    num = {n: {fit: 0.0 for fit in chains if n in chains[fit]} for n in names}
+    den = dict.fromkeys(names, 0.0)
+
+    def hook(name):
+        def fn(mod, args, out):
+            y = out.detach().double()
+            den[name] += float(y.square().sum())
+            for fit in num[name]:
+                chain = chains[fit][name].to(device)
+                yh = chain(args[0].detach()).double()
+                num[name][fit] += float((y - yh).square().sum())
+        return fn
+
+    _run(model, batches, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
+    return {n: {fit: (v / den[n]) ** 0.5 if den[n] > 0 else 0.0 for fit, v in num[n].items()}
+            for n in names}
+
+
+def fit_report(source: nn.Module, student: nn.Module, plan: Plan, batches, results,
+               skipped: dict[str, str]) -> dict:
+    """The decompose stage's report of an activation-aware fit: per layer the fit used and the
+    relative output error on the calibration inputs of that fit and of the weight fit."""
+    from lrcompress.factorizations import get_factorization
+
+    weight_chains = {}
+    with torch.no_grad():
+        for lp in plan.layers:
+            mod = source.get_submodule(lp.name)
+            weight_chains[lp.name] = get_factorization(lp.factorization).from_weight(
+                mod.weight, mod.bias, lp.spec, lp.rank)
+    fitted = {lp.name: student.get_submodule(lp.name) for lp in plan.layers}
+    errs = output_errors(source, batches, {"fitted": fitted, "weight": weight_chains})
+    used = {r.name: r.fit for r in results}
+    return {"kind": "activation", "damping": DAMPING, "max_bytes": MAX_BYTES,
+            "layers": {n: {"fit": used.get(n, "weight"), "output_error": e["fitted"],
+                           "output_error_weight_fit": e["weight"],
+                           **({"note": skipped[n]} if n in skipped else {})}
+                       for n, e in errs.items()}}

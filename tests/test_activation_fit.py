@@ -1,0 +1,142 @@
+"""Activation-aware fits (fit="activation"): whitened SVD optimality, output error against the
+weight fit on a tiny real model, and chains that stay plain conv/linear chains."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lrcompress.factorizations import get_factorization
+from lrcompress.factorizations._activation import LayerStats
+from lrcompress.model.input_stats import collect_input_stats, output_errors
+from lrcompress.model.layers import find_layers
+from lrcompress.model.plan import LayerPlan, Plan
+from lrcompress.model.surgery import decompose_
+from tests.conftest import tiny_resnet
+from tests.test_factorizations import conv_spec, linear_spec
+
+
+def sigma_err(w, approx, sigma):
+    e = w - approx
+    return float(torch.trace(e @ sigma @ e.T)) ** 0.5
+
+
+def test_whitened_svd_is_optimal_in_the_sigma_norm():
+    g = torch.Generator().manual_seed(0)
+    t, s, r = 12, 16, 4
+    w = torch.randn(t, s, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) @ torch.randn(
+        6, s, generator=g, dtype=torch.float64) + 0.05 * torch.randn(200, s, generator=g,
+                                                                      dtype=torch.float64)
+    sigma = x.T @ x / x.shape[0]
+    spec = linear_spec(t, s, bias=False)
+    fact = get_factorization("svd")
+    b, a = fact.decompose(w, spec, r, stats=LayerStats(patch=sigma, damping=0.0))
+    fit = a @ b
+    assert tuple(a.shape) == (t, r) and tuple(b.shape) == (r, s)
+    # The optimum: tail singular values of W L, L the Cholesky factor of Σ.
+    sv = torch.linalg.svdvals(w @ torch.linalg.cholesky(sigma))
+    optimum = float(sv[r:].square().sum()) ** 0.5
+    got = sigma_err(w, fit, sigma)
+    assert got == pytest.approx(optimum, rel=1e-8)
+    # Any other rank-r fit is no better: the weight fit, perturbations, random factors.
+    bw, aw = fact.decompose(w, spec, r)
+    assert got <= sigma_err(w, aw @ bw, sigma) + 1e-12
+    for _ in range(20):
+        da = 1e-3 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+        db = 1e-3 * torch.randn(b.shape, generator=g, dtype=torch.float64)
+        assert got <= sigma_err(w, (a + da) @ (b + db), sigma) + 1e-12
+        ra = torch.randn(t, r, generator=g, dtype=torch.float64)
+        rb = torch.linalg.lstsq(ra, w).solution  # best B for a random A, Frobenius
+        assert got <= sigma_err(w, ra @ rb, sigma) + 1e-12
+
+
+def test_conv_svd_uses_the_patch_covariance():
+    """k×k svd: the whitened fit of the unfolded weight reaches the Σ_p optimum."""
+    spec = conv_spec(10, 4, 3, pad=1, bias=False)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(spec.weight_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 36, generator=g, dtype=torch.float64) * torch.linspace(0.01, 2, 36)
+    sigma = x.T @ x / 300
+    b, a = get_factorization("svd").decompose(w, spec, 3,
+                                              stats=LayerStats(patch=sigma, damping=0.0))
+    fit = a.reshape(10, 3) @ b.reshape(3, -1)
+    sv = torch.linalg.svdvals(w.reshape(10, -1) @ torch.linalg.cholesky(sigma))
+    assert sigma_err(w.reshape(10, -1), fit, sigma) == pytest.approx(
+        float(sv[3:].square().sum()) ** 0.5, rel=1e-8)
+
+
+def _plan(model, method, frac=3):
+    specs = find_layers(model, (1, 32, 32))
+    fact = get_factorization(method)
+    lps = []
+    for s in specs:
+        if fact.unsupported_reason(s):
+            continue
+        r = max(1, fact.scalar_rank(fact.max_rank(s)) // frac)
+        lps.append(LayerPlan(s.name, method, fact.rank_from(s, r), s))
+    return Plan("test_resnet", 10, 1, (1, 32, 32), tuple(lps), 1, 1)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "tt"])
+def test_activation_fit_beats_weight_fit_on_the_calibration_inputs(method):
+    model = tiny_resnet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 1, 32, 32, generator=g), None) for _ in range(3)]
+    plan = _plan(model, method)
+    stats, skipped = collect_input_stats(model, batches, plan)
+    assert not skipped and set(stats) == {lp.name for lp in plan.layers}
+    act, wfit = copy.deepcopy(model), copy.deepcopy(model)
+    res = decompose_(act, plan, stats=stats)
+    decompose_(wfit, plan)
+    assert all(r.fit == "activation" for r in res)
+    errs = output_errors(model, batches, {
+        "activation": {lp.name: act.get_submodule(lp.name) for lp in plan.layers},
+        "weight": {lp.name: wfit.get_submodule(lp.name) for lp in plan.layers}})
+    for name, e in errs.items():
+        # The damping (1e-2) makes the fit optimal for a slightly different Σ: a small slack.
+        assert e["activation"] <= e["weight"] * 1.01 + 1e-6, (name, e)
+    mean = lambda k: sum(e[k] for e in errs.values()) / len(errs)  # noqa: E731
+    assert mean("activation") < 0.8 * mean("weight")
+
+
+def test_memory_budget_and_cp_fall_back_to_the_weight_fit():
+    model = tiny_resnet()
+    batches = [(torch.randn(2, 1, 32, 32), None)]
+    plan = _plan(model, "svd")
+    stats, skipped = collect_input_stats(model, batches, plan, max_bytes=2000)
+    big = [lp.name for lp in plan.layers if lp.name in skipped]
+    assert big and all("budget" in skipped[n] for n in big)
+    res = decompose_(copy.deepcopy(model), plan, stats=stats)
+    assert {r.name for r in res if r.fit == "weight"} == set(big)
+    cp_plan = _plan(model, "cp")
+    stats, skipped = collect_input_stats(model, batches, cp_plan)
+    res = {r.name: r.fit for r in decompose_(copy.deepcopy(model), cp_plan, stats=stats)}
+    kxk = [lp.name for lp in cp_plan.layers if lp.spec.kernel != (1, 1)
+           and lp.spec.kind == "conv2d"]
+    assert kxk and all(res[n] == "weight" and "no activation fit" in skipped[n] for n in kxk)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+def test_activation_chains_are_plain_chains_and_export(method):
+    from lrcompress.deploy.onnx import export_onnx
+
+    model = tiny_resnet()
+    batches = [(torch.randn(4, 1, 32, 32), None)]
+    plan = _plan(model, method)
+    stats, _ = collect_input_stats(model, batches, plan)
+    act = copy.deepcopy(model)
+    decompose_(act, plan, stats=stats)
+    for lp in plan.layers:
+        chain = act.get_submodule(lp.name)
+        skel = get_factorization(method).skeleton(lp.spec, lp.rank)
+        assert [type(m) for m in chain] == [type(m) for m in skel]
+        assert all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in chain)
+        assert [m.weight.shape for m in chain] == [m.weight.shape for m in skel]
+        assert all(torch.isfinite(m.weight).all() for m in chain)
+    act.load_state_dict(act.state_dict())  # same keys and shapes as a skeleton built model
+    proto = export_onnx(act, (1, 32, 32))
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
