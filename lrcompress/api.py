@@ -64,7 +64,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
              include=(), exclude=(), seed: int = 0, device: str = "auto", run_dir=None,
              input_key: str | None = None, label_key: str | None = None,
              rank_multiple: int = 8, calib_batches: int = 8, bn_batches: int = 16,
-             rene: ReneConfig | None = None, plan: Plan | None = None,
+             fit: str = "weight", rene: ReneConfig | None = None, plan: Plan | None = None,
              overwrite: bool = False, progress: Progress | None = None) -> CompressResult:
     """Compress ``model`` so that it meets the target; returns model, plan and report.
 
@@ -77,7 +77,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     ``target_latency=R`` (or ``target_speedup=S``, R = 1/S): the compressed model's *measured*
     latency at most R × the original's on ``latency``'s engine (default ONNX Runtime CPU, one
     thread, batch 1); ``LatencyConfig(aware=True)`` with a MACs/params target drops candidates
-    that are slow for their cost and reports the measured speed-up.
+    that are slow for their cost and reports the measured speed-up. ``fit="activation"`` fits
+    the factors to the layers' outputs on ``calib`` instead of to the weights.
     """
     target = make_target(target_flops, target_params, target_latency, target_speedup)
     cfg = CompressConfig(target, decomp=decomp, method=method,
@@ -85,7 +86,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
                          exclude=tuple(exclude), seed=seed, device=device,
                          calib_batches=calib_batches, rene=rene or ReneConfig(),
                          finetune=finetune or FinetuneConfig(), bn_batches=bn_batches,
-                         overwrite=overwrite, latency=latency or LatencyConfig())
+                         overwrite=overwrite, latency=latency or LatencyConfig(), fit=fit)
     example = _example(example_inputs)
     _check_module(model)
     device_ = resolve_device(cfg.device)
@@ -97,6 +98,10 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     if plan is not None:
         _check_plan(plan, info, input_size)
     loaders = _loaders(teacher, device_, input_size, calib, train, eval, input_key, label_key)
+    if cfg.fit == "activation" and calib is None:
+        raise UserError("fit='activation' fits the factors to the layers' outputs on "
+                        "calibration inputs: pass calib=... (a few hundred inputs), or use "
+                        "fit='weight'.")
     if cfg.finetune.enabled and train is None:
         raise UserError("finetune=... asks for fine-tuning, which needs training data: pass "
                         "train=... (labelled or not), or drop finetune.")

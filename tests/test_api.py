@@ -237,3 +237,14 @@ def test_progress_names_each_rene_step_with_its_size():
     assert steps and all(t is not None for _, t in steps)
     for name, total in steps:  # every counted stage ends at its announced size
         assert rec.done[name] == total, (name, rec.done[name], total)
+
+
+def test_activation_fit_through_the_api_lowers_the_output_error():
+    weight = run(method="uniform", fit="weight")
+    act = run(method="uniform", fit="activation")
+    assert act.plan == weight.plan
+    layers = act.report["fit"]["layers"]
+    assert layers and all(r["output_error"] <= 1.01 * r["output_error_weight_fit"]
+                          for r in layers.values() if r.get("output_error") is not None)
+    with pytest.raises(lrcompress.UserError, match="calib="):
+        run(method="uniform", fit="activation", calib=None, eval=None)

@@ -12,6 +12,7 @@ Decided for v1: linear layers and 1×1 convs are factorized by SVD whatever the 
 from __future__ import annotations
 
 from lrcompress.errors import UserError
+from lrcompress.factorizations._activation import DAMPING, LayerStats
 from lrcompress.factorizations._base import (
     ALIASES,
     FACTORIZATIONS,
@@ -33,6 +34,8 @@ from lrcompress.model.layers import LayerSpec
 
 __all__ = [
     "ALIASES",
+    "DAMPING",
+    "LayerStats",
     "CP3",
     "CP4",
     "FACTORIZATIONS",

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompress.factorizations import is_matrix
-from lrcompress.factorizations._activation import DAMPING, LayerStats
+from lrcompress.factorizations import DAMPING, LayerStats, is_matrix
 from lrcompress.model.plan import Plan
 
 MAX_BYTES = 64 << 20
