@@ -248,3 +248,10 @@ def test_activation_fit_through_the_api_lowers_the_output_error():
                           for r in layers.values() if r.get("output_error") is not None)
     with pytest.raises(lrcompress.UserError, match="calib="):
         run(method="uniform", fit="activation", calib=None, eval=None)
+
+
+def test_a_run_dir_without_test_data_still_writes_its_reports(tmp_path):
+    run(method="uniform", calib=None, eval=None, run_dir=tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Not measured: the run had no test data" in md
+    assert (tmp_path / "run" / "report.html").is_file()

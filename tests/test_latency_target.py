@@ -47,12 +47,15 @@ def whole_ms(model: nn.Module, per_module: float) -> float:
 def fake(monkeypatch, tmp_path):
     """Install the fake timers; returns a dict to tune them (``per_module``, ``slow_from``,
     ``no_speedup``) and count whole-model measurements (``whole_calls``)."""
-    knobs = {"per_module": 0.0, "slow_from": None, "no_speedup": False, "whole_calls": 0}
+    knobs = {"per_module": 0.0, "slow_from": None, "no_speedup": False, "whole_calls": 0,
+             "slow_names": ()}
 
     def table(cfg, cache_dir=None):
         return LatencyTable(cfg.engine_spec(), cache_dir=tmp_path / "lat",
-                            timer=lambda spec, cands: [fake_ms(spec, c, knobs["slow_from"])
-                                                       for c in cands], repeats=cfg.repeats)
+                            timer=lambda spec, cands: [
+                                fake_ms(spec, c, 0 if spec.name in knobs["slow_names"]
+                                        else knobs["slow_from"]) for c in cands],
+                            repeats=cfg.repeats)
 
     def whole(original, compressed, input_size, cfg):
         knobs["whole_calls"] += 1
@@ -131,9 +134,30 @@ def test_the_latency_cache_is_reused_by_a_second_run(fake):
     assert second.plan == first.plan
 
 
-def test_corrected_ratio_scales_the_budget_by_target_over_measured():
-    assert corrected_ratio(0.5, 0.5, 0.6, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
-    assert corrected_ratio(0.5, 0.4, 0.45, 0.45) == pytest.approx(0.45 * 0.5 / 0.45)
+def test_corrected_ratio_assumes_the_same_share_of_the_predicted_saving():
+    # predicted 0.5 (saving 0.5), measured 0.6 (saving 0.4): 80 % of it was real; a target of
+    # 0.5 then needs a predicted saving of 0.5 / 0.8.
+    assert corrected_ratio(0.5, 0.5, 0.6, 0.5) == pytest.approx(1 - 0.5 / 0.8)
+    assert corrected_ratio(0.394, 0.14, 0.48, 0.39) < 0  # 3× optimistic model: unreachable
+    assert corrected_ratio(0.5, 0.5, 1.2, 0.5) == pytest.approx(0.5 * 0.5 / 1.2)  # no saving
+
+
+def test_no_chain_faster_than_dense_anywhere_is_a_clear_error(fake):
+    fake["slow_from"] = 0  # every chain of every layer takes 3x the dense layer
+    with pytest.raises(lrcompress.UserError, match="no factorized candidate of any layer"):
+        compress()
+
+
+def test_a_layer_with_no_chain_faster_than_dense_stays_dense(fake):
+    slow = "layer4.0.conv2"
+    fake["slow_names"] = (slow,)  # every chain of this layer takes 3x its dense time
+    calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+    for method in ("uniform", "rene", "sensitivity"):
+        res = compress(method=method, calib=calib, target_latency=0.7,
+                       rene=lrcompress.ReneConfig(iters=2, warmup=1, n_candidates=3))
+        assert slow not in {lp.name for lp in res.plan.layers}, method
+        assert "no factorized candidate is faster" in res.report["skipped"][slow], method
+        assert res.report["latency"]["met"] is True, method
 
 
 def test_speedup_is_the_inverse_latency_ratio(fake):
@@ -187,3 +211,10 @@ def test_rene_and_sensitivity_take_latency_targets(fake):
                        rene=lrcompress.ReneConfig(iters=3, warmup=1, n_candidates=3))
         lat = res.report["latency"]
         assert lat["met"] is True and lat["measured_ratio"] <= 0.6, method
+
+
+def test_the_report_files_show_the_latency_verdict(fake, tmp_path):
+    compress(run_dir=tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Latency" in md and "meets the target" in md
+    assert "Target: measured latency at most 0.5 of the original's; measured" in md

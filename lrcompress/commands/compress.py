@@ -245,8 +245,21 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
                        f"batch {lat.batch})")
     table = make_table(lat, cfg.cache_dir)
     options, summary = option_times(problem.layers, table, snap=True)
+    kept = []
     for lo, opts in zip(problem.layers, options):
         lo.options = opts
+        if len(opts) > 1:
+            kept.append(lo)
+        else:  # every chain is as slow as the dense layer, or slower: it stays dense
+            problem.skipped[lo.spec.name] = (f"no factorized candidate is faster than the dense "
+                                             f"layer on {lat.engine}")
+    if not kept:
+        raise UserError(f"On {lat.engine} (batch {lat.batch}, {lat.threads} thread(s)) no "
+                        "factorized candidate of any layer is faster than the dense layer, so no "
+                        "plan can make this model faster there. Try another --decomp, a larger "
+                        "--latency-batch, or another --latency-engine.")
+    problem.layers = kept
+    summary["layers_without_faster_candidate"] = len(options) - len(kept)
     whole = measure_whole(model, None, input_size, lat)
     problem.base_latency = whole.original_ms
     problem.check_feasible()
@@ -427,7 +440,15 @@ def latency_stage(job: Job, source: nn.Module, batches: list, plan: Plan,
             break
         if len(attempts) > lat.max_resolves:
             break
-        solved_at = corrected_ratio(target.ratio, row["estimated_ratio"], whole.ratio, solved_at)
+        floor = problem.min_cost() / problem.base_cost
+        wanted = corrected_ratio(target.ratio, row["estimated_ratio"], whole.ratio, solved_at)
+        if wanted <= floor:
+            if solved_at <= floor * (1 + 1e-9):
+                row["stop"] = ("the measured savings are too small for the target even at the "
+                               "fastest candidates")
+                break
+            wanted = floor * (1 + 1e-9)  # one last try: the fastest plan there is
+        solved_at = wanted
         new = _resolve(job, source, batches, solved_at)
         if new is None:
             row["stop"] = "the corrected budget is below what any plan can reach"

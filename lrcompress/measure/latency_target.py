@@ -161,9 +161,15 @@ def option_times(layers, table: LatencyTable, snap: bool) -> tuple[list[list], d
 
 
 def corrected_ratio(target: float, estimated: float, measured: float, current: float) -> float:
-    """The budget ratio for the next solve: the additive model said ``estimated`` for a plan
-    that measured ``measured``; scale the ratio we solved at (``current``) by target/measured,
-    so that the same error on the next plan lands on the target."""
+    """The budget ratio for the next solve. The additive model predicted a latency ratio
+    ``estimated`` for a plan that measured ``measured``: only a share
+    s = (1 − measured)/(1 − estimated) of the predicted saving was real. Assuming the same share
+    on the next plan, reaching ``target`` needs a predicted ratio of 1 − (1 − target)/s. When s
+    is not usable (no predicted saving, or none realised) the ratio solved at (``current``) is
+    scaled by target/measured instead. The result may be ≤ 0: no plan reaches the target."""
+    if 0 < estimated < 1 and measured < 1:
+        share = (1 - measured) / (1 - estimated)
+        return 1 - (1 - target) / share
     if measured <= 0 or estimated <= 0:
         return current
     return current * target / measured

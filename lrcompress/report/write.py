@@ -17,7 +17,7 @@ import io
 import re
 from pathlib import Path
 
-from lrcompress.report.schema import final_accuracy
+from lrcompress.report.schema import final_accuracy, has_accuracy
 from lrcompress.util.io import atomic_path
 
 PLOT_DIR = "plots"
@@ -135,6 +135,8 @@ def _run_label(report: dict) -> str:
 
 
 def plot_accuracy(report: dict, others=()) -> bytes | None:
+    if not has_accuracy(report):
+        return None
     fig = _figure(w=7, h=4)
     ax = fig.add_subplot()
     tot = report["totals"]
@@ -198,33 +200,33 @@ def _rank(r) -> str:
 def build_blocks(report: dict, others=()) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"ul"|"table"|"img", ...) blocks."""
     b: list[tuple] = []
-    m, tot, tgt = report["model"], report["totals"], report["target"]
+    m, tot = report["model"], report["totals"]
     acc = report["accuracy"]
-    stage, fin = final_accuracy(report)
     b.append(("h1", f"lrcompress report: {m['arch']} → {_run_label(report)}"))
-    achieved = tot["macs_ratio"] if tgt["kind"] == "flops" else tot["params_ratio"]
-    b.append(("p", f"Target: at most {tgt['ratio']} of the original {tgt['kind']}; achieved "
-                   f"{achieved:.4f} (MACs counted by {tot.get('macs_counted_by', '?')}). "
-                   f"Model {m['source']}, input {'×'.join(map(str, m['input_size']))}, "
-                   f"{m['num_classes']} classes. Data {report['data']['spec']} "
-                   f"({report['data']['test_samples']} test samples)."))
+    b.append(("p", _target_sentence(report) + f" Model {m['source']}, input "
+                   f"{'×'.join(map(str, m['input_size']))}, {m['num_classes']} classes. Data "
+                   f"{report['data']['spec']} ({report['data']['test_samples'] or 'no'} test "
+                   "samples)."))
     b.append(("h2", "Summary"))
-    change1 = fin["top1"] - acc["original"]["top1"] + 0.0  # + 0.0: no "-0.00"
-    change5 = fin["top5"] - acc["original"]["top5"] + 0.0
-    b.append(("table", ["", "original", "compressed", "change"], [
-        ["MACs", _num(tot["macs_before"]), _num(tot["macs_after"]),
-         f"×{tot['macs_ratio']:.3f}"],
-        ["params", _num(tot["params_before"]), _num(tot["params_after"]),
-         f"×{tot['params_ratio']:.3f}"],
-        [f"top-1 % ({stage})", f"{acc['original']['top1']:.2f}", f"{fin['top1']:.2f}",
-         f"{change1:+.2f} pts"],
-        [f"top-5 % ({stage})", f"{acc['original']['top5']:.2f}", f"{fin['top5']:.2f}",
-         f"{change5:+.2f} pts"],
-    ]))
+    rows = [["MACs", _num(tot["macs_before"]), _num(tot["macs_after"]),
+             f"×{tot['macs_ratio']:.3f}"],
+            ["params", _num(tot["params_before"]), _num(tot["params_after"]),
+             f"×{tot['params_ratio']:.3f}"]]
+    if has_accuracy(report):
+        stage, fin = final_accuracy(report)
+        for k in ("top1", "top5"):
+            change = fin[k] - acc["original"][k] + 0.0  # + 0.0: no "-0.00"
+            rows.append([f"{k[:3]}-{k[3:]} % ({stage})", f"{acc['original'][k]:.2f}",
+                         f"{fin[k]:.2f}", f"{change:+.2f} pts"])
+    b.append(("table", ["", "original", "compressed", "change"], rows))
+    b += _latency_blocks(report)
     b.append(("h2", "Accuracy (test split)"))
-    b.append(("table", ["model", "top-1 %", "top-5 %", "loss", "samples"],
-              [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}", str(a["n"])]
-               for k, a in acc.items() if a]))
+    if has_accuracy(report):
+        b.append(("table", ["model", "top-1 %", "top-5 %", "loss", "samples"],
+                  [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}",
+                    str(a["n"])] for k, a in acc.items() if a]))
+    else:
+        b.append(("p", "Not measured: the run had no test data (Python API without eval=)."))
     bn = report.get("bn_recalibration")
     if bn:
         b.append(("p", f"bn_recalibrated: after decomposition the running statistics of the "
@@ -254,6 +256,38 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
                      f"Seed: {report.get('seed')}",
                      f"Command: {' '.join(map(str, report.get('command') or []))}"]))
     return b
+
+
+def _target_sentence(report: dict) -> str:
+    tot, tgt = report["totals"], report["target"]
+    if tgt["kind"] == "latency":
+        lat = report.get("latency") or {}
+        got = lat.get("measured_ratio")
+        return (f"Target: measured latency at most {tgt['ratio']:.4g} of the original's; "
+                + (f"measured {got:.4f} ± {lat.get('spread', 0):.4f}." if got is not None
+                   else "not measured."))
+    achieved = tot["macs_ratio"] if tgt["kind"] == "flops" else tot["params_ratio"]
+    return (f"Target: at most {tgt['ratio']} of the original {tgt['kind']}; achieved "
+            f"{achieved:.4f} (MACs counted by {tot.get('macs_counted_by', '?')}).")
+
+
+def _latency_blocks(report: dict) -> list[tuple]:
+    lat = report.get("latency") or {}
+    if not lat.get("attempts"):
+        return []
+    c = lat["config"]
+    rows = [[str(i + 1), f"{a['solved_at']:.4f}", "-" if a.get("estimated_ratio") is None
+             else f"{a['estimated_ratio']:.4f}", f"{a['ratio']:.4f} ± {a['spread']:.4f}",
+             f"{a['macs_ratio']:.4f}"] for i, a in enumerate(lat["attempts"])]
+    table = lat.get("table") or {}
+    return [("h2", "Latency"),
+            ("p", f"{c['engine']}, {c['threads']} thread(s), batch {c['batch']}, median of "
+                  f"{c['repeats']} round-robin runs: {lat.get('summary', '')}. Candidate "
+                  f"table: {table.get('options_kept', '?')} of {table.get('options_offered', '?')}"
+                  f" options kept after snapping; {table.get('measured', '?')} timed, "
+                  f"{table.get('cached', '?')} from the cache."),
+            ("table", ["attempt", "solved at", "estimated ratio", "measured ratio", "MACs ratio"],
+             rows)]
 
 
 def _search_blocks(report: dict) -> list[tuple]:
