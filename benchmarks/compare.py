@@ -6,6 +6,13 @@ methods, plus the Torch-Pruning baseline, then write benchmarks/RESULTS.md and i
     python benchmarks/compare.py --quick --models resnet18 --targets 0.5 --decomps tt
     python benchmarks/compare.py --quick --dry-run    # what would run, and an estimate
     python benchmarks/compare.py --quick --report-only
+    python benchmarks/compare.py --quick --equal-latency --models resnet18 --targets 0.5,0.3 \
+        --latency-batch 1,64     # accuracy at the latency Torch-Pruning runs at
+
+``--equal-latency`` runs, per model × MACs target × latency batch, the Torch-Pruning row, then
+``lrcompress search --target-latency L`` at the latency ratio L that row measures (ONNX Runtime
+CPU, 1 thread, that batch), and records both accuracies at both measured latencies
+(``benchmarks/_equal_latency.py``; rows in ``RESULTS/PROFILE/equal_latency/``).
 
 Each row runs the real commands (``lrcompress search`` + ``lrcompress export``, or
 ``benchmarks/tp_baseline.py``) in a child process, then reloads the model here to count its MACs
@@ -32,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._equal_latency import EqualLatency, plan_eq_rows  # noqa: E402
 from benchmarks._harness import (  # noqa: E402
     REPO,
     BenchError,
@@ -44,6 +52,7 @@ from benchmarks._harness import (  # noqa: E402
 from benchmarks._profiles import (  # noqa: E402
     DECOMPS,
     FMNIST,
+    LR_METHODS,
     METHODS,
     MODELS,
     PROFILES,
@@ -109,6 +118,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     over.add_argument("--latency-repeats", type=int, dest="lat_repeats")
     over.add_argument("--threads", type=int, help="threads per run (0: all)")
     over.add_argument("--tp-scope", choices=["local", "global"])
+    eq = ap.add_argument_group("accuracy at equal measured latency (--equal-latency)")
+    eq.add_argument("--equal-latency", action="store_true",
+                    help="per model x MACs target x --latency-batch: the Torch-Pruning row, then "
+                    "lrcompress search --target-latency at its measured latency ratio "
+                    "(--decomps/--methods are not used)")
+    eq.add_argument("--latency-batch", default="1",
+                    help="batch size(s) the latency is measured at, comma-separated "
+                    "(default: %(default)s)")
+    eq.add_argument("--eq-decomp", default="tucker2", choices=DECOMPS,
+                    help="lrcompress decomposition (default: %(default)s)")
+    eq.add_argument("--eq-method", default="rene", choices=LR_METHODS,
+                    help="lrcompress rank method (default: %(default)s)")
+    eq.add_argument("--eq-rounds", type=int, default=7,
+                    help="latency measurements repeated for L and for the final comparison "
+                    "(median and range; default: %(default)s)")
     run = ap.add_argument_group("how")
     run.add_argument("--force", action="store_true", help="re-run rows that are already done")
     run.add_argument("--no-train", action="store_true",
@@ -175,6 +199,39 @@ def dry_run(runner: Runner, rows) -> None:
              if unknown else ""))
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise BenchError(f"--latency-batch {text!r}: comma-separated batch sizes, e.g. 1,64."
+                         ) from None
+    if not vals or min(vals) < 1:
+        raise BenchError(f"--latency-batch {text!r}: every batch size must be 1 or more.")
+    return tuple(dict.fromkeys(vals))
+
+
+def equal_latency(args, runner: Runner, models, targets) -> int:
+    """The --equal-latency mode: returns the number of failed rows."""
+    if args.eq_rounds < 1:
+        raise BenchError(f"--eq-rounds {args.eq_rounds} must be 1 or more.")
+    rows = plan_eq_rows(models, targets, _batches(args.latency_batch), args.eq_decomp,
+                        args.eq_method)
+    eq = EqualLatency(runner, rounds=args.eq_rounds)
+    if args.dry_run:
+        for tp in dict.fromkeys(r.tp_row for r in rows):
+            print(f"{tp.id:42s} {runner.stored(tp)[1]}")
+            done = json.loads(runner.result_path(tp.id).read_text()) \
+                if runner.result_path(tp.id).exists() else None
+            for r in rows:
+                if r.tp_row == tp:
+                    print(f"  {r.id:48s} "
+                          f"{eq.stored(r, done)[1] if done else 'to run (after its TP row)'}")
+        return 0
+    print(f"equal latency: {len(rows)} rows ({args.eq_method}/{args.eq_decomp}); results in "
+          f"{runner.rel(runner.paths.results)}", flush=True)
+    return sum(r["status"] != "ok" for r in eq.run(rows))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = PROFILES[args.profile]
@@ -194,6 +251,8 @@ def main(argv=None) -> int:
                              "Use --quick on a CPU machine.")
     methods = _list(",".join(TP if m.strip() == "tp" else m for m in args.methods.split(",")),
                     METHODS, "methods")
+    if args.equal_latency:
+        methods = (TP,)  # the lrcompress rows are --eq-method/--eq-decomp latency targets
     if TP in methods:
         try:
             import torch_pruning  # noqa: F401
@@ -205,10 +264,14 @@ def main(argv=None) -> int:
     rows = plan_rows(models, _targets(args.targets), _list(args.decomps, DECOMPS, "decomps"),
                      methods)
     work = args.work_dir or HERE / "runs" / profile.name
+    if args.equal_latency:
+        work, results_dir = work / "equal_latency", results_dir / "equal_latency"
     runner = Runner(profile, Paths(args.checkpoints.resolve(), work.resolve(),
                                    results_dir.resolve()), args.data, force=args.force,
                     train_missing=not args.no_train, say=lambda s: print(s, flush=True))
     runner.paths.results.mkdir(parents=True, exist_ok=True)
+    if args.equal_latency:
+        return _run_equal_latency(args, runner, models)
     if args.dry_run:
         dry_run(runner, rows)
         return 0
@@ -216,25 +279,46 @@ def main(argv=None) -> int:
 
     if profile.threads:
         torch.set_num_threads(profile.threads)
-    t0 = time.perf_counter()
     print(f"{profile.name} profile: {len(rows)} rows; results in {runner.rel(results_dir)}, "
           f"runs in {runner.rel(work)}", flush=True)
-    failed = 0
-    try:
+
+    def job() -> int:
+        failed = 0
         if profile.decompose_bench and not args.skip_decompose_bench:
             try:
                 decompose_bench(runner, results_dir)
             except CommandFailed as e:
                 failed += 1
                 print(f"decomposition timing {e}", flush=True)
-        for res in runner.run(rows):
-            failed += res["status"] == "failed"
+        return failed + sum(res["status"] == "failed" for res in runner.run(rows))
+
+    return _run_and_render(args, runner, job)
+
+
+def _run_and_render(args, runner: Runner, job) -> int:
+    """Run ``job`` (it returns the number of failed rows), then render RESULTS.md whatever
+    happened; the exit code is 1 when a row failed."""
+    t0 = time.perf_counter()
+    failed = 0
+    try:
+        failed = job()
     finally:
         md = render(args.results, args.results_md)
         print(f"wrote {runner.rel(md)} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     if failed:
         print(f"{failed} row(s) failed: see their logs; re-run the same command to retry them.")
     return 1 if failed else 0
+
+
+def _run_equal_latency(args, runner: Runner, models) -> int:
+    targets = _targets(args.targets)
+    if args.dry_run:
+        return equal_latency(args, runner, models, targets)
+    import torch
+
+    if runner.profile.threads:
+        torch.set_num_threads(runner.profile.threads)
+    return _run_and_render(args, runner, lambda: equal_latency(args, runner, models, targets))
 
 
 def cli(argv=None) -> int:

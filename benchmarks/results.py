@@ -14,6 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ._equal_latency import equal_latency_section, load_eq_results
 from ._profiles import DECOMPS, METHODS, MODELS, TARGETS, TP
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +34,9 @@ def load_results(results_root: Path) -> dict[str, dict]:
                 rows[r["id"]] = r
             elif "checkpoint" in r:
                 refs[r["model"]] = r
-        if rows:
-            out[d.name] = {"rows": rows, "refs": refs}
+        eq = load_eq_results(d)
+        if rows or eq:
+            out[d.name] = {"rows": rows, "refs": refs, "eq": eq}
     return out
 
 
@@ -331,6 +333,10 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
         lines.append("No results yet: run `python benchmarks/compare.py --quick`.")
     for prof, d in data.items():
         rows, refs = d["rows"], d["refs"]
+        if not rows:  # equal-latency rows only
+            lines += [f"## {PROFILE_TITLES.get(prof, prof)}", "",
+                      *equal_latency_section(d["eq"])]
+            continue
         first = next(iter(rows.values()))
         dates = sorted(r["date"] for r in rows.values())
         mach = first["machine"]
@@ -356,7 +362,8 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
             if any(r["model"] == model and r.get("status") == "ok" for r in rows.values()):
                 lines += model_section(prof, rows, refs.get(model), model)
         dec = _load_decompose(results_root / prof)
-        lines += closing_note(rows) + latency_section(rows) + speed_section(rows, dec)
+        lines += closing_note(rows) + equal_latency_section(d["eq"])
+        lines += latency_section(rows) + speed_section(rows, dec)
         lines += ["### Commands", "", "<details><summary>Every row's commands and date"
                   "</summary>", ""]
         for r in rows.values():

@@ -120,3 +120,142 @@ def test_equivalent_decompositions_are_found(bench):
     assert runner.equivalences(mnv2, ("tt", "tucker2", "cp")) == {"tucker2": "tt", "cp": "tt"}
     res = runner.run_row(Row(mnv2, "uniform", "cp", 0.5))
     assert res["status"] == "equivalent" and res["same_as"] == "mnv2__uniform__tt__0.5"
+
+
+# ------------------------------------------------------------------ accuracy at equal latency
+# Bookkeeping only: planning, the latency figure taken from a Torch-Pruning row, reuse, the
+# verdict and the rendered table, all from fake rows (no training, no timing).
+
+
+def _tp_result(batch_ratio: dict) -> dict:
+    runs = [{"engine": "onnxruntime", "device": "cpu", "threads": t, "batch": b,
+             "median_ms": {"original": 10.0, "compressed": 10.0 * r}}
+            for (t, b), r in batch_ratio.items()]
+    return {"id": "r18__torch-pruning__0.5", "date": "2026-12-02T00:00:00+00:00",
+            "latency": {"runs": runs}}
+
+
+def _eq_result(target: float, batch: int, tp_top1: float, lr_top1: float, tp_lat: float,
+               lr_lat: float, status: str = "ok") -> dict:
+    from benchmarks._equal_latency import KIND
+
+    row = {"kind": KIND, "id": f"r18__eqlat__rene__tucker2__{target:g}__b{batch}",
+           "profile": "quick",
+           "model": "r18", "method": "rene", "decomp": "tucker2", "target": target,
+           "batch": batch, "date": "2026-12-02T10:00:00+00:00", "status": status,
+           "target_latency": tp_lat, "row_wall_s": 100.0, "commit": "abc1234",
+           "loadavg_start": [2.0, 2.0, 2.0], "loadavg_end": [2.5, 2.0, 2.0],
+           "key": {"torch_pruning_row": {"id": f"r18__torch-pruning__{target:g}"}, "rounds": 3},
+           "commands": [{"command": f"lrcompress search r18.pt --target-latency {tp_lat:.4f} "
+                                    f"--latency-batch {batch}"}]}
+    if status != "ok":
+        return {**row, "error": "search failed"}
+
+    def ratio(m):
+        return {"median": m, "min": m - 0.01, "max": m + 0.01, "n": 3}
+
+    return {**row,
+            "torch_pruning": {"top1": {"after_ft": tp_top1}, "macs_ratio": target - 0.002,
+                              "target_rounds": [tp_lat] * 3, "row_latency_ratio": tp_lat},
+            "lrcompress": {"top1": {"original": 88.85, "after_ft": lr_top1},
+                           "macs_ratio": target + 0.1,
+                           "test_samples": 2000,
+                           "search_latency": {"met": True, "measured_ratio": lr_lat,
+                                              "attempts": [{}, {}]}},
+            "latency": {"ratio": {TP: ratio(tp_lat), "lrcompress": ratio(lr_lat)},
+                        "original_ms": ratio(0.7),
+                        "rounds": [{"median_ms": {"original": 1.0, TP: tp_lat + d,
+                                                  "lrcompress": lr_lat}}
+                                   for d in (-0.02, 0.0, 0.02)]}}
+
+
+def test_equal_latency_rows_are_planned_batch_major():
+    from benchmarks._equal_latency import plan_eq_rows, tp_rows
+
+    rows = plan_eq_rows([TINY], (0.5, 0.3), (1, 64))
+    assert [r.id for r in rows] == [
+        "tiny__eqlat__rene__tucker2__0.5__b1", "tiny__eqlat__rene__tucker2__0.3__b1",
+        "tiny__eqlat__rene__tucker2__0.5__b64", "tiny__eqlat__rene__tucker2__0.3__b64"]
+    assert [r.id for r in tp_rows(rows)] == ["tiny__torch-pruning__0.5",
+                                             "tiny__torch-pruning__0.3"]
+    assert rows[0].tp_row == Row(TINY, TP, None, 0.5)
+
+
+def test_equal_latency_takes_the_1_thread_figure_at_the_batch():
+    from benchmarks._equal_latency import tp_figure
+
+    tp = _tp_result({(1, 1): 0.64, (2, 1): 0.9, (1, 64): 0.52})
+    assert tp_figure(tp, 1) == pytest.approx(0.64)
+    assert tp_figure(tp, 64) == pytest.approx(0.52)
+    assert tp_figure(tp, 8) is None  # not timed by the harness at that batch
+
+
+def test_equal_latency_rows_are_reused_until_their_torch_pruning_row_changes(tmp_path):
+    from benchmarks._equal_latency import EqualLatency, plan_eq_rows
+
+    class FakeRunner:
+        force = False
+        paths = Paths(tmp_path, tmp_path / "work", tmp_path / "results")
+
+        def key(self, row):
+            return {"budget": {"max_steps": 100}, "code": "abc"}
+
+    FakeRunner.paths.results.mkdir()
+    eq = EqualLatency(FakeRunner(), rounds=3)
+    row = plan_eq_rows([TINY], (0.5,), (1,))[0]
+    tp = _tp_result({(1, 1): 0.6})
+    assert eq.stored(row, tp) == (None, "no result yet")
+    stored = {"status": "ok", "key": eq.key(row, tp)}
+    eq.result_path(row).write_text(json.dumps(stored))
+    assert eq.stored(row, tp) == (stored, "done")
+    assert eq.stored(row, {**tp, "date": "2026-12-03T00:00:00+00:00"})[1] == \
+        "stale (torch_pruning_row changed)"
+    assert EqualLatency(FakeRunner(), rounds=5).stored(row, tp)[1] == "stale (rounds changed)"
+
+
+def test_equal_latency_winner_counts_noise():
+    from benchmarks._equal_latency import winner
+
+    def r(m, half=0.01):
+        return {"median": m, "min": m - half, "max": m + half}
+
+    # 2000 images: 2 SE ~ 1.34 pt; latency noise here max(0.02, 0.02) = 0.02
+    assert winner(87.0, 88.6, r(0.60), r(0.60), 2000) == "lrcompress"
+    assert winner(88.0, 86.0, r(0.60), r(0.61), 2000) == "Torch-Pruning"
+    assert winner(88.0, 88.5, r(0.60), r(0.61), 2000) == "tie (within noise)"
+    assert winner(88.0, 88.5, r(0.60), r(0.70), 2000).startswith("Torch-Pruning (as accurate")
+    assert winner(87.0, 89.0, r(0.60), r(0.70), 2000).startswith("neither: lrcompress")
+    assert winner(88.0, 88.2, r(0.60), r(0.50), 2000).startswith("lrcompress (as accurate")
+
+
+def test_equal_latency_table_is_rendered(tmp_path):
+    root = tmp_path / "results"
+    d = root / "quick" / "equal_latency"
+    d.mkdir(parents=True)
+    rows = [_eq_result(0.5, 1, 87.3, 88.6, 0.64, 0.63), _eq_result(0.3, 1, 87.0, 85.0, 0.43,
+                                                                      0.52),
+            _eq_result(0.5, 64, 0, 0, 0.52, 0, status="infeasible")]
+    for r in rows:
+        (d / f"{r['id']}.json").write_text(json.dumps(r))
+    tp_cmd = "OMP_NUM_THREADS=1 python benchmarks/tp_baseline.py r18.pt --target-flops 0.5"
+    (d / "r18__torch-pruning__0.5.json").write_text(json.dumps(  # not an equal-latency row
+        {"id": "r18__torch-pruning__0.5", "model": "r18", "commands": [{"command": tp_cmd}]}))
+    text = render(root, tmp_path / "RESULTS.md").read_text()
+    assert "### Accuracy at equal measured latency" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("| r18 |")]
+    assert len(lines) == 3
+    assert lines[0].startswith("| r18 | rene/tucker2 | 0.5 | 1 | 0.640 | 0.640 [0.630–0.650] | "
+                               "87.30 | 0.630 [0.620–0.640] | 88.60 | +1.30 |")
+    assert lines[0].endswith("| met (0.630, 2 attempt(s)) | tie (within noise) |")
+    assert "| 0.5 | 64 | 0.520 |" in lines[1] and "infeasible" in lines[1]
+    assert "| 0.3 | 1 |" in lines[2] and lines[2].endswith("| Torch-Pruning |")  # worse, slower
+    assert "--target-latency 0.6400 --latency-batch 1" in text  # the exact commands
+    # lrcompress vs Torch-Pruning round by round: 0.63 against 0.62 / 0.64 / 0.66 ms
+    assert "| r18__eqlat__rene__tucker2__0.5__b1 | 0.640, 0.640, 0.640 | 0.640 | 0.984 (2 of 3) |" \
+        in text
+    assert "| 2.00 → 2.50 |" in text  # load averages: the machine is shared
+    assert "Originals: r18 88.85 % top-1 on 2000 test images" in text
+    assert ("OMP_NUM_THREADS=1 python benchmarks/compare.py --quick --equal-latency --models r18 "
+            "--targets 0.5,0.3 --latency-batch 1,64 --eq-method rene --eq-decomp tucker2 "
+            "--eq-rounds 3") in text
+    assert f"- `r18__torch-pruning__0.5` (the Torch-Pruning row)\n  - `{tp_cmd}`" in text
