@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ def build(arch: str):
                              in_chans=1).eval()
 
 
-def one(model, kind: str, value: float, decomp: str, batch: int, cache: str, aware=False):
+def one(model, kind: str, value: float, decomp: str, batch: int, aware=False):
     lat = LatencyConfig(batch=batch, aware=aware, repeats=30)
     t0 = time.perf_counter()
     kw = {"target_latency": value} if kind == "latency" else {"target_flops": value}
@@ -73,15 +74,13 @@ def main():
         return
     model = build(args.arch)
     cache = tempfile.mkdtemp()
-    import os
-
     os.environ["LRCOMPRESS_CACHE_DIR"] = cache  # a cold cache for the first row of each batch
     rows = []
     for batch in map(int, args.batches.split(",")):
         for decomp in args.decomps.split(","):
             for kind, value, aware in (("latency", 0.4, False), ("flops", 0.3, False),
                                        ("flops", 0.3, True)):
-                r = one(model, kind, value, decomp, batch, cache, aware)
+                r = one(model, kind, value, decomp, batch, aware)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     data = {"arch": args.arch, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -41,7 +41,7 @@ from lrcompress.errors import UserError
 from lrcompress.measure.latency_target import LatencyConfig
 from lrcompress.measure.metrics import Accuracy
 from lrcompress.measure.metrics import evaluate as _evaluate
-from lrcompress.model.arch import ModelInfo, load_state_dict_strict
+from lrcompress.model.arch import CUSTOM_ARCH, ModelInfo, load_state_dict_strict
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
 from lrcompress.model.weights import PLAN_METADATA_KEY, read_compressed_file, save_compressed
@@ -52,8 +52,6 @@ from lrcompress.recover.finetune import FinetuneConfig, FinetuneResult
 from lrcompress.recover.finetune import distill as _distill
 from lrcompress.util.io import atomic_path
 from lrcompress.util.progress import Progress
-
-CUSTOM = "custom:"  # Plan.arch prefix of a model the user built (rebuilt with load(model=...))
 
 
 def compress(model: nn.Module, example_inputs, *, target_flops: float | None = None,
@@ -87,14 +85,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
                          calib_batches=calib_batches, rene=rene or ReneConfig(),
                          finetune=finetune or FinetuneConfig(), bn_batches=bn_batches,
                          overwrite=overwrite, latency=latency or LatencyConfig(), fit=fit)
-    example = _example(example_inputs)
-    _check_module(model)
-    device_ = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    teacher = copy.deepcopy(model).to(device_).eval()
-    info = _info(teacher, example)
-    input_size = tuple(example.shape[1:])
-    problem = build_problem(teacher, info, input_size, cfg)
+    teacher, info, input_size, problem, device_ = _prepare(model, example_inputs, cfg)
     if plan is not None:
         _check_plan(plan, info, input_size)
     loaders = _loaders(teacher, device_, input_size, calib, train, eval, input_key, label_key)
@@ -124,13 +115,7 @@ def select_ranks(model: nn.Module, example_inputs, *, target_flops: float | None
                          rank_multiple=rank_multiple, include=tuple(include),
                          exclude=tuple(exclude), seed=seed, device=device,
                          calib_batches=calib_batches, rene=rene or ReneConfig())
-    example = _example(example_inputs)
-    _check_module(model)
-    device_ = resolve_device(device)
-    torch.manual_seed(seed)
-    teacher = copy.deepcopy(model).to(device_).eval()
-    info, input_size = _info(teacher, example), tuple(example.shape[1:])
-    problem = build_problem(teacher, info, input_size, cfg)
+    teacher, info, input_size, problem, device_ = _prepare(model, example_inputs, cfg)
     loaders = _loaders(teacher, device_, input_size, calib, None, None, input_key, label_key)
     job = Job(teacher, info, input_size, problem, loaders, cfg, device_)
     return _select_on_problem(teacher, problem, calibration_batches(job), cfg, device_)[0]
@@ -164,8 +149,7 @@ def evaluate(model: nn.Module, loader, *, device: str = "auto", input_key: str |
              label_key: str | None = None) -> Accuracy:
     """Top-1/top-5 accuracy and loss on a labelled loader."""
     dev = resolve_device(device)
-    x0 = _first_input(loader, input_key)
-    data = UserBatches(loader, "eval", input_shape=tuple(x0.shape[1:]), input_key=input_key,
+    data = UserBatches(loader, "eval", input_shape=None, input_key=input_key,
                        label_key=label_key)
     return _evaluate(model.to(dev), data, dev)
 
@@ -204,10 +188,10 @@ def load(path, model=None) -> nn.Module:
     path, sd, meta = read_compressed_file(path)
     plan = Plan.from_json(meta[PLAN_METADATA_KEY])
     if model is None:
-        if plan.arch.startswith(CUSTOM):
-            raise UserError(f"{path} holds a compressed {plan.arch[len(CUSTOM):]}, a model built "
-                            "in Python: pass model= (its class, a constructor, or an instance) "
-                            "to rebuild it.")
+        if plan.arch.startswith(CUSTOM_ARCH):
+            raise UserError(f"{path} holds a compressed {plan.arch[len(CUSTOM_ARCH):]}, a model "
+                            "built in Python: pass model= (its class, a constructor, or an "
+                            "instance) to rebuild it.")
         return _load_named(path)
     net = _instantiate(model)
     decompose_(net, plan, weights=False)
@@ -216,6 +200,19 @@ def load(path, model=None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _prepare(model, example_inputs, cfg: CompressConfig):
+    """(original on the device, its ModelInfo, per-sample input size, rank problem, device):
+    the model checked, copied (the user's object is never touched) and traced on the example."""
+    example = _example(example_inputs)
+    _check_module(model)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    teacher = copy.deepcopy(model).to(device).eval()
+    info = _info(teacher, example)
+    input_size = tuple(example.shape[1:])
+    return teacher, info, input_size, build_problem(teacher, info, input_size, cfg), device
 
 
 def _example(example_inputs) -> torch.Tensor:
@@ -254,7 +251,7 @@ def _info(model: nn.Module, example: torch.Tensor) -> ModelInfo:
         raise UserError(f"The model's output on example_inputs is {got}; lrcompress compresses "
                         "classifiers whose output is one N×classes tensor of logits.")
     cls = type(model)
-    return ModelInfo(f"{CUSTOM}{cls.__module__}.{cls.__qualname__}", int(out.shape[1]),
+    return ModelInfo(f"{CUSTOM_ARCH}{cls.__module__}.{cls.__qualname__}", int(out.shape[1]),
                      int(example.shape[1]), "python")
 
 
@@ -287,11 +284,8 @@ def _fingerprint(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCon
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    d = cfg.to_dict()
-    for k in ("overwrite", "device", "cache_dir", "auto_batch"):
-        d.pop(k, None)
     return json.loads(json.dumps({"arch": info.arch, "weights_sha256": h.hexdigest(),
-                                  "input_size": list(input_size), "config": d,
+                                  "input_size": list(input_size), "config": cfg.resume_dict(),
                                   "plan": plan.to_dict() if plan else None}, default=list))
 
 
@@ -309,11 +303,3 @@ def _instantiate(model) -> nn.Module:
             return net
     raise UserError(f"load(model=...) takes an nn.Module instance, its class, or a function "
                     f"returning one; got {type(model).__name__}.")
-
-
-def _first_input(loader, input_key):
-    for batch in loader:
-        if isinstance(batch, dict):
-            return batch.get(input_key) if input_key else next(iter(batch.values()))
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
-    raise UserError("The loader yielded no batch.")

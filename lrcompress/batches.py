@@ -17,16 +17,17 @@ from lrcompress.errors import UserError
 
 
 class UserBatches:
-    """Batches of a user's iterable as ``(x, y)`` tensors, checked against the model's input."""
+    """Batches of a user's iterable as ``(x, y)`` tensors, checked against the model's input
+    (``input_shape``, per sample; None: any shape)."""
 
-    def __init__(self, source: Iterable, what: str, *, input_shape: tuple[int, ...],
+    def __init__(self, source: Iterable, what: str, *, input_shape: tuple[int, ...] | None,
                  input_key: str | None = None, label_key: str | None = None,
                  labeller: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if isinstance(source, (torch.Tensor, dict)) or not hasattr(source, "__iter__"):
             raise UserError(f"{what} must be an iterable of batches (a DataLoader or a list of "
                             f"(x, y) / x / dict batches), not {type(source).__name__}.")
         self.source, self.what = source, what
-        self.input_shape = tuple(input_shape)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self.input_key, self.label_key, self.labeller = input_key, label_key, labeller
         # What DataLoader-aware code looks for (per-epoch reseeding, sample counts).
         self.dataset = getattr(source, "dataset", None)
@@ -90,7 +91,7 @@ class UserBatches:
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise UserError(f"{self.what} batch {i}: the input must be a floating-point tensor, "
                             f"got {got}.")
-        if tuple(x.shape[1:]) != self.input_shape:
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise UserError(f"{self.what} batch {i} has inputs of shape {tuple(x.shape)}, but the "
                             f"model was traced with example inputs of shape "
                             f"(N, {', '.join(map(str, self.input_shape))}). Give batches of the "

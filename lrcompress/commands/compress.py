@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from lrcompress.measure.latency_target import (
     speedup_ratio,
 )
 from lrcompress.measure.metrics import Accuracy, evaluate, independent_macs, param_count
-from lrcompress.model.arch import ModelInfo
+from lrcompress.model.arch import CUSTOM_ARCH, ModelInfo
 from lrcompress.model.census import make_selection
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.costs import count_model
@@ -117,6 +118,18 @@ class CompressConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target"] = {"kind": self.target.kind, "ratio": self.target.ratio}
+        return d
+
+    def resume_dict(self) -> dict:
+        """The settings a resumed run must share with the interrupted one: :meth:`to_dict`
+        without those that change how, not what, is computed (device, cache, output handling,
+        data workers) and without the latency settings when nothing is measured."""
+        d = self.to_dict()
+        for k in ("overwrite", "device", "cache_dir", "auto_batch"):
+            d.pop(k, None)
+        if not self.measures_latency:
+            d.pop("latency", None)
+        d["data"].pop("workers", None)
         return d
 
     @property
@@ -334,10 +347,15 @@ def select_stage(job: Job, source: nn.Module, batches: list) -> tuple[Plan, dict
     else:
         plan, trace = select_ranks(source, job.problem, batches, cfg, job.device, run,
                                    tick=job.progress.advance, progress=job.progress)
-    run.write_state_json("trace.json", trace)
-    run.write_state_text(PLAN_FILE, plan.to_json() + "\n")
-    run.remove_state(f"search-{cfg.method}.pt")  # superseded by the plan
+    _keep_plan(job, plan, trace)
     return plan, trace
+
+
+def _keep_plan(job: Job, plan: Plan, trace: dict) -> None:
+    """The chosen plan and its trace in RUN/state/ (a resumed run starts from them)."""
+    job.run.write_state_json("trace.json", trace)
+    job.run.write_state_text(PLAN_FILE, plan.to_json() + "\n")
+    job.run.remove_state(f"search-{job.cfg.method}.pt")  # superseded by the plan
 
 
 def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
@@ -351,7 +369,7 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         raise UserError(f"The rank method {cfg.method!r} needs calibration data (calib=...). "
                         "Give a few hundred inputs, or use method='uniform'.")
     cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
-    cache = Cache(None if cache_dir is None else _path(cache_dir) / "signals.json")
+    cache = Cache(None if cache_dir is None else Path(cache_dir) / "signals.json")
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
     ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
@@ -471,12 +489,8 @@ def _resolve(job: Job, source: nn.Module, batches: list, ratio: float):
     plan, trace = select_ranks(source, job.problem, batches, job.cfg, job.device, job.run,
                                tick=job.progress.advance, progress=job.progress)
     plan = replace(plan, target=job.cfg.target)
-    job.run.write_state_json("trace.json", trace)
-    job.run.write_state_text(PLAN_FILE, plan.to_json() + "\n")
-    job.run.remove_state(f"search-{job.cfg.method}.pt")
-    dec = decompose_stage(job, source, plan, fresh=True)
-    verify_stage(job, dec.student, plan)
-    return plan, dec
+    _keep_plan(job, plan, trace)
+    return plan, decompose_stage(job, source, plan, fresh=True)
 
 
 def _latency_verdict(target: Target, attempts: list[dict]) -> dict:
@@ -555,8 +569,10 @@ def run_stages(job: Job) -> CompressResult:
     dec = _timed(times, "decompose", decompose_stage, job, source, plan)
     macs, params = verify_stage(job, dec.student, plan)
     if job.cfg.measures_latency:
+        first = plan
         plan, dec = _timed(times, "latency", latency_stage, job, source, batches, plan, dec)
-        macs, params = verify_stage(job, dec.student, plan)
+        if plan is not first:  # re-solved: check the new plan as the first was checked
+            macs, params = verify_stage(job, dec.student, plan)
     student = dec.student
     acc["original"] = original
     acc["decomposed"] = _timed(times, "eval_decomposed", evaluate_stage, job, student,
@@ -601,15 +617,9 @@ def _need(loader, stage: str, name: str) -> None:
                         "or dict batches).")
 
 
-def _path(p):
-    from pathlib import Path
-
-    return Path(p)
-
-
 def _custom(job: Job) -> bool:
     """A model the user built (Python API): rebuilt from itself, not from an architecture name."""
-    return not job.info.arch.startswith(("timm:", "torchvision:"))
+    return job.info.arch.startswith(CUSTOM_ARCH)
 
 
 def _skeleton(model: nn.Module, plan: Plan) -> nn.Module:

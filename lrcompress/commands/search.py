@@ -36,12 +36,7 @@ SearchConfig = CompressConfig
 
 def fingerprint(model_spec: str, data_spec: str, cfg: CompressConfig, extra: dict) -> dict:
     """What must be equal for a re-run to continue the previous one."""
-    d = cfg.to_dict()
-    for k in ("overwrite", "device", "cache_dir", "auto_batch"):
-        d.pop(k, None)
-    if not cfg.measures_latency:
-        d.pop("latency", None)
-    d["data"].pop("workers", None)
+    d = cfg.resume_dict()
     path = Path(model_spec)
     if path.is_file():
         st = path.stat()

@@ -22,6 +22,7 @@ and rank snapping to latency steps (:func:`snap_ranks`, :func:`snap_options`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -48,7 +49,8 @@ from lrcompress.model.layers import LayerSpec
 
 __all__ = [
     "AdditiveCheck", "Candidate", "Engine", "LatencyTable", "MeasuringTimer", "Timing",
-    "additive_estimate", "check_additive", "default_cache_dir", "measure_models",
+    "additive_estimate", "check_additive", "default_cache_dir", "measure_model_timings",
+    "measure_models",
     "rest_of_graph_ms", "snap_options", "snap_ranks",
 ]
 
@@ -325,11 +327,11 @@ def check_additive(specs: Sequence[LayerSpec], choices, table: LatencyTable, ori
                          (est - compressed_ms) / compressed_ms)
 
 
-def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
-                   repeats: int = 20, warmup: int = 5) -> dict[str, float]:
-    """Whole-model median ms of each model on ``engine`` with
-    :func:`lrcompress.measure.latency.measure` (models timed round-robin; ONNX Runtime engines
-    export each model first)."""
+def measure_model_timings(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
+                          repeats: int = 20, warmup: int = 5) -> dict[str, Timing]:
+    """Whole-model median and IQR (ms) of each model on ``engine``, all timed together,
+    round-robin, with :func:`lrcompress.measure.latency.measure` (ONNX Runtime engines export a
+    CPU copy of each model first; the models themselves are not moved)."""
     from lrcompress.measure.latency import LatencyConfig, measure
 
     engine.check_available()
@@ -341,14 +343,29 @@ def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: En
     if ort:
         from lrcompress.deploy.onnx import export_onnx
 
-        onnx_models = {n: export_onnx(m, input_size, dynamic_batch=engine.batch > 1)
-                       .SerializeToString() for n, m in models.items()}
+        onnx_models = {n: export_onnx(_cpu_copy(m), input_size,
+                                      dynamic_batch=engine.batch > 1).SerializeToString()
+                       for n, m in models.items()}
     res = measure(dict(models), input_size, cfg, onnx_models)
     want = ("onnxruntime" if ort else "torch", engine.device)
-    rows = [r for r in res["runs"] if (r["engine"], r["device"]) == want]
-    if not rows:
-        raise RuntimeError(f"no {engine.name} timing came back: {res['notes']}")
-    return dict(rows[0]["median_ms"])
+    row = next((r for r in res["runs"] if (r["engine"], r["device"]) == want), None)
+    if row is None:
+        raise UserError(f"Latency engine {engine.name} produced no measurement here: "
+                        f"{'; '.join(res['notes']) or 'the engine is not available'}.")
+    return {n: Timing(row["median_ms"][n], row["iqr_ms"][n]) for n in models}
+
+
+def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
+                   repeats: int = 20, warmup: int = 5) -> dict[str, float]:
+    """Whole-model median ms of each model (see :func:`measure_model_timings`)."""
+    timings = measure_model_timings(models, input_size, engine, repeats, warmup)
+    return {n: t.median_ms for n, t in timings.items()}
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    p = next(model.parameters(), None)
+    on_cpu = p is None or p.device.type == "cpu"
+    return (model if on_cpu else copy.deepcopy(model).cpu()).eval()
 
 
 # ---------------------------------------------------------------------------------------------

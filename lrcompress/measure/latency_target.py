@@ -23,7 +23,11 @@ from pathlib import Path
 from torch import nn
 
 from lrcompress.errors import UserError
-from lrcompress.measure.latency_table import LatencyTable, snap_options
+from lrcompress.measure.latency_table import (
+    LatencyTable,
+    measure_model_timings,
+    snap_options,
+)
 from lrcompress.measure.layer_timing import ENGINES, Engine
 
 REL_TOL = 0.03  # snapping: times within 3 % (or the IQR) are one latency step
@@ -114,31 +118,12 @@ def measure_whole(original: nn.Module, compressed: nn.Module | None, input_size,
                   cfg: LatencyConfig) -> WholeTiming:
     """Both models timed together (round-robin) on the engine; ``compressed=None`` times the
     original alone (``compressed_ms`` then repeats it)."""
-    from lrcompress.deploy.onnx import export_onnx
-    from lrcompress.measure.latency import LatencyConfig as TimingConfig
-    from lrcompress.measure.latency import measure
-
-    engine = cfg.engine_spec()
     models = {"original": original}
     if compressed is not None:
         models["compressed"] = compressed
-    onnx = None
-    if engine.runtime == "ort":
-        onnx = {n: export_onnx(m.cpu().eval(), input_size,
-                               dynamic_batch=engine.batch > 1).SerializeToString()
-                for n, m in models.items()}
-    tcfg = TimingConfig(repeats=cfg.repeats, warmup=cfg.warmup, batches=(engine.batch,),
-                        threads=(engine.threads,), onnxruntime=engine.runtime == "ort",
-                        torch=engine.runtime == "torch", per_layer=False)
-    res = measure(models, input_size, tcfg, onnx)
-    want = ("onnxruntime" if engine.runtime == "ort" else "torch", engine.device)
-    row = next((r for r in res["runs"] if (r["engine"], r["device"]) == want), None)
-    if row is None:
-        raise UserError(f"Latency engine {engine.name} produced no measurement here: "
-                        f"{'; '.join(res['notes']) or 'the engine is not available'}.")
-    med, iqr = row["median_ms"], row["iqr_ms"]
-    c = "compressed" if compressed is not None else "original"
-    return WholeTiming(med["original"], med[c], iqr["original"], iqr[c])
+    t = measure_model_timings(models, input_size, cfg.engine_spec(), cfg.repeats, cfg.warmup)
+    c = t["compressed" if compressed is not None else "original"]
+    return WholeTiming(t["original"].median_ms, c.median_ms, t["original"].iqr_ms, c.iqr_ms)
 
 
 def option_times(layers, table: LatencyTable, snap: bool) -> tuple[list[list], dict]:

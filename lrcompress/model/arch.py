@@ -26,6 +26,8 @@ from lrcompress.errors import CheckpointError, UserError
 log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "torchvision")
+# ModelInfo.arch prefix of a model built in Python (rebuilt with lrcompress.load(model=...)).
+CUSTOM_ARCH = "custom:"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ unknown keys (a typo in a saved config should not be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 from lrcompress.errors import UserError
@@ -56,6 +57,6 @@ def _revive(hint, v):
 def _candidates(hint) -> tuple:
     """The alternatives of ``X | Y | None`` (or the hint itself)."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return tuple(a for a in args if a is not type(None))
     return (hint,)
