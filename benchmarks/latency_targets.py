@@ -24,6 +24,7 @@ import timm
 import torch
 
 import lrcompress
+from lrcompress.errors import TargetError
 from lrcompress.measure.latency_target import LatencyConfig, measure_whole
 
 
@@ -37,8 +38,12 @@ def one(model, kind: str, value: float, decomp: str, batch: int, aware=False):
     lat = LatencyConfig(batch=batch, aware=aware, repeats=30)
     t0 = time.perf_counter()
     kw = {"target_latency": value} if kind == "latency" else {"target_flops": value}
-    res = lrcompress.compress(model, torch.zeros(1, 1, 28, 28), decomp=decomp, method="uniform",
-                              latency=lat, device="cpu", **kw)
+    try:
+        res = lrcompress.compress(model, torch.zeros(1, 1, 28, 28), decomp=decomp,
+                                  method="uniform", latency=lat, device="cpu", **kw)
+    except TargetError as e:  # unreachable: a row that says so, with lrcompress's own message
+        return {"decomp": decomp, "target": f"{kind} {value}", "batch": batch, "aware": aware,
+                "unreachable": str(e), "seconds": round(time.perf_counter() - t0, 1)}
     secs = time.perf_counter() - t0
     rep = res.report
     la = rep["latency"]
@@ -63,14 +68,16 @@ def main():
     ap.add_argument("--arch", default="timm:resnet18")
     ap.add_argument("--decomps", default="tucker2,tt")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--target-latency", type=float, default=0.4,
+                    help="the latency-target rows' R (default: %(default)s)")
     ap.add_argument("--out", default=None, help="JSON of the rows (default: none)")
     ap.add_argument("--md", default=None, help="render the rows as Markdown here")
-    ap.add_argument("--from-json", default=None, help="only render this JSON (no runs)")
+    ap.add_argument("--from-json", default=None,
+                    help="only render these JSON files (comma-separated, one section each)")
     args = ap.parse_args()
     if args.from_json:
-        data = json.loads(open(args.from_json).read())
         if args.md:
-            write_md(data, args.md)
+            write_md([json.loads(open(f).read()) for f in args.from_json.split(",")], args.md)
         return
     model = build(args.arch)
     cache = tempfile.mkdtemp()
@@ -78,8 +85,9 @@ def main():
     rows = []
     for batch in map(int, args.batches.split(",")):
         for decomp in args.decomps.split(","):
-            for kind, value, aware in (("latency", 0.4, False), ("flops", 0.3, False),
-                                       ("flops", 0.3, True)):
+            settings = (("latency", args.target_latency, False), ("flops", 0.3, False),
+                        ("flops", 0.3, True))
+            for kind, value, aware in settings:
                 r = one(model, kind, value, decomp, batch, aware)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -91,7 +99,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1)
     if args.md:
-        write_md(data, args.md)
+        write_md([data], args.md)
 
 
 def machine() -> str:
@@ -104,27 +112,39 @@ def machine() -> str:
             f"{onnxruntime.__version__}")
 
 
-def write_md(data: dict, path: str) -> None:
-    """The rows as a Markdown table: one line per setting."""
-    lines = [f"# Latency targets, measured ({data['arch']}, random weights, 1×28×28)", "",
-             f"{data['date']}; {data['machine']}. Command: `{data['command']}`.", "",
+def write_md(sections: list[dict], path: str) -> None:
+    """One Markdown file: a section per architecture, a table line per setting."""
+    lines = ["# Latency targets, measured (random weights, 1×28×28)", "",
              "ONNX Runtime CPU, 1 thread; ratios are compressed/original medians measured "
              "round-robin in one process (30 runs); spread = half-IQRs propagated to the ratio. "
-             "Rank method `uniform` (the benchmark harness has the accuracy rows).", "",
+             "Rank method `uniform` (the benchmark harness has the accuracy rows).", ""]
+    for data in sections:
+        lines += section_md(data)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def section_md(data: dict) -> list[str]:
+    lines = [f"## {data['arch']}", "",
+             f"{data['date']}; {data['machine']}. Command: `{data['command']}`.", "",
              "| decomp | target | batch | measured latency ratio ± spread | speed-up | ideal "
              "(1/MACs ratio) | achieved/ideal | MACs ratio | attempts (first ratio; estimate) "
              "| candidates timed | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         tgt = r["target"] + (" --latency-aware" if r["aware"] else "")
+        if "unreachable" in r:
+            lines.append(f"| {r['decomp']} | {tgt} | {r['batch']} | unreachable: "
+                         f"{r['unreachable'].split(':', 1)[1].split('. ')[0].strip()} "
+                         + "| - " * 7 + f"| {r['seconds']} |")
+            continue
         first = (f"{r['attempts']} ({r['first_ratio']:.3f}; {r['first_estimate']:.3f})"
                  if r["first_estimate"] is not None else f"{r['attempts']}")
         lines.append(f"| {r['decomp']} | {tgt} | {r['batch']} | {r['measured_ratio']:.3f} ± "
                      f"{r['spread']:.3f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× | "
                      f"{r['achieved_over_ideal']:.2f} | {r['macs_ratio']:.3f} | {first} | "
                      f"{r['table'].get('measured', '-')} | {r['seconds']} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines + [""]
 
 if __name__ == "__main__":
     main()

@@ -333,3 +333,6 @@ def test_snap_options_with_the_table(tmp_path):
     kept = snap_options(spec, opts, table(tmp_path, timer=timer))
     assert [(o.factorization, o.rank) for o in kept] == [("tucker2", 16), ("tucker2", 32),
                                                          (DENSE, 0)]
+    low = snap_options(spec, opts, table(tmp_path, timer=timer), keep_smallest=True)
+    assert [(o.factorization, o.rank) for o in low] == [("tucker2", 8), ("tucker2", 16),
+                                                        ("tucker2", 32), (DENSE, 0)]

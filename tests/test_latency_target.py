@@ -9,6 +9,7 @@ misses and the re-solve must correct it.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -29,13 +30,15 @@ MS_PER_MAC = 1e-5
 EX = torch.zeros(1, 1, 28, 28)
 
 
-def fake_ms(spec, cand, slow_from=None) -> float:
-    """MACs-proportional; with ``slow_from``, chains of that rank or more take 3× dense."""
+def fake_ms(spec, cand, slow_from=None, floor=0.0) -> float:
+    """MACs-proportional; with ``slow_from``, chains of that rank or more take 3× dense; no chain
+    takes less than ``floor`` × dense (small ranks then share one latency step)."""
     if cand.factorization == "dense":
         return dense_macs(spec) * MS_PER_MAC
     if slow_from is not None and cand.rank >= slow_from:
         return 3 * dense_macs(spec) * MS_PER_MAC
-    return get_factorization(cand.factorization).macs(spec, cand.rank) * MS_PER_MAC
+    chain = get_factorization(cand.factorization).macs(spec, cand.rank)
+    return max(chain, floor * dense_macs(spec)) * MS_PER_MAC
 
 
 def whole_ms(model: nn.Module, per_module: float) -> float:
@@ -48,19 +51,21 @@ def fake(monkeypatch, tmp_path):
     """Install the fake timers; returns a dict to tune them (``per_module``, ``slow_from``,
     ``no_speedup``) and count whole-model measurements (``whole_calls``)."""
     knobs = {"per_module": 0.0, "slow_from": None, "no_speedup": False, "whole_calls": 0,
-             "slow_names": ()}
+             "slow_names": (), "floor": 0.0, "gain": 1.0}
 
     def table(cfg, cache_dir=None):
         return LatencyTable(cfg.engine_spec(), cache_dir=tmp_path / "lat",
                             timer=lambda spec, cands: [
                                 fake_ms(spec, c, 0 if spec.name in knobs["slow_names"]
-                                        else knobs["slow_from"]) for c in cands],
+                                        else knobs["slow_from"], knobs["floor"])
+                                for c in cands],
                             repeats=cfg.repeats)
 
     def whole(original, compressed, input_size, cfg):
         knobs["whole_calls"] += 1
         o = whole_ms(original, knobs["per_module"])
         c = o if compressed is None else whole_ms(compressed, knobs["per_module"])
+        c = o - knobs["gain"] * (o - c)  # gain > 1: the graph saves more than its parts
         if knobs["no_speedup"] and compressed is not None:
             c = 0.99 * o
         return WholeTiming(o, c, 0.0, 0.0)
@@ -115,6 +120,27 @@ def test_an_unreachable_latency_is_refused_before_anything_is_written(fake, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def floor_in(message: str) -> float:
+    return float(re.search(r"runs at ([0-9.]+) ±", message).group(1))
+
+
+def test_a_target_below_the_additive_floor_is_measured_before_it_is_refused(fake, tmp_path):
+    with pytest.raises(lrcompress.TargetError, match="measured whole") as exact:
+        compress(target_latency=0.02)
+    estimated = floor_in(str(exact.value))  # the fake additive model is exact here
+    fake["gain"] = 1.1  # the whole graph saves 1.1× what the layer times predict
+    with pytest.raises(lrcompress.TargetError, match="Ask for") as real:
+        compress(target_latency=0.02)
+    measured = floor_in(str(real.value))
+    assert measured == pytest.approx(1 - 1.1 * (1 - estimated), abs=2e-3)  # 3-decimal rounding
+    target = (estimated + measured) / 2  # out of the additive model's reach, not of the graph's
+    res = compress(target_latency=target, run_dir=tmp_path / "run")
+    lat = res.report["latency"]
+    assert lat["met"] is True and lat["measured_ratio"] <= target
+    assert lat["floor"]["estimated"] > target > lat["floor"]["measured"]
+    assert "measured whole it ran at" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_latency_aware_macs_target_never_ships_a_chain_slower_than_dense(fake):
     fake["slow_from"] = 24
     res = compress(target_latency=None, target_flops=0.6, latency=LatencyConfig(aware=True))
@@ -124,6 +150,16 @@ def test_latency_aware_macs_target_never_ships_a_chain_slower_than_dense(fake):
         assert fake_ms(lp.spec, lp) < fake_ms(lp.spec, type(lp)("x", "dense", 0, lp.spec))
     assert res.report["latency"]["speedup"] > 1
     assert res.report["totals"]["macs_ratio"] <= 0.6
+
+
+def test_latency_aware_keeps_every_macs_target_the_plain_search_reaches(fake):
+    # Ranks below half the dense MACs all take half the dense time: one latency step, whose
+    # top rank alone would be kept by snapping, so low MACs targets would become unreachable.
+    fake["floor"] = 0.5
+    plain = compress(target_latency=None, target_flops=0.2)
+    aware = compress(target_latency=None, target_flops=0.2, latency=LatencyConfig(aware=True))
+    assert plain.report["totals"]["macs_ratio"] <= 0.2
+    assert aware.report["totals"]["macs_ratio"] <= 0.2
 
 
 def test_the_latency_cache_is_reused_by_a_second_run(fake):

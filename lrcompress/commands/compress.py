@@ -15,6 +15,7 @@ interrupted run resumes after the last finished stage. Without a run folder noth
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -257,7 +258,10 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
         progress.stage(f"measuring candidate latencies ({lat.engine}, {lat.threads} thread(s), "
                        f"batch {lat.batch})")
     table = make_table(lat, cfg.cache_dir)
-    options, summary = option_times(problem.layers, table, snap=True)
+    # A MACs/params target keeps each layer's smallest rank: --latency-aware must not make a
+    # target unreachable that the plain search reaches.
+    options, summary = option_times(problem.layers, table, snap=True,
+                                    keep_smallest=cfg.target.kind != "latency")
     kept = []
     for lo, opts in zip(problem.layers, options):
         lo.options = opts
@@ -275,9 +279,43 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
     summary["layers_without_faster_candidate"] = len(options) - len(kept)
     whole = measure_whole(model, None, input_size, lat)
     problem.base_latency = whole.original_ms
-    problem.check_feasible()
-    return {"config": lat.to_dict(), "table": summary,
-            "original_ms": whole.original_ms, "original_iqr_ms": whole.original_iqr_ms}
+    out = {"config": lat.to_dict(), "table": summary,
+           "original_ms": whole.original_ms, "original_iqr_ms": whole.original_iqr_ms}
+    floor = check_reachable(problem, model, input_size, lat)
+    if floor is not None:
+        out["floor"] = floor
+    return out
+
+
+def check_reachable(problem: RankProblem, model: nn.Module, input_size,
+                    lat: LatencyConfig) -> dict | None:
+    """Refuse a target no plan reaches. Under a latency target the additive model's floor (every
+    layer at its fastest candidate) only decides when it meets the target; when it does not,
+    the fastest plan itself is built (empty chains: latency does not depend on the weights) and
+    measured whole. If that meets the target, the additive model was pessimistic: the first
+    solve's budget is corrected by the measured share of the predicted saving, and the measured
+    floor is returned; otherwise the refusal quotes the measured ratio."""
+    if problem.target.kind != "latency":
+        problem.check_feasible()
+        return None
+    estimated = problem.min_cost() / problem.base_cost
+    target = problem.target.ratio
+    if estimated <= target:
+        return None
+    fastest = problem.to_plan(problem.cheapest_choice(), "fastest")
+    w = measure_whole(model, _skeleton(model, fastest), input_size, lat)
+    if w.ratio > target + w.spread:
+        raise TargetError(
+            f"--target-latency {target:.4g} cannot be reached: the fastest plan (every one of "
+            f"the {len(problem.layers)} factorizable layers at its fastest measured candidate, "
+            f"the rest as it is), measured whole, runs at {w.ratio:.3f} ± {w.spread:.3f} of the "
+            f"original ({w.original_ms:.3f} ms on {lat.engine}, batch {lat.batch}, "
+            f"{lat.threads} thread(s)). Ask for {math.ceil(w.ratio * 100) / 100:.2f} or more, "
+            "--include more layers, or use another --decomp.")
+    start = max(corrected_ratio(target, estimated, w.ratio, target), estimated * (1 + 1e-9))
+    problem.target = Target("latency", start)
+    return {"estimated": round(estimated, 4), "measured": round(w.ratio, 4),
+            "spread": round(w.spread, 4), "first_budget": round(start, 4)}
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -347,6 +385,7 @@ def select_stage(job: Job, source: nn.Module, batches: list) -> tuple[Plan, dict
     else:
         plan, trace = select_ranks(source, job.problem, batches, cfg, job.device, run,
                                    tick=job.progress.advance, progress=job.progress)
+        plan = replace(plan, target=cfg.target)  # solved at a corrected latency budget, maybe
     _keep_plan(job, plan, trace)
     return plan, trace
 
@@ -446,7 +485,7 @@ def latency_stage(job: Job, source: nn.Module, batches: list, plan: Plan,
     by more than the measurement's spread, re-solve with the corrected budget (up to
     ``max_resolves`` times). Records every attempt in ``job.latency``."""
     lat, target, problem = job.cfg.latency, job.cfg.target, job.problem
-    attempts, solved_at = [], target.ratio
+    attempts, solved_at = [], problem.target.ratio  # check_reachable may have corrected it
     while True:
         job.progress.stage(f"measuring latency, original vs compressed ({lat.engine})")
         whole = measure_whole(job.model, dec.student, job.input_size, lat)

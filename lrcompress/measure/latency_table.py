@@ -414,15 +414,20 @@ def snap_ranks(times_by_rank: Mapping, dense_ms: float | None = None, rtol: floa
             if all(t2.median_ms > t.median_ms for _, t2 in tops[i + 1:])]
 
 
-def snap_options(spec: LayerSpec, options: Sequence, table: LatencyTable, rtol: float = 0.03
-                 ) -> list:
+def snap_options(spec: LayerSpec, options: Sequence, table: LatencyTable, rtol: float = 0.03,
+                 keep_smallest: bool = False) -> list:
     """``options`` (as from ``layer_options``: ``.factorization``/``.rank``, dense included) reduced
     to each factorization's :func:`snap_ranks` against the measured dense time; dense and the
-    order of ``options`` are kept."""
+    order of ``options`` are kept. ``keep_smallest`` also keeps each factorization's smallest
+    rank when it is faster than dense (a MACs or params target must stay as reachable as
+    without snapping, even where the smallest ranks share one latency step)."""
     timings = table.layer_timings(spec, list(options) + [DENSE])
     dense = timings[DENSE].median_ms
     keep = set()
     for method in {o.factorization for o in options if o.factorization != DENSE}:
         mine = {o.rank: timings[o] for o in options if o.factorization == method}
         keep |= {(method, r) for r in snap_ranks(mine, dense, rtol)}
+        low = min(mine)
+        if keep_smallest and mine[low].median_ms < dense:
+            keep.add((method, low))
     return [o for o in options if o.factorization == DENSE or (o.factorization, o.rank) in keep]

@@ -126,13 +126,16 @@ def measure_whole(original: nn.Module, compressed: nn.Module | None, input_size,
     return WholeTiming(t["original"].median_ms, c.median_ms, t["original"].iqr_ms, c.iqr_ms)
 
 
-def option_times(layers, table: LatencyTable, snap: bool) -> tuple[list[list], dict]:
+def option_times(layers, table: LatencyTable, snap: bool, keep_smallest: bool = False
+                 ) -> tuple[list[list], dict]:
     """Per layer, its options with their measured time (``Option.latency`` set, dense last);
-    with ``snap``, only the top rank of each latency step and nothing slower than dense.
+    with ``snap``, only the top rank of each latency step and nothing slower than dense (plus
+    each factorization's smallest rank with ``keep_smallest``: see :func:`snap_options`).
     Returns (options per layer, summary counts)."""
     out, offered, kept = [], 0, 0
     for lo in layers:
-        opts = snap_options(lo.spec, lo.options, table, REL_TOL) if snap else list(lo.options)
+        opts = (snap_options(lo.spec, lo.options, table, REL_TOL, keep_smallest) if snap
+                else list(lo.options))
         times = table.layer_times(lo.spec, opts)
         dense = times[opts[-1]]
         timed = [o.with_latency(times[o]) for o in opts]

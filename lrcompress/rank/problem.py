@@ -93,8 +93,13 @@ class RankProblem:
         return self.base_cost - sum(lo.dense.cost(self.target.kind) for lo in self.layers)
 
     def min_cost(self) -> float:
+        return self.cost_of(self.cheapest_choice())
+
+    def cheapest_choice(self) -> list[int]:
+        """The option index per layer with the least cost (the first of equals)."""
         k = self.target.kind
-        return self.fixed_cost + sum(min(o.cost(k) for o in lo.options) for lo in self.layers)
+        return [min(range(len(lo.options)), key=lambda j, lo=lo: lo.options[j].cost(k))
+                for lo in self.layers]
 
     def check_feasible(self) -> None:
         lo = self.min_cost()
@@ -115,8 +120,16 @@ class RankProblem:
                 f"({len(self.layers)} factorizable layers; the rest, "
                 f"{self.fixed_cost / self.base_cost:.3f} of the total, stays dense). Ask for "
                 f"{math.ceil(lo / self.base_cost * 1000) / 1000:.3f} or more, or --include more "
-                "layers."
+                f"layers.{self._skipped_note()}"
             )
+
+    def _skipped_note(self) -> str:
+        if not self.skipped:
+            return ""
+        names = sorted(self.skipped)
+        why = self.skipped[names[0]]
+        return (f" {len(names)} layer(s) stay dense for reasons of their own, e.g. {names[0]}: "
+                f"{why}.")
 
     def cost_of(self, choice: list[int]) -> float:
         k = self.target.kind

@@ -285,9 +285,18 @@ def _latency_blocks(report: dict) -> list[tuple]:
                   f"{c['repeats']} round-robin runs: {lat.get('summary', '')}. Candidate "
                   f"table: {table.get('options_kept', '?')} of {table.get('options_offered', '?')}"
                   f" options kept after snapping; {table.get('measured', '?')} timed, "
-                  f"{table.get('cached', '?')} from the cache."),
+                  f"{table.get('cached', '?')} from the cache." + _floor_note(lat)),
             ("table", ["attempt", "solved at", "estimated ratio", "measured ratio", "MACs ratio"],
              rows)]
+
+
+def _floor_note(lat: dict) -> str:
+    f = lat.get("floor")
+    if not f:
+        return ""
+    return (f" The layer times put the fastest plan at {f['estimated']:.3f} of the original, "
+            f"above the target; measured whole it ran at {f['measured']:.3f} ± {f['spread']:.3f},"
+            f" so the first solve used the corrected budget {f['first_budget']:.4f}.")
 
 
 def _search_blocks(report: dict) -> list[tuple]:
