@@ -23,6 +23,7 @@ from torch import nn
 
 from lrcompress.batches import UserBatches, top1_labeller
 from lrcompress.commands.compress import (
+    DEFAULT_RANK_MULTIPLE,
     CompressConfig,
     CompressResult,
     Job,
@@ -61,7 +62,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
              calib=None, train=None, eval=None, finetune: FinetuneConfig | None = None,
              include=(), exclude=(), seed: int = 0, device: str = "auto", run_dir=None,
              input_key: str | None = None, label_key: str | None = None,
-             rank_multiple: int = 8, calib_batches: int = 8, bn_batches: int = 16,
+             rank_multiple: int = DEFAULT_RANK_MULTIPLE, calib_batches: int = 8,
+             bn_batches: int = 16,
              fit: str = "weight", rene: ReneConfig | None = None, plan: Plan | None = None,
              overwrite: bool = False, progress: Progress | None = None) -> CompressResult:
     """Compress ``model`` so that it meets the target; returns model, plan and report.
@@ -108,7 +110,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
 def select_ranks(model: nn.Module, example_inputs, *, target_flops: float | None = None,
                  target_params: float | None = None, decomp: str = "tt", method: str = "rene",
                  calib=None, input_key: str | None = None, label_key: str | None = None,
-                 include=(), exclude=(), rank_multiple: int = 8, calib_batches: int = 8,
+                 include=(), exclude=(), rank_multiple: int = DEFAULT_RANK_MULTIPLE,
+                 calib_batches: int = 8,
                  rene: ReneConfig | None = None, seed: int = 0, device: str = "auto") -> Plan:
     """Only the rank selection: the plan ``compress`` would apply (nothing is decomposed)."""
     cfg = CompressConfig(make_target(target_flops, target_params), decomp=decomp, method=method,

@@ -298,8 +298,10 @@ def parse_floats(value, name):
 @click.option("-o", "--output", "out", required=True, help="Run directory to write (RUN/).")
 @click.option("--include", multiple=True, help="Only these layers (glob or re:REGEX).")
 @click.option("--exclude", multiple=True, help="Never these layers (glob or re:REGEX).")
-@click.option("--rank-multiple", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Ranks are multiples of this (hardware-friendly); 1 for any rank.")
+@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Ranks are multiples of this: 16 matches the 16-channel blocks of CPU "
+              "convolution kernels (AVX-512) and GPU tensor cores, so chains run near their "
+              "MACs; 8 reaches lower MACs targets; 1 allows any rank.")
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Re-apply this plan.json instead of searching.")
 @click.option("--seed", default=0, show_default=True, type=int)

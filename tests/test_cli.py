@@ -183,3 +183,12 @@ def test_no_factorizable_layer_is_refused_before_writing(resnet_ckpt, tmp_path):
                      "synthetic:64", "--target-flops", "0.5", "--exclude", "*", "-o", out)
     assert_user_error(code, text, "No layer", "can be factorized")
     assert not out.exists()
+
+
+def test_the_cli_rank_grid_default_is_the_library_default():
+    # cli.py cannot import the library at start (fast --help), so it repeats the number.
+    from lrcompress.cli import search
+    from lrcompress.commands.compress import DEFAULT_RANK_MULTIPLE
+
+    opt = next(p for p in search.params if p.name == "rank_multiple")
+    assert opt.default == DEFAULT_RANK_MULTIPLE == 16
