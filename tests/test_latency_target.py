@@ -142,6 +142,14 @@ def test_a_target_below_the_additive_floor_is_measured_before_it_is_refused(fake
     assert "measured whole it ran at" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_model_that_factorizing_makes_slower_is_refused_without_asking_for_a_ratio_over_1(
+        fake):
+    fake["gain"] = -1.0  # whole, every factorized plan is slower than the original
+    with pytest.raises(lrcompress.TargetError, match="does not make it faster") as e:
+        compress(target_latency=0.02)  # below the layer times' floor: measured before refused
+    assert floor_in(str(e.value)) > 1 and "Ask for" not in str(e.value)
+
+
 def test_latency_aware_macs_target_never_ships_a_chain_slower_than_dense(fake):
     fake["slow_from"] = 24
     res = compress(target_latency=None, target_flops=0.6, latency=LatencyConfig(aware=True))

@@ -95,9 +95,10 @@ class RankProblem:
     def min_cost(self) -> float:
         return self.cost_of(self.cheapest_choice())
 
-    def cheapest_choice(self) -> list[int]:
-        """The option index per layer with the least cost (the first of equals)."""
-        k = self.target.kind
+    def cheapest_choice(self, kind: str | None = None) -> list[int]:
+        """The option index per layer with the least cost of ``kind`` (default: the target's;
+        the first of equals)."""
+        k = kind or self.target.kind
         return [min(range(len(lo.options)), key=lambda j, lo=lo: lo.options[j].cost(k))
                 for lo in self.layers]
 
