@@ -19,7 +19,12 @@ import lrcompress
 import lrcompress.commands.compress as stages
 from lrcompress.factorizations import get_factorization
 from lrcompress.measure.latency_table import LatencyTable
-from lrcompress.measure.latency_target import LatencyConfig, WholeTiming, corrected_ratio
+from lrcompress.measure.latency_target import (
+    LatencyConfig,
+    WholeTiming,
+    corrected_ratio,
+    next_budget,
+)
 from lrcompress.measure.metrics import independent_macs
 from lrcompress.model.costs import dense_macs
 
@@ -185,6 +190,19 @@ def test_corrected_ratio_assumes_the_same_share_of_the_predicted_saving():
     assert corrected_ratio(0.5, 0.5, 0.6, 0.5) == pytest.approx(1 - 0.5 / 0.8)
     assert corrected_ratio(0.394, 0.14, 0.48, 0.39) < 0  # 3× optimistic model: unreachable
     assert corrected_ratio(0.5, 0.5, 1.2, 0.5) == pytest.approx(0.5 * 0.5 / 1.2)  # no saving
+
+
+def test_next_budget_stays_a_ratio_when_the_additive_scale_is_off():
+    # Seen at batch 1 (resnet18, 0.3): estimate 0.392, measured 0.686 for target 0.396; the
+    # secant is negative and the layer times' floor below 0: scale the budget by target/measured.
+    assert corrected_ratio(0.396, 0.392, 0.686, 0.396) < 0
+    assert next_budget(0.396, 0.392, 0.686, 0.396, floor=-0.05) == pytest.approx(
+        0.396 * 0.396 / 0.686, rel=1e-12)
+    # A secant below a real floor: one last try at the floor, then no more.
+    assert next_budget(0.3, 0.35, 0.6, 0.35, floor=0.2) == pytest.approx(0.2, rel=1e-6)
+    assert next_budget(0.3, 0.2, 0.6, 0.2 * (1 + 1e-9), floor=0.2) is None
+    # The usual case: the secant itself.
+    assert next_budget(0.5, 0.45, 0.55, 0.5, floor=0.2) == corrected_ratio(0.5, 0.45, 0.55, 0.5)
 
 
 def test_no_chain_faster_than_dense_anywhere_is_a_clear_error(fake):

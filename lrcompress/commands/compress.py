@@ -34,6 +34,7 @@ from lrcompress.measure.latency_target import (
     corrected_ratio,
     make_table,
     measure_whole,
+    next_budget,
     option_times,
     speedup_ratio,
 )
@@ -529,14 +530,12 @@ def latency_stage(job: Job, source: nn.Module, batches: list, plan: Plan,
             break
         if len(attempts) > lat.max_resolves:
             break
-        floor = problem.min_cost() / problem.base_cost
-        wanted = corrected_ratio(target.ratio, row["estimated_ratio"], whole.ratio, solved_at)
-        if wanted <= floor:
-            if solved_at <= floor * (1 + 1e-9):
-                row["stop"] = ("the measured savings are too small for the target even at the "
-                               "fastest candidates")
-                break
-            wanted = floor * (1 + 1e-9)  # one last try: the fastest plan there is
+        wanted = next_budget(target.ratio, row["estimated_ratio"], whole.ratio, solved_at,
+                             problem.min_cost() / problem.base_cost)
+        if wanted is None:
+            row["stop"] = ("the measured savings are too small for the target even at the "
+                           "fastest candidates")
+            break
         solved_at = wanted
         new = _resolve(job, source, batches, solved_at)
         if new is None:

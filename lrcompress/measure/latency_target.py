@@ -161,3 +161,23 @@ def corrected_ratio(target: float, estimated: float, measured: float, current: f
     if measured <= 0 or estimated <= 0:
         return current
     return current * target / measured
+
+
+def next_budget(target: float, estimated: float, measured: float, current: float,
+                floor: float) -> float | None:
+    """The budget ratio for the next solve after a miss, or None when none can help.
+
+    The secant of :func:`corrected_ratio`; when that is ≤ 0 (the additive model's scale is off:
+    at batch 1 the standalone graphs' per-run overhead can outweigh the rest of the graph, so
+    its estimates and even its ``floor`` run low) the ratio solved at is scaled by
+    target/measured instead. A budget at or below ``floor`` (the fastest plan's estimate)
+    becomes one last try at the floor, unless that was the budget just solved or the floor is
+    not a ratio."""
+    wanted = corrected_ratio(target, estimated, measured, current)
+    if wanted <= 0 and measured > 0:
+        wanted = current * target / measured
+    if wanted > floor:
+        return wanted
+    if floor <= 0 or current <= floor * (1 + 1e-9):
+        return None
+    return floor * (1 + 1e-9)
