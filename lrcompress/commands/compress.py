@@ -4,8 +4,9 @@ A :class:`Job` holds what every stage reads (the original model, the rank proble
 the configuration, the run folder, the progress sink). :func:`run_stages` calls the stages in
 order:
 
-    evaluate original → [LoRITa] → rank selection → decomposition → target check → evaluate
-    → BatchNorm re-estimation → evaluate → [distillation → evaluate] → save + report
+    [synthesise inputs] → evaluate original → [LoRITa] → rank selection → decomposition
+    → target check → evaluate → BatchNorm re-estimation → evaluate
+    → [distillation → evaluate] → save + report
 
 Each stage is a function of a few dozen lines that returns a value; each one that takes long
 keeps its result under RUN/state/ (through :class:`~lrcompress.commands.run_dir.RunDir`) so an
@@ -15,6 +16,7 @@ interrupted run resumes after the last finished stage. Without a run folder noth
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrcompress.batches import sample_count
+from lrcompress.batches import sample_count, top1_labeller
+from lrcompress.calib.synthesize import (
+    SynthConfig,
+    Synthetic,
+    has_batchnorm,
+    load_synthetic,
+    noise_inputs,
+    save_synthetic,
+    synthesize,
+)
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
@@ -60,6 +71,8 @@ from lrcompress.util.io import write_json, write_text
 from lrcompress.util.progress import Progress
 from lrcompress.util.resources import rebatch, retry_halving
 from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_DIR
+
+log = logging.getLogger(__name__)
 
 AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
 FITS = ("weight", "activation")
@@ -147,6 +160,8 @@ class Loaders:
     test: object | None = None
     description: str = ""  # for the report: a data spec, or "Python loaders"
     batch_size: int | None = None  # samples per batch, when known (progress totals)
+    synthetic: bool = False  # calib and train are data-free inputs (synthesize_stage)
+    eval_description: str | None = None  # the test set's own spec (--eval-data), if any
 
 
 @dataclass
@@ -164,6 +179,11 @@ class Job:
     command: list[str] | None = None
     times: dict[str, float] = field(default_factory=dict)
     latency: dict | None = None  # latency costs and checks (prepare_latency, latency_stage)
+    # Data-free mode: how to make calibration inputs when there is no calibration data; the
+    # input normalisation (mean, std) keeps them in the valid pixel range when known.
+    synth: SynthConfig | None = None
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    data_free: dict | None = None  # what synthesize_stage made (the report's "data_free")
 
 
 @dataclass
@@ -278,6 +298,82 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
     problem.check_feasible()
     return {"config": lat.to_dict(), "table": summary,
             "original_ms": whole.original_ms, "original_iqr_ms": whole.original_iqr_ms}
+
+
+# ------------------------------------------------------------------------- data-free mode
+
+SYNTHETIC_FILE = "synthetic.safetensors"  # under RUN/state/: a resumed run reuses the inputs
+NO_BATCHNORM = ("{arch} has no BatchNorm layer, so there are no statistics to synthesise "
+                "calibration inputs from: using inputs drawn at the model's input mean/std "
+                "instead. A few hundred unlabelled real images (--data imagefolder:DIR, a flat "
+                "folder is fine) do much better.")
+
+
+def needs_data(cfg: CompressConfig, plan_given: bool = False) -> list[str]:
+    """The stages of a job that read calibration or training inputs."""
+    uses = []
+    if cfg.method in DATA_METHODS and not plan_given:
+        uses.append(f"the {cfg.method} rank search")
+    if cfg.fit == "activation":
+        uses.append("the activation fit")
+    if cfg.lorita.enabled:
+        uses.append("LoRITa pre-tuning")
+    if cfg.finetune.enabled:
+        uses.append("fine-tuning")
+    return uses
+
+
+def check_data_free(model: nn.Module, cfg: CompressConfig, arch: str) -> None:
+    """Before any work: refuse what data-free mode cannot do for ``model``."""
+    if cfg.fit == "activation" and not has_batchnorm(model):
+        raise UserError(f"--fit activation fits the factors to the layers' outputs on "
+                        f"calibration inputs, but no data was given and {arch} has no BatchNorm "
+                        "layer to synthesise inputs from (random inputs would only fit noise). "
+                        "Give a few hundred unlabelled real images (--data imagefolder:DIR, a "
+                        "flat folder is fine), or use --fit weight.")
+
+
+def synthesize_stage(job: Job) -> dict:
+    """Data-free mode: calibration and training inputs made from the original model (kept in
+    RUN/state/, so a resumed run reuses them), labelled with its top-1 prediction."""
+    uses = needs_data(job.cfg, job.given_plan is not None)
+    if not uses:
+        return {"method": None, "used_for": [], "note": "no stage of this run reads inputs"}
+    if job.run.has_state(SYNTHETIC_FILE):
+        syn = load_synthetic(job.run.state(SYNTHETIC_FILE))
+    else:
+        syn = _make_synthetic(job)
+        if job.run.writes:
+            save_synthetic(syn, job.run.state(SYNTHETIC_FILE))
+    calib, train = _synthetic_loaders(job, syn.inputs)
+    job.loaders = replace(job.loaders, calib=calib, train=train, synthetic=True,
+                          batch_size=calib.batch_size)
+    return {**syn.summary, "used_for": uses,
+            "bn_recalibration": "skipped: statistics re-measured on synthesised inputs only "
+                                "reproduce the original's"}
+
+
+def _make_synthetic(job: Job) -> Synthetic:
+    synth = job.synth
+    if not has_batchnorm(job.model):
+        log.warning(NO_BATCHNORM.format(arch=job.info.arch))
+        return noise_inputs(job.input_size, synth.samples, job.cfg.seed)
+    mean, std = job.norm if job.norm is not None else (None, None)
+    return synthesize(job.model, job.input_size, job.info.num_classes, synth, mean=mean,
+                      std=std, seed=job.cfg.seed, progress=job.progress)
+
+
+def _synthetic_loaders(job: Job, x: torch.Tensor):
+    """(calib, train) loaders over the synthetic inputs, labelled by the original's top-1."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    bs = min(job.cfg.data.batch_size, len(x))
+    label = top1_labeller(job.model, job.device)
+    ds = TensorDataset(x, torch.cat([label(x[i:i + bs]) for i in range(0, len(x), bs)]))
+    calib = DataLoader(ds, batch_size=bs, shuffle=False)
+    train = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=len(ds) > bs,
+                       generator=torch.Generator().manual_seed(job.cfg.seed))
+    return calib, train
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -510,8 +606,9 @@ def _latency_verdict(target: Target, attempts: list[dict]) -> dict:
 
 
 def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
-    """Re-estimate BatchNorm statistics after the factorized layers (None: not done)."""
-    if not job.cfg.bn_batches or job.loaders.calib is None:
+    """Re-estimate BatchNorm statistics after the factorized layers (None: not done; never on
+    synthesised inputs, see synthesize_stage)."""
+    if not job.cfg.bn_batches or job.loaders.calib is None or job.loaders.synthetic:
         return None
     job.progress.stage("re-estimating BatchNorm statistics",
                        total=_samples(job, job.cfg.bn_batches))
@@ -555,6 +652,8 @@ def run_stages(job: Job) -> CompressResult:
     times = job.times
     job.run.open()
     job.model.to(job.device).eval()
+    if job.synth is not None and job.loaders.calib is None:
+        job.data_free = _timed(times, "synthesize", synthesize_stage, job)
     acc = {}
     original = _timed(times, "eval_original", evaluate_stage, job, job.model, "original",
                       "evaluating the original model")
@@ -582,7 +681,7 @@ def run_stages(job: Job) -> CompressResult:
     if bn_report is not None:
         acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
                                                 "evaluating after BatchNorm re-estimation")
-    if job.cfg.bn_batches and job.loaders.calib is not None:
+    if job.cfg.bn_batches and job.loaders.calib is not None and not job.loaders.synthetic:
         times["bn_recalibration"] = time.perf_counter() - t
     ft_report = None
     if job.cfg.finetune.enabled:
@@ -631,4 +730,5 @@ def _skeleton(model: nn.Module, plan: Plan) -> nn.Module:
 
 __all__ = ["CompressConfig", "CompressResult", "Job", "Loaders", "build_problem",
            "calibration_batches", "decompose_stage", "evaluate_stage", "run_stages",
-           "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE"]
+           "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE", "SynthConfig",
+           "check_data_free", "needs_data", "synthesize_stage"]
