@@ -463,7 +463,8 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         progress.stage(f"rank selection ({cfg.method})")
     if cfg.method in DATA_METHODS and not batches:
         raise UserError(f"The rank method {cfg.method!r} needs calibration data (calib=...). "
-                        "Give a few hundred inputs, or use method='uniform'.")
+                        "Give a few hundred inputs, synth=SynthConfig() to synthesise them from "
+                        "the model's BatchNorm statistics, or use method='uniform'.")
     cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
     cache = Cache(None if cache_dir is None else Path(cache_dir) / "signals.json")
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)

@@ -226,7 +226,7 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
                   [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}",
                     str(a["n"])] for k, a in acc.items() if a]))
     else:
-        b.append(("p", "Not measured: the run had no labelled test data (data-free or an "
+        b.append(("p", "Not measured: the run had no test data (a data-free run or an "
                        "unlabelled image folder without --eval-data, or the Python API without "
                        "eval=)."))
     b += [("p", line) for line in data_notes(report) if line.startswith("Data-free")]
