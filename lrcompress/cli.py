@@ -67,6 +67,7 @@ def main(ctx, debug, verbose):
     \b
     Typical flow:
       lrcompress inspect resnet18.pt --input-size 1,28,28
+      lrcompress search resnet18.pt --decomp tt --target-flops 0.3     # data-free
       lrcompress search resnet18.pt --decomp tt --target-flops 0.3 \\
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18
     """
