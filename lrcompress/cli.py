@@ -397,7 +397,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
 
     Without --data the run is data-free: --synth-samples inputs are optimised until every
     BatchNorm layer sees its training statistics, kept in RUN/state/, and used for the rank
-    search, the activation fit and distillation (BatchNorm re-estimation is skipped on them).
+    search, the activation fit, BatchNorm re-estimation and distillation.
     The input size then comes from the checkpoint's metadata or the architecture's data config
     (--input-size overrides). A model without BatchNorm gets inputs drawn at its input mean/std,
     with a warning; --fit activation is refused there. Accuracy is measured only with

@@ -160,7 +160,6 @@ class Loaders:
     test: object | None = None
     description: str = ""  # for the report: a data spec, or "Python loaders"
     batch_size: int | None = None  # samples per batch, when known (progress totals)
-    synthetic: bool = False  # calib and train are data-free inputs (synthesize_stage)
     eval_description: str | None = None  # the test set's own spec (--eval-data), if any
 
 
@@ -309,8 +308,10 @@ NO_BATCHNORM = ("{arch} has no BatchNorm layer, so there are no statistics to sy
                 "folder is fine) do much better.")
 
 
-def needs_data(cfg: CompressConfig, plan_given: bool = False) -> list[str]:
-    """The stages of a job that read calibration or training inputs."""
+def needs_data(cfg: CompressConfig, plan_given: bool = False,
+               batchnorm: bool = False) -> list[str]:
+    """The stages of a job that read calibration or training inputs (``batchnorm``: the model
+    has BatchNorm layers to re-estimate)."""
     uses = []
     if cfg.method in DATA_METHODS and not plan_given:
         uses.append(f"the {cfg.method} rank search")
@@ -318,6 +319,8 @@ def needs_data(cfg: CompressConfig, plan_given: bool = False) -> list[str]:
         uses.append("the activation fit")
     if cfg.lorita.enabled:
         uses.append("LoRITa pre-tuning")
+    if cfg.bn_batches and batchnorm:
+        uses.append("BatchNorm re-estimation")
     if cfg.finetune.enabled:
         uses.append("fine-tuning")
     return uses
@@ -336,7 +339,7 @@ def check_data_free(model: nn.Module, cfg: CompressConfig, arch: str) -> None:
 def synthesize_stage(job: Job) -> dict:
     """Data-free mode: calibration and training inputs made from the original model (kept in
     RUN/state/, so a resumed run reuses them), labelled with its top-1 prediction."""
-    uses = needs_data(job.cfg, job.given_plan is not None)
+    uses = needs_data(job.cfg, job.given_plan is not None, has_batchnorm(job.model))
     if not uses:
         return {"method": None, "used_for": [], "note": "no stage of this run reads inputs"}
     if job.run.has_state(SYNTHETIC_FILE):
@@ -346,11 +349,8 @@ def synthesize_stage(job: Job) -> dict:
         if job.run.writes:
             save_synthetic(syn, job.run.state(SYNTHETIC_FILE))
     calib, train = _synthetic_loaders(job, syn.inputs)
-    job.loaders = replace(job.loaders, calib=calib, train=train, synthetic=True,
-                          batch_size=calib.batch_size)
-    return {**syn.summary, "used_for": uses,
-            "bn_recalibration": "skipped: statistics re-measured on synthesised inputs only "
-                                "reproduce the original's"}
+    job.loaders = replace(job.loaders, calib=calib, train=train, batch_size=calib.batch_size)
+    return {**syn.summary, "used_for": uses}
 
 
 def _make_synthetic(job: Job) -> Synthetic:
@@ -607,9 +607,8 @@ def _latency_verdict(target: Target, attempts: list[dict]) -> dict:
 
 
 def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
-    """Re-estimate BatchNorm statistics after the factorized layers (None: not done; never on
-    synthesised inputs, see synthesize_stage)."""
-    if not job.cfg.bn_batches or job.loaders.calib is None or job.loaders.synthetic:
+    """Re-estimate BatchNorm statistics after the factorized layers (None: not done)."""
+    if not job.cfg.bn_batches or job.loaders.calib is None:
         return None
     job.progress.stage("re-estimating BatchNorm statistics",
                        total=_samples(job, job.cfg.bn_batches))
@@ -682,7 +681,7 @@ def run_stages(job: Job) -> CompressResult:
     if bn_report is not None:
         acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
                                                 "evaluating after BatchNorm re-estimation")
-    if job.cfg.bn_batches and job.loaders.calib is not None and not job.loaders.synthetic:
+    if job.cfg.bn_batches and job.loaders.calib is not None:
         times["bn_recalibration"] = time.perf_counter() - t
     ft_report = None
     if job.cfg.finetune.enabled:
