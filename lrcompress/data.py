@@ -621,7 +621,8 @@ def _imagefolder_splits(root: Path, pre: Preprocess, cfg: DataConfig):
             folders[part] = ImageFolder(str(root / part))
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"imagefolder:{root} needs {root / part}/CLASS/*.jpg (one subfolder "
-                            f"per class, in train/ and val/): {e}") from e
+                            f"per class, in train/ and val/), or unlabelled images directly in "
+                            f"{root}: {e}") from e
     if folders["train"].classes != folders["val"].classes:
         raise UserError(f"{root}/train and {root}/val have different class folders: "
                         f"{folders['train'].classes} vs {folders['val'].classes}.")

@@ -17,7 +17,13 @@ from safetensors.torch import save_file
 from lrcompress.calib.synthesize import SynthConfig, bn_match, noise_inputs, synthesize
 from lrcompress.cli import main
 from lrcompress.commands.run_dir import default_run_dir
-from lrcompress.data import DataConfig, Preprocess, build_loaders, parse_data_spec
+from lrcompress.data import (
+    DataConfig,
+    Preprocess,
+    build_loaders,
+    parse_data_spec,
+    resolve_preprocess,
+)
 
 from .conftest import tiny_resnet
 
@@ -218,3 +224,15 @@ def test_an_unreadable_image_exits_2_naming_the_file(tmp_path):
     assert code == 2 and "Traceback" not in text, text
     assert "broken.jpg" in text
     assert not out.exists()
+
+
+def test_without_data_the_input_comes_from_the_checkpoint_or_the_architecture():
+    m = tiny_resnet()
+    own = resolve_preprocess(m, None, in_chans=1)
+    assert own.input_size == (1, 160, 160)  # timm's data config for test_resnet, 1 channel
+    assert own.mean == pytest.approx((0.5,))  # test_resnet's data config (RGB, averaged)
+    rec = resolve_preprocess(m, None, in_chans=1,
+                             recorded={"input_size": (1, 28, 28), "mean": (0.3,), "std": None})
+    assert rec.input_size == (1, 28, 28) and rec.mean == (0.3,)
+    assert resolve_preprocess(m, None, input_size=(1, 16, 16), in_chans=1,
+                              recorded={"input_size": (1, 28, 28)}).input_size == (1, 16, 16)
