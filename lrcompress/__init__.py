@@ -37,6 +37,7 @@ _LAZY = {
     "save_compressed": "lrcompress.model.weights",
     "ReneConfig": "lrcompress.rank.rene",
     "FinetuneConfig": "lrcompress.recover.finetune",
+    "SynthConfig": "lrcompress.calib.synthesize",
     "config_from_dict": "lrcompress.util.config", "config_to_dict": "lrcompress.util.config",
 }
 
@@ -58,6 +59,7 @@ __all__ = [
     "ModelInfo",
     "Plan",
     "ReneConfig",
+    "SynthConfig",
     "Target",
     "compress",
     "config_from_dict",
@@ -100,6 +102,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         save,
         select_ranks,
     )
+    from lrcompress.calib.synthesize import SynthConfig
     from lrcompress.commands.compress import CompressConfig, CompressResult
     from lrcompress.measure.latency_target import LatencyConfig
     from lrcompress.measure.metrics import Accuracy

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lrcompress.batches import UserBatches, top1_labeller
+from lrcompress.calib.synthesize import SynthConfig
 from lrcompress.commands.compress import (
     DEFAULT_RANK_MULTIPLE,
     CompressConfig,
@@ -30,6 +31,7 @@ from lrcompress.commands.compress import (
     Loaders,
     build_problem,
     calibration_batches,
+    check_data_free,
     make_target,
     prepare_latency,
     resolve_device,
@@ -65,7 +67,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
              rank_multiple: int = DEFAULT_RANK_MULTIPLE, calib_batches: int = 8,
              bn_batches: int = 16,
              fit: str = "weight", rene: ReneConfig | None = None, plan: Plan | None = None,
-             overwrite: bool = False, progress: Progress | None = None) -> CompressResult:
+             overwrite: bool = False, progress: Progress | None = None,
+             synth: SynthConfig | None = None) -> CompressResult:
     """Compress ``model`` so that it meets the target; returns model, plan and report.
 
     ``example_inputs``: a batch (``N×…``, or a 1-tuple holding it) the model accepts; layer
@@ -79,6 +82,10 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     thread, batch 1); ``LatencyConfig(aware=True)`` with a MACs/params target drops candidates
     that are slow for their cost and reports the measured speed-up. ``fit="activation"`` fits
     the factors to the layers' outputs on ``calib`` instead of to the weights.
+
+    ``synth=SynthConfig()`` with no ``calib`` and no ``train``: data-free, the calibration and
+    training inputs are synthesised from the model's BatchNorm statistics (in the example's
+    value range; the report's ``data_free`` says how well they match).
     """
     target = make_target(target_flops, target_params, target_latency, target_speedup)
     cfg = CompressConfig(target, decomp=decomp, method=method,
@@ -91,19 +98,27 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     if plan is not None:
         _check_plan(plan, info, input_size)
     loaders = _loaders(teacher, device_, input_size, calib, train, eval, input_key, label_key)
-    if cfg.fit == "activation" and calib is None:
+    data_free = synth is not None and calib is None and train is None
+    if data_free:
+        check_data_free(teacher, cfg, info.arch)
+    elif synth is not None:
+        raise UserError("synth=... synthesises inputs when there is no data: leave it out when "
+                        "passing calib= or train=.")
+    if cfg.fit == "activation" and calib is None and not data_free:
         raise UserError("fit='activation' fits the factors to the layers' outputs on "
                         "calibration inputs: pass calib=... (a few hundred inputs), or use "
                         "fit='weight'.")
-    if cfg.finetune.enabled and train is None:
+    if cfg.finetune.enabled and train is None and not data_free:
         raise UserError("finetune=... asks for fine-tuning, which needs training data: pass "
                         "train=... (labelled or not), or drop finetune.")
-    run = RunDir(run_dir, _fingerprint(model, info, input_size, cfg, plan), cfg.overwrite)
+    run = RunDir(run_dir, {**_fingerprint(model, info, input_size, cfg, plan),
+                           **({"synth": synth.to_dict()} if data_free else {})}, cfg.overwrite)
     run.check()
     progress = progress or Progress()
     latency_costs = prepare_latency(problem, teacher, input_size, cfg, progress)
     job = Job(teacher, info, input_size, problem, loaders, cfg, device_, run, progress, plan,
-              ["lrcompress.compress"], latency=latency_costs)
+              ["lrcompress.compress"], latency=latency_costs,
+              synth=synth if data_free else None)
     return run_stages(job)
 
 

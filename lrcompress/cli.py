@@ -67,6 +67,7 @@ def main(ctx, debug, verbose):
     \b
     Typical flow:
       lrcompress inspect resnet18.pt --input-size 1,28,28
+      lrcompress search resnet18.pt --decomp tt --target-flops 0.3     # data-free
       lrcompress search resnet18.pt --decomp tt --target-flops 0.3 \\
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18
     """
@@ -292,10 +293,22 @@ def parse_floats(value, name):
               "vbmf (VBMF ranks scaled to the target), lsvt / gsvt (LoRITa's per-layer / "
               "global σ/σ₁ truncation), isvt (LoRITa's greedy loss-guided cuts), bisect "
               "(σ/σ₁ threshold by loss-tolerance bisection). All meet the target.")
-@click.option("--data", "data_spec", required=True,
-              help="fashionmnist:ROOT, mnist:ROOT, cifar10:ROOT, cifar100:ROOT, "
-              "imagefolder:DIR or synthetic.")
-@click.option("-o", "--output", "out", required=True, help="Run directory to write (RUN/).")
+@click.option("--data", "data_spec",
+              help="fashionmnist:ROOT, mnist:ROOT, cifar10:ROOT, cifar100:ROOT, imagefolder:DIR "
+              "(DIR/train/CLASS/*, DIR/val/CLASS/*; or a flat folder of unlabelled images) or "
+              "synthetic. Absent: data-free (inputs synthesised from the BatchNorm statistics; "
+              "no accuracy unless --eval-data).")
+@click.option("--eval-data", "eval_spec",
+              help="Measure accuracy on this data spec's labelled test split (instead of "
+              "--data's; needed for accuracy in data-free runs and with a flat image folder).")
+@click.option("-o", "--output", "out", help="Run directory to write (RUN/). Default: "
+              "runs/<checkpoint stem>-<decomp>-<target>, e.g. runs/resnet18-tt-flops0.3, with "
+              "-2, -3, ... added rather than reuse a folder that holds files (so a default name "
+              "never resumes: pass -o RUN to resume a killed run).")
+@click.option("--synth-samples", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Data-free: inputs to synthesise.")
+@click.option("--synth-iters", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Data-free: optimiser steps per batch of synthesised inputs.")
 @click.option("--include", multiple=True, help="Only these layers (glob or re:REGEX).")
 @click.option("--exclude", multiple=True, help="Never these layers (glob or re:REGEX).")
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
@@ -367,7 +380,8 @@ def parse_floats(value, name):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, target_latency, target_speedup, latency_engine, latency_threads,
-           latency_batch, latency_aware, strict_target, method, data_spec, out, include,
+           latency_batch, latency_aware, strict_target, method, data_spec, eval_spec, out,
+           synth_samples, synth_iters, include,
            exclude, rank_multiple, plan_path, seed, device, batch_size, workers,
            calib_fraction, calib_batches, fit, bn_batches, test_subset,
            search_iters, search_warmup, search_loss, search_prior, vbmf_weaken,
@@ -381,10 +395,21 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
     RUN/report.json. The target counts the WHOLE model: layers kept dense count too.
     With --finetune-epochs or --max-steps the compressed model is then distilled from the
     original (CE + λ·layer matching + logit KD). A killed run resumes when re-run with the
-    same command.
+    same command and the same -o (a default run folder is never reused).
+
+    Without --data the run is data-free: --synth-samples inputs are optimised until every
+    BatchNorm layer sees its training statistics, kept in RUN/state/, and used for the rank
+    search, the activation fit, BatchNorm re-estimation and distillation.
+    The input size then comes from the checkpoint's metadata or the architecture's data config
+    (--input-size overrides). A model without BatchNorm gets inputs drawn at its input mean/std,
+    with a warning; --fit activation is refused there. Accuracy is measured only with
+    --eval-data (or labelled --data).
 
     \b
     Examples:
+      lrcompress search resnet18.pt --decomp tt --target-flops 0.3
+      lrcompress search resnet18.pt --input-size 1,28,28 --target-flops 0.3 --max-steps 100 \\
+          --eval-data fashionmnist:/usr/share/datasets/fashion-mnist
       lrcompress search resnet18.pt --input-size 1,28,28 --decomp tt --target-flops 0.3 \\
           --data fashionmnist:/usr/share/datasets/fashion-mnist -o runs/r18-tt30
       lrcompress search timm:test_resnet --data synthetic --target-params 0.5 -o runs/dry
@@ -394,7 +419,9 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
       lrcompress search resnet18.pt --input-size 1,28,28 --target-speedup 2.5 \\
           --latency-engine ort-cpu --latency-batch 64 --data ... -o runs/r18-2.5x
     """
+    from lrcompress.calib.synthesize import SynthConfig
     from lrcompress.commands.compress import CompressConfig, make_target
+    from lrcompress.commands.run_dir import default_run_dir
     from lrcompress.commands.search import search as run_search
     from lrcompress.data import DataConfig
     from lrcompress.measure.latency_target import LatencyConfig
@@ -433,18 +460,25 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         latency=LatencyConfig(engine=latency_engine, threads=latency_threads,
                               batch=latency_batch, strict=strict_target, aware=latency_aware),
     )
+    synth = SynthConfig(samples=synth_samples, iters=synth_iters) if data_spec is None else None
     distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel
     main_rank = distributed.is_main()
+    if out is None:
+        out = default_run_dir(model, cfg.decomp, target.kind, target.ratio)
+    if main_rank:
+        click.echo(f"Run folder: {out}", err=True)
     res = run_search(model, data_spec, out, cfg, arch=arch, num_classes=num_classes,
                      in_chans=in_chans, trust_pickle=trust_pickle,
                      progress=RichProgress() if main_rank else None,
-                     command=click.get_current_context().meta.get("lrcompress.argv", sys.argv))
+                     command=click.get_current_context().meta.get("lrcompress.argv", sys.argv),
+                     eval_spec=eval_spec, synth=synth)
     if not main_rank:
         return
     if as_json:
         _emit_json(res.report)
     else:
         render_search(res.report)
+    click.echo(f"Run folder: {out}", err=True)
 
 
 
@@ -589,8 +623,9 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
 
 @main.command()
 @click.argument("run", type=click.Path())
-@click.option("--max-top1-drop", required=True, type=float,
-              help="Most top-1 points the compressed model may lose (original - final).")
+@click.option("--max-top1-drop", type=float,
+              help="Most top-1 points the compressed model may lose (original - final); needs "
+              "a run that measured accuracy (labelled test data).")
 @click.option("--min-flops-reduction", type=float,
               help="Least share of MACs removed, in [0, 1) (0.5: at least half).")
 @click.option("--min-speedup", type=float,
@@ -608,6 +643,9 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
 def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, speedup_batch,
          baseline, junit, as_json):
     """CI gate: exit 0 when RUN meets every budget, 1 when one fails, 2 on bad input.
+
+    Give at least one budget. A run without accuracy (data-free without --eval-data) takes
+    only --min-flops-reduction and --min-speedup.
 
     The top-1 drop is the original model's top-1 minus the final model's (fine-tuned if the
     run fine-tuned, else decomposed), in points, on the run's test split.

@@ -1,8 +1,14 @@
 """Dataset specs -> train / calibration / test loaders.
 
 A spec names a source: ``fashionmnist:ROOT``, ``mnist:ROOT``, ``cifar10:ROOT``, ``cifar100:ROOT``
-(local files only, nothing is ever downloaded), ``imagefolder:DIR`` (``DIR/train``, ``DIR/val``) or
-``synthetic[:N]`` (seeded random inputs for data-free search and tests).
+(local files only, nothing is ever downloaded), ``imagefolder:DIR`` (``DIR/train/CLASS/*``,
+``DIR/val/CLASS/*``; or a flat folder of images, ``DIR/*.jpg``: unlabelled, see below) or
+``synthetic[:N]`` (seeded random inputs for tests).
+
+A flat image folder has no labels and no test split: every image serves both calibration and
+fine-tuning, labelled by the original model's top-1 (lrcompress.batches), and accuracy needs a
+labelled test set from elsewhere (``--eval-data``). Every image of a flat folder is opened before
+any work, so an unreadable one is named at once; in a class tree it is named when it is read.
 
 Splits: a seeded ``calib_fraction`` of the official TRAINING set is held out as the calibration
 split that drives rank search; the rest is the train split; the test split is the official
@@ -172,22 +178,26 @@ def _adapt_stats(values, chans: int, name: str, explicit: bool) -> tuple[float, 
                     f"give {chans} value(s) (or one for all channels).")
 
 
-def resolve_preprocess(model: nn.Module | None, spec: DataSpec, input_size=None, mean=None,
-                       std=None, in_chans: int | None = None) -> Preprocess:
-    """The input size, normalization and interpolation the model is fed with on ``spec``.
+def resolve_preprocess(model: nn.Module | None, spec: DataSpec | None, input_size=None,
+                       mean=None, std=None, in_chans: int | None = None,
+                       recorded: dict | None = None) -> Preprocess:
+    """The input size, normalization and interpolation the model is fed with on ``spec``
+    (None: no data, the model's own).
 
     Size: explicit ``input_size`` > the dataset's native size (MNIST/CIFAR models usually run at
-    native resolution) > timm's data config of ``model`` > 224. Channels: ``in_chans`` (the
-    model's stem) > an explicit C in ``input_size`` > the first Conv2d's in_channels > the data's.
-    Mean/std: explicit (one value, or one per channel) > timm's data config > ImageNet's, adapted
-    to the channel count (RGB stats averaged for a 1-channel model).
+    native resolution) > the size ``recorded`` in the checkpoint > timm's data config of
+    ``model`` > 224. Channels: ``in_chans`` (the model's stem) > an explicit C in ``input_size``
+    > the first Conv2d's in_channels > the data's. Mean/std: explicit (one value, or one per
+    channel) > ``recorded`` > timm's data config > ImageNet's, adapted to the channel count (RGB
+    stats averaged for a 1-channel model).
     """
-    native = native_input_size(spec)
+    native = native_input_size(spec) if spec is not None else None
     cfg = {}
     if model is not None:
         from timm.data import resolve_model_data_config
 
         cfg = resolve_model_data_config(model)
+    cfg.update({k: v for k, v in (recorded or {}).items() if v is not None})
     exp_c, exp_hw = None, None
     if input_size is not None:
         exp_c, *exp_hw = _explicit_size(input_size)
@@ -195,7 +205,8 @@ def resolve_preprocess(model: nn.Module | None, spec: DataSpec, input_size=None,
         raise UserError(f"--input-size {tuple(input_size)} has {exp_c} channel(s) but the model "
                         f"takes {in_chans}: use --input-size {in_chans},{exp_hw[0]},{exp_hw[1]}.")
     chans = in_chans or exp_c or _stem_channels(model) or (native[0] if native else 3)
-    data_chans = native[0] if native else (3 if spec.kind == "imagefolder" else None)
+    kind = spec.kind if spec is not None else None
+    data_chans = native[0] if native else (3 if kind == "imagefolder" else None)
     if data_chans == 3 and chans == 1:
         raise UserError(f"{spec.kind} images have 3 channels but the model takes 1: use a "
                         "model with in_chans=3, or a grayscale dataset (mnist, fashionmnist).")
@@ -204,7 +215,7 @@ def resolve_preprocess(model: nn.Module | None, spec: DataSpec, input_size=None,
     elif native:
         hw, src = native[1:], f"{spec.kind}'s native size"
     elif cfg.get("input_size"):
-        hw, src = tuple(cfg["input_size"][1:]), "timm data config"
+        hw, src = tuple(cfg["input_size"][1:]), "the checkpoint or timm's data config"
     else:
         hw, src = (224, 224), "default"
     pre = Preprocess(
@@ -214,7 +225,7 @@ def resolve_preprocess(model: nn.Module | None, spec: DataSpec, input_size=None,
         std=_adapt_stats(std if std is not None else cfg.get("std", IMAGENET_STD), chans,
                          "std", explicit=std is not None),
         interpolation=cfg.get("interpolation", "bilinear"),
-        crop_pct=float(cfg.get("crop_pct", 1.0)) if spec.kind == "imagefolder" else 1.0,
+        crop_pct=float(cfg.get("crop_pct", 1.0)) if kind == "imagefolder" else 1.0,
     )
     log.info("preprocess for %s: %s (size from %s)", spec, pre, src)
     return pre
@@ -252,9 +263,13 @@ class DataConfig:
 class Loaders:
     train: DataLoader
     calib: DataLoader
-    test: DataLoader
-    num_classes: int
+    test: DataLoader | None  # None: no test split (a flat image folder)
+    num_classes: int | None  # None: unlabelled
     preprocess: Preprocess
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes is not None
 
 
 def _perm(n: int, seed: int) -> torch.Tensor:
@@ -501,6 +516,11 @@ class SplitDataset(Dataset):
         return {**self.__dict__, "_gen": None, "_gen_seed": None}
 
 
+def _unreadable(path, e: Exception) -> UserError:
+    return UserError(f"Cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the "
+                     "file (it may be truncated or not an image).")
+
+
 class FolderSplit(Dataset):
     """Rows ``indices`` of a torchvision ImageFolder, with per-image PIL transforms."""
 
@@ -511,8 +531,52 @@ class FolderSplit(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        img, y = self.folder[int(self.indices[i])]
+        row = int(self.indices[i])
+        try:
+            img, y = self.folder[row]
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a broken file
+            raise _unreadable(self.folder.samples[row][0], e) from e
         return self.transform(img), y
+
+
+class FlatImages(Dataset):
+    """A flat folder's images, unlabelled: each item is the transformed image alone."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+        self.indices, self.pool = torch.arange(len(files)), "unlabelled"
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise _unreadable(self.files[i], e) from e
+        return self.transform(img)
+
+
+def flat_image_files(root: Path) -> list[Path]:
+    """The image files directly in ``root`` (by extension, sorted); [] when it has none."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _check_images(files: list[Path]) -> None:
+    """Open every image (header and data checks, no decoding): an unreadable one is named."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.verify()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise _unreadable(f, e) from e
 
 
 def _folder_transforms(pre: Preprocess, augment: bool):
@@ -531,6 +595,23 @@ def _folder_transforms(pre: Preprocess, augment: bool):
     return tr, ev
 
 
+def _flat_splits(root: Path, files: list[Path], pre: Preprocess, cfg: DataConfig):
+    """A flat folder: every image for calibration (eval transform) and fine-tuning (augmented);
+    no labels, no test split."""
+    _check_images(files)
+    tr_tf, ev_tf = _folder_transforms(pre, cfg.augment)
+    calib = FlatImages(_subset(files, cfg.calib_subset, cfg.seed), ev_tf)
+    train = FlatImages(_subset(files, cfg.train_subset, cfg.seed), tr_tf)
+    log.info("imagefolder:%s is a flat folder of %d unlabelled images", root, len(files))
+    return train, calib
+
+
+def _subset(files: list[Path], k: int | None, seed: int) -> list[Path]:
+    """``files`` in a seeded order (the first ``k`` of it when given)."""
+    order = _perm(len(files), seed).tolist()
+    return [files[i] for i in _prefix(torch.tensor(order), k, "subset").tolist()]
+
+
 def _imagefolder_splits(root: Path, pre: Preprocess, cfg: DataConfig):
     from torchvision.datasets import ImageFolder
 
@@ -540,7 +621,8 @@ def _imagefolder_splits(root: Path, pre: Preprocess, cfg: DataConfig):
             folders[part] = ImageFolder(str(root / part))
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"imagefolder:{root} needs {root / part}/CLASS/*.jpg (one subfolder "
-                            f"per class, in train/ and val/): {e}") from e
+                            f"per class, in train/ and val/), or unlabelled images directly in "
+                            f"{root}: {e}") from e
     if folders["train"].classes != folders["val"].classes:
         raise UserError(f"{root}/train and {root}/val have different class folders: "
                         f"{folders['train'].classes} vs {folders['val'].classes}.")
@@ -600,6 +682,9 @@ def build_loaders(spec: DataSpec, pre: Preprocess, cfg: DataConfig = DataConfig(
         if pre.input_size[0] != 3:
             raise UserError(f"imagefolder images are RGB but the model takes {pre.input_size[0]} "
                             "channel(s): use a model with in_chans=3.")
+        files = [] if (root / "train").is_dir() else flat_image_files(root)
+        if files:
+            return _unlabelled_loaders(*_flat_splits(root, files, pre, cfg), pre, cfg)
         *datasets, k = _imagefolder_splits(root, pre, cfg)
     else:
         datasets, k = _tensor_splits(spec, pre, cfg, num_classes)
@@ -611,12 +696,17 @@ def build_loaders(spec: DataSpec, pre: Preprocess, cfg: DataConfig = DataConfig(
     train, calib, test = datasets
     log.info("%s: %d train, %d calib, %d test samples, %d classes",
              spec, len(train), len(calib), len(test), k)
+    return Loaders(_loader(train, True, cfg), _loader(calib, False, cfg),
+                   _loader(test, False, cfg), k, pre)
 
-    def loader(ds, shuffle):
-        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.workers,
-                          generator=torch.Generator().manual_seed(cfg.seed),
-                          persistent_workers=cfg.workers > 0,
-                          # a last batch of 1 breaks BatchNorm in training mode
-                          drop_last=shuffle and len(ds) > cfg.batch_size)
 
-    return Loaders(loader(train, True), loader(calib, False), loader(test, False), k, pre)
+def _unlabelled_loaders(train, calib, pre: Preprocess, cfg: DataConfig) -> Loaders:
+    return Loaders(_loader(train, True, cfg), _loader(calib, False, cfg), None, None, pre)
+
+
+def _loader(ds, shuffle: bool, cfg: DataConfig) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.workers,
+                      generator=torch.Generator().manual_seed(cfg.seed),
+                      persistent_workers=cfg.workers > 0,
+                      # a last batch of 1 breaks BatchNorm in training mode
+                      drop_last=shuffle and len(ds) > cfg.batch_size)

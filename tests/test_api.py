@@ -116,6 +116,22 @@ def test_without_data_only_data_free_methods_run():
         run(calib=None, eval=None, method="rene")
 
 
+def test_synth_makes_the_api_data_free():
+    """synth=SynthConfig() without calib/train: inputs synthesised for the rene search, the
+    activation fit and distillation; accuracy still measured on eval=."""
+    synth = lrcompress.SynthConfig(samples=16, batch_size=16, iters=3)
+    result = run(calib=None, method="rene", fit="activation", synth=synth,
+                 finetune=lrcompress.FinetuneConfig(max_steps=1))
+    free = result.report["data_free"]
+    assert free["method"] == "batchnorm statistics" and free["batchnorm_layers"] == 2
+    assert free["used_for"] == ["the rene rank search", "the activation fit",
+                                "BatchNorm re-estimation", "fine-tuning"]
+    assert result.report["bn_recalibration"]["samples"] == 16  # on the synthesised inputs
+    assert result.report["accuracy"]["finetuned"]["n"] == 64
+    with pytest.raises(lrcompress.UserError, match="leave it out"):
+        run(synth=synth)  # calib given as well
+
+
 def test_the_same_seed_gives_the_same_file_and_run_dir_matches_save(tmp_path):
     a = run(run_dir=tmp_path / "run", method="uniform")
     b = run(method="uniform")

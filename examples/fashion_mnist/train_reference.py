@@ -210,7 +210,10 @@ def main(argv=None) -> int:
     if args.safetensors:
         from safetensors.torch import save_file
 
-        save_file(sd, str(out.with_suffix(".safetensors")), metadata={"arch": str(arch)})
+        # The input size and normalisation let `lrcompress search` run without --data.
+        save_file(sd, str(out.with_suffix(".safetensors")), metadata={
+            "arch": str(arch), "input_size": json.dumps(list(pre.input_size)),
+            "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std))})
     meta = {
         "arch": str(arch), "num_classes": 10, "in_chans": 1, "data": str(spec),
         "preprocess": asdict(pre), "recipe": recipe_name, "recipe_params": asdict(recipe),

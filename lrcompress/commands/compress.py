@@ -4,8 +4,9 @@ A :class:`Job` holds what every stage reads (the original model, the rank proble
 the configuration, the run folder, the progress sink). :func:`run_stages` calls the stages in
 order:
 
-    evaluate original → [LoRITa] → rank selection → decomposition → target check → evaluate
-    → BatchNorm re-estimation → evaluate → [distillation → evaluate] → save + report
+    [synthesise inputs] → evaluate original → [LoRITa] → rank selection → decomposition
+    → target check → evaluate → BatchNorm re-estimation → evaluate
+    → [distillation → evaluate] → save + report
 
 Each stage is a function of a few dozen lines that returns a value; each one that takes long
 keeps its result under RUN/state/ (through :class:`~lrcompress.commands.run_dir.RunDir`) so an
@@ -15,6 +16,7 @@ interrupted run resumes after the last finished stage. Without a run folder noth
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrcompress.batches import sample_count
+from lrcompress.batches import sample_count, top1_labeller
+from lrcompress.calib.synthesize import (
+    SynthConfig,
+    Synthetic,
+    has_batchnorm,
+    load_synthetic,
+    noise_inputs,
+    save_synthetic,
+    synthesize,
+)
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
@@ -62,6 +73,8 @@ from lrcompress.util.io import write_json, write_text
 from lrcompress.util.progress import Progress
 from lrcompress.util.resources import rebatch, retry_halving
 from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_DIR
+
+log = logging.getLogger(__name__)
 
 AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
 FITS = ("weight", "activation")
@@ -157,6 +170,7 @@ class Loaders:
     test: object | None = None
     description: str = ""  # for the report: a data spec, or "Python loaders"
     batch_size: int | None = None  # samples per batch, when known (progress totals)
+    eval_description: str | None = None  # the test set's own spec (--eval-data), if any
 
 
 @dataclass
@@ -174,6 +188,11 @@ class Job:
     command: list[str] | None = None
     times: dict[str, float] = field(default_factory=dict)
     latency: dict | None = None  # latency costs and checks (prepare_latency, latency_stage)
+    # Data-free mode: how to make calibration inputs when there is no calibration data; the
+    # input normalisation (mean, std) keeps them in the valid pixel range when known.
+    synth: SynthConfig | None = None
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    data_free: dict | None = None  # what synthesize_stage made (the report's "data_free")
 
 
 @dataclass
@@ -351,6 +370,83 @@ def check_reachable(problem: RankProblem, model: nn.Module, input_size,
             "spread": round(w.spread, 4), "first_budget": round(start, 4)}
 
 
+# ------------------------------------------------------------------------- data-free mode
+
+SYNTHETIC_FILE = "synthetic.safetensors"  # under RUN/state/: a resumed run reuses the inputs
+NO_BATCHNORM = ("{arch} has no BatchNorm layer, so there are no statistics to synthesise "
+                "calibration inputs from: using inputs drawn at the model's input mean/std "
+                "instead. A few hundred unlabelled real images (--data imagefolder:DIR, a flat "
+                "folder is fine) do much better.")
+
+
+def needs_data(cfg: CompressConfig, plan_given: bool = False,
+               batchnorm: bool = False) -> list[str]:
+    """The stages of a job that read calibration or training inputs (``batchnorm``: the model
+    has BatchNorm layers to re-estimate)."""
+    uses = []
+    if cfg.method in DATA_METHODS and not plan_given:
+        uses.append(f"the {cfg.method} rank search")
+    if cfg.fit == "activation":
+        uses.append("the activation fit")
+    if cfg.lorita.enabled:
+        uses.append("LoRITa pre-tuning")
+    if cfg.bn_batches and batchnorm:
+        uses.append("BatchNorm re-estimation")
+    if cfg.finetune.enabled:
+        uses.append("fine-tuning")
+    return uses
+
+
+def check_data_free(model: nn.Module, cfg: CompressConfig, arch: str) -> None:
+    """Before any work: refuse what data-free mode cannot do for ``model``."""
+    if cfg.fit == "activation" and not has_batchnorm(model):
+        raise UserError(f"--fit activation fits the factors to the layers' outputs on "
+                        f"calibration inputs, but no data was given and {arch} has no BatchNorm "
+                        "layer to synthesise inputs from (random inputs would only fit noise). "
+                        "Give a few hundred unlabelled real images (--data imagefolder:DIR, a "
+                        "flat folder is fine), or use --fit weight.")
+
+
+def synthesize_stage(job: Job) -> dict:
+    """Data-free mode: calibration and training inputs made from the original model (kept in
+    RUN/state/, so a resumed run reuses them), labelled with its top-1 prediction."""
+    uses = needs_data(job.cfg, job.given_plan is not None, has_batchnorm(job.model))
+    if not uses:
+        return {"method": None, "used_for": [], "note": "no stage of this run reads inputs"}
+    if job.run.has_state(SYNTHETIC_FILE):
+        syn = load_synthetic(job.run.state(SYNTHETIC_FILE))
+    else:
+        syn = _make_synthetic(job)
+        if job.run.writes:
+            save_synthetic(syn, job.run.state(SYNTHETIC_FILE))
+    calib, train = _synthetic_loaders(job, syn.inputs)
+    job.loaders = replace(job.loaders, calib=calib, train=train, batch_size=calib.batch_size)
+    return {**syn.summary, "used_for": uses}
+
+
+def _make_synthetic(job: Job) -> Synthetic:
+    synth = job.synth
+    if not has_batchnorm(job.model):
+        log.warning(NO_BATCHNORM.format(arch=job.info.arch))
+        return noise_inputs(job.input_size, synth.samples, job.cfg.seed)
+    mean, std = job.norm if job.norm is not None else (None, None)
+    return synthesize(job.model, job.input_size, job.info.num_classes, synth, mean=mean,
+                      std=std, seed=job.cfg.seed, progress=job.progress)
+
+
+def _synthetic_loaders(job: Job, x: torch.Tensor):
+    """(calib, train) loaders over the synthetic inputs, labelled by the original's top-1."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    bs = min(job.cfg.data.batch_size, len(x))
+    label = top1_labeller(job.model, job.device)
+    ds = TensorDataset(x, torch.cat([label(x[i:i + bs]) for i in range(0, len(x), bs)]))
+    calib = DataLoader(ds, batch_size=bs, shuffle=False)
+    train = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=len(ds) > bs,
+                       generator=torch.Generator().manual_seed(job.cfg.seed))
+    return calib, train
+
+
 # ---------------------------------------------------------------------------------- stages
 
 
@@ -439,7 +535,8 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         progress.stage(f"rank selection ({cfg.method})")
     if cfg.method in DATA_METHODS and not batches:
         raise UserError(f"The rank method {cfg.method!r} needs calibration data (calib=...). "
-                        "Give a few hundred inputs, or use method='uniform'.")
+                        "Give a few hundred inputs, synth=SynthConfig() to synthesise them from "
+                        "the model's BatchNorm statistics, or use method='uniform'.")
     cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
     cache = Cache(None if cache_dir is None else Path(cache_dir) / "signals.json")
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
@@ -625,6 +722,8 @@ def run_stages(job: Job) -> CompressResult:
     times = job.times
     job.run.open()
     job.model.to(job.device).eval()
+    if job.synth is not None and job.loaders.calib is None:
+        job.data_free = _timed(times, "synthesize", synthesize_stage, job)
     acc = {}
     original = _timed(times, "eval_original", evaluate_stage, job, job.model, "original",
                       "evaluating the original model")
@@ -702,4 +801,5 @@ def _skeleton(model: nn.Module, plan: Plan) -> nn.Module:
 __all__ = ["CompressConfig", "DEFAULT_RANK_MULTIPLE", "CompressResult", "Job", "Loaders",
            "build_problem",
            "calibration_batches", "decompose_stage", "evaluate_stage", "run_stages",
-           "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE"]
+           "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE", "SynthConfig",
+           "check_data_free", "needs_data", "synthesize_stage"]

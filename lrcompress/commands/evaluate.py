@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.errors import UserError
 from lrcompress.measure.latency import LatencyConfig, measure
 from lrcompress.measure.metrics import evaluate, independent_macs, param_count
 from lrcompress.model.loading import load_model
@@ -59,8 +60,12 @@ def eval_model(spec: str, data_spec: str, cfg: EvalConfig = EvalConfig(), *, arc
     size = cfg.input_size or ((rep or {}).get("model") or {}).get("input_size") or info.input_size
     dspec = parse_data_spec(data_spec)
     pre = resolve_preprocess(model, dspec, input_size=size, mean=cfg.mean or conf.get("mean"),
-                             std=cfg.std or conf.get("std"), in_chans=info.in_chans)
+                             std=cfg.std or conf.get("std"), in_chans=info.in_chans,
+                             recorded=info.recorded())
     loaders = build_loaders(dspec, pre, cfg.data, num_classes=info.num_classes)
+    if loaders.test is None:
+        raise UserError(f"--data {data_spec} is a flat folder of unlabelled images: accuracy "
+                        "needs labels. Give DIR/val/CLASS/* images or a labelled dataset.")
     device = resolve_device(cfg.device)
     progress.stage("evaluating", total=len(loaders.test.dataset))
     acc = evaluate(model.to(device), loaders.test, device, progress=progress.advance)

@@ -95,7 +95,7 @@ class ExportResult:
 def parity_inputs(report: dict, model: nn.Module, n: int, data: str | None = None):
     """(inputs, description): the first ``n`` test images of the run's data, preprocessed as
     the search did; seeded random inputs (said so) when that data is no longer available."""
-    spec = data or report["data"]["spec"]
+    spec = data or report["data"].get("eval_spec") or report["data"]["spec"]
     conf = report.get("config") or {}
     m = report["model"]
     try:

@@ -16,12 +16,12 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from lrcompress.errors import UserError
-from lrcompress.report.schema import final_accuracy, read_report
+from lrcompress.report.schema import final_accuracy, has_accuracy, read_report
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    max_top1_drop: float  # points of top-1 the compressed model may lose (e.g. 1.0)
+    max_top1_drop: float | None = None  # points of top-1 the model may lose (e.g. 1.0)
     min_flops_reduction: float | None = None  # at least this share of MACs removed, in [0, 1)
     min_speedup: float | None = None  # measured speed-up at least this (needs `export`)
     speedup_engine: str = "onnxruntime"  # which latency row --min-speedup reads: onnxruntime|torch
@@ -29,6 +29,10 @@ class GateConfig:
     baseline: str | None = None  # another RUN: compare with its final top-1, not the original's
 
     def __post_init__(self):
+        if all(v is None for v in (self.max_top1_drop, self.min_flops_reduction,
+                                   self.min_speedup)):
+            raise UserError("Give at least one budget: --max-top1-drop PTS, "
+                            "--min-flops-reduction R or --min-speedup S.")
         if self.min_flops_reduction is not None and not 0 <= self.min_flops_reduction < 1:
             raise UserError(f"--min-flops-reduction {self.min_flops_reduction} is the share of "
                             "MACs removed, in [0, 1): 0.5 means at least half of them.")
@@ -94,25 +98,8 @@ def gate(run_dir, cfg: GateConfig) -> GateResult:
     run = Path(run_dir)
     report = read_report(run)
     checks = []
-    stage, fin = final_accuracy(report)
-    if cfg.baseline:
-        base = read_report(cfg.baseline)
-        for key in ("spec", "test_samples"):
-            if base["data"].get(key) != report["data"].get(key):
-                raise UserError(f"--baseline {cfg.baseline} was evaluated on other data "
-                                f"({key} {base['data'].get(key)!r} vs "
-                                f"{report['data'].get(key)!r}): accuracies are only comparable "
-                                "on the same test set.")
-        bstage, bacc = final_accuracy(base)
-        ref, ref_what = bacc["top1"], f"baseline {cfg.baseline} ({bstage}) {bacc['top1']:.2f}"
-    else:
-        ref = report["accuracy"]["original"]["top1"]
-        ref_what = f"original {ref:.2f}"
-    drop = ref - fin["top1"]
-    checks.append(Check(f"top-1 drop <= {cfg.max_top1_drop:g} pts", round(drop, 4),
-                        drop <= cfg.max_top1_drop,
-                        f"{ref_what} -> {stage} {fin['top1']:.2f} (% top-1, "
-                        f"{report['data']['test_samples']} test samples)"))
+    if cfg.max_top1_drop is not None:
+        checks.append(_top1_check(report, run, cfg))
     if cfg.min_flops_reduction is not None:
         tot = report["totals"]
         red = 1 - tot["macs_ratio"]
@@ -125,6 +112,40 @@ def gate(run_dir, cfg: GateConfig) -> GateResult:
         checks.append(Check(f"speed-up >= {cfg.min_speedup:g}x", sp, sp >= cfg.min_speedup,
                             what))
     return GateResult(str(run), tuple(checks))
+
+
+def _no_accuracy(run, why: str) -> UserError:
+    return UserError(f"--max-top1-drop needs measured accuracy, but {run} {why}: it had no "
+                     "labelled test data (a data-free run, or unlabelled images, without "
+                     "--eval-data). Re-run the search with --eval-data SPEC, or gate it only on "
+                     "--min-flops-reduction / --min-speedup.")
+
+
+def _top1_check(report: dict, run: Path, cfg: GateConfig) -> Check:
+    """The top-1 drop from the original's (or the baseline run's) top-1 to the final one's."""
+    if not has_accuracy(report):
+        raise _no_accuracy(run, "measured none")
+    stage, fin = final_accuracy(report)
+    if cfg.baseline:
+        base = read_report(cfg.baseline)
+        for key in ("spec", "eval_spec", "test_samples"):
+            if base["data"].get(key) != report["data"].get(key):
+                raise UserError(f"--baseline {cfg.baseline} was evaluated on other data "
+                                f"({key} {base['data'].get(key)!r} vs "
+                                f"{report['data'].get(key)!r}): accuracies are only comparable "
+                                "on the same test set.")
+        if not has_accuracy(base):
+            raise _no_accuracy(cfg.baseline, "(the --baseline) measured none")
+        bstage, bacc = final_accuracy(base)
+        ref, ref_what = bacc["top1"], f"baseline {cfg.baseline} ({bstage}) {bacc['top1']:.2f}"
+    else:
+        ref = report["accuracy"]["original"]["top1"]
+        ref_what = f"original {ref:.2f}"
+    drop = ref - fin["top1"]
+    return Check(f"top-1 drop <= {cfg.max_top1_drop:g} pts", round(drop, 4),
+                 drop <= cfg.max_top1_drop,
+                 f"{ref_what} -> {stage} {fin['top1']:.2f} (% top-1, "
+                 f"{report['data']['test_samples']} test samples)")
 
 
 def junit_xml(result: GateResult) -> str:

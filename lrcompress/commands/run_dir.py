@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,23 @@ class RunDir:
     def remove_state(self, name: str) -> None:
         if self.writes:
             self.state(name).unlink(missing_ok=True)
+
+
+def default_run_dir(model_spec: str, decomp: str, target_kind: str, ratio: float,
+                    root="runs") -> Path:
+    """``runs/<checkpoint stem>-<decomp>-<target>`` (e.g. ``runs/resnet18-tt-flops0.3``), never a
+    folder that holds files: ``-2``, ``-3``, ... are added until one is absent or empty. A
+    default name therefore never resumes a run; give ``-o`` for that."""
+    stem = Path(model_spec.rstrip("/")).stem
+    if ":" in stem:  # timm:NAME(args) -> NAME
+        stem = stem.split(":", 1)[1].split("(", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "model"
+    base = Path(root) / f"{stem}-{decomp}-{target_kind}{ratio:g}"
+    path, n = base, 1
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _check_writable(out: Path) -> None:

@@ -1,8 +1,12 @@
-"""``lrcompress search``: from a checkpoint and a data spec to a compressed model in RUN/.
+"""``lrcompress search``: from a checkpoint (and a data spec) to a compressed model in RUN/.
 
-This module turns the command's inputs (a checkpoint, an architecture name, a data spec) into a
+This module turns the command's inputs (a checkpoint, an architecture name, data specs) into a
 :class:`~lrcompress.commands.compress.Job` — every input validated before RUN/ is created, so bad
 input leaves nothing behind — and runs the job's stages (:mod:`lrcompress.commands.compress`).
+
+Without a data spec the job is data-free: calibration and training inputs are synthesised from
+the model's BatchNorm statistics (:mod:`lrcompress.calib.synthesize`), and accuracy is measured
+only on an ``eval_spec``'s test split.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from pathlib import Path
 
 import torch
 
+from lrcompress.batches import UserBatches, top1_labeller
 from lrcompress.commands.compress import (
     CompressConfig,
     CompressResult,
     Job,
     Loaders,
+    SynthConfig,
     build_problem,
+    check_data_free,
     prepare_latency,
     resolve_device,
     run_stages,
@@ -34,7 +41,7 @@ from lrcompress.util.progress import Progress
 SearchConfig = CompressConfig
 
 
-def fingerprint(model_spec: str, data_spec: str, cfg: CompressConfig, extra: dict) -> dict:
+def fingerprint(model_spec: str, data_spec: str | None, cfg: CompressConfig, extra: dict) -> dict:
     """What must be equal for a re-run to continue the previous one."""
     d = cfg.resume_dict()
     path = Path(model_spec)
@@ -49,18 +56,23 @@ def fingerprint(model_spec: str, data_spec: str, cfg: CompressConfig, extra: dic
     return json.loads(json.dumps(d, default=list))
 
 
-def search(model_spec: str, data_spec: str, out_dir, cfg: CompressConfig, *, arch=None,
+def search(model_spec: str, data_spec: str | None, out_dir, cfg: CompressConfig, *, arch=None,
            num_classes=None, in_chans=None, trust_pickle=False, progress: Progress | None = None,
-           command: list[str] | None = None) -> CompressResult:
+           command: list[str] | None = None, eval_spec: str | None = None,
+           synth: SynthConfig | None = None) -> CompressResult:
     """Run the whole job into ``out_dir``; an interrupted run of the same command resumes.
 
     Stage state lives in RUN/state/: the chosen plan, the decomposed weights, and each
     fine-tuning epoch. Every input is checked before RUN/ is created or changed.
+    ``data_spec`` None: data-free (inputs synthesised as ``synth`` says, default SynthConfig());
+    ``eval_spec``: the test split accuracy is measured on (default: ``data_spec``'s).
     """
     progress = progress or Progress()
     t = time.perf_counter()
-    fp = fingerprint(model_spec, data_spec, cfg, {"arch": arch, "num_classes": num_classes,
-                                                  "in_chans": in_chans})
+    synth = (synth or SynthConfig()) if data_spec is None else None
+    fp = fingerprint(model_spec, data_spec, cfg, {
+        "arch": arch, "num_classes": num_classes, "in_chans": in_chans, "eval_spec": eval_spec,
+        **({"synth": synth.to_dict()} if synth else {})})
     run = RunDir(out_dir, fp, cfg.overwrite)
     run.check()
     device = resolve_device(cfg.device)
@@ -73,19 +85,40 @@ def search(model_spec: str, data_spec: str, out_dir, cfg: CompressConfig, *, arc
         raise UserError(f"{model_spec} is already compressed by lrcompress. Search the original "
                         "checkpoint instead.")
     model, info = lm.model, lm.info
-    dspec = parse_data_spec(data_spec)
-    pre = resolve_preprocess(model, dspec, input_size=cfg.input_size, mean=cfg.mean,
-                             std=cfg.std, in_chans=info.in_chans)
+    dspec, espec = (parse_data_spec(s) if s else None for s in (data_spec, eval_spec))
+    pre = resolve_preprocess(model, dspec or espec, input_size=cfg.input_size, mean=cfg.mean,
+                             std=cfg.std, in_chans=info.in_chans, recorded=info.recorded())
     problem = build_problem(model, info, pre.input_size, cfg)
     given_plan = _read_plan(cfg, info.arch)
-    built = build_loaders(dspec, pre, cfg.data, num_classes=info.num_classes)
+    if dspec is None:
+        check_data_free(model, cfg, info.arch)
+    loaders = _loaders(model, device, dspec, espec, pre, cfg, info.num_classes)
+    loaders.description, loaders.eval_description = data_spec or "none (data-free)", eval_spec
     latency = prepare_latency(problem, model, tuple(pre.input_size), cfg, progress)
-    loaders = Loaders(built.calib, built.train, built.test, description=data_spec,
-                      batch_size=cfg.data.batch_size)
     job = Job(model, info, tuple(pre.input_size), problem, loaders, cfg, device, run, progress,
-              given_plan, command, latency=latency)
+              given_plan, command, latency=latency, synth=synth, norm=(pre.mean, pre.std))
     job.times["load"] = time.perf_counter() - t
     return run_stages(job)
+
+
+def _loaders(model, device, dspec, espec, pre, cfg: CompressConfig, num_classes) -> Loaders:
+    """Calibration and training batches from ``dspec`` (None: data-free, filled in by the
+    synthesis stage; unlabelled ones labelled by the original's top-1), test batches from
+    ``espec`` when given, else from ``dspec``."""
+    calib = train = test = None
+    if dspec is not None:
+        built = build_loaders(dspec, pre, cfg.data, num_classes=num_classes)
+        calib, train, test = built.calib, built.train, built.test
+        if not built.labelled:
+            label = top1_labeller(model, device)
+            calib, train = (UserBatches(dl, what, input_shape=None, labeller=label)
+                            for dl, what in ((calib, "calib"), (train, "train")))
+    if espec is not None:
+        test = build_loaders(espec, pre, cfg.data, num_classes=num_classes).test
+        if test is None:
+            raise UserError(f"--eval-data {espec} has no labelled test split (a flat image "
+                            "folder is unlabelled): give DIR/val/CLASS/* images or a dataset.")
+    return Loaders(calib, train, test, batch_size=cfg.data.batch_size)
 
 
 def _read_plan(cfg: CompressConfig, arch: str) -> Plan | None:

@@ -50,6 +50,13 @@ class ModelInfo:
     in_chans: int
     source: str  # checkpoint path, or "random" for a bare architecture name
     input_size: tuple[int, int, int] | None = None  # recorded size (compressed models), if any
+    # Input normalisation recorded in the checkpoint's metadata (train_reference.py writes it).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def recorded(self) -> dict:
+        """What the checkpoint says about its inputs (for data.resolve_preprocess)."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std}
 
 
 @dataclass

@@ -8,6 +8,7 @@ caller.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -71,7 +72,27 @@ def load_model(
     model = build(a, num_classes or nc_ck, in_chans or ic_ck)
     load_state_dict_strict(model, sd, f"{a} (from {path.name})")
     nc, ic = _model_io(model)
-    return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path)))
+    return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path), **_recorded(meta, path)))
+
+
+def _recorded(meta: dict, path: Path) -> dict:
+    """input_size / mean / std from a safetensors checkpoint's metadata (JSON lists or
+    comma-separated numbers); a value that is not that is ignored, with a warning."""
+    out = {}
+    for key, kind, n in (("input_size", int, 3), ("mean", float, None), ("std", float, None)):
+        text = meta.get(key)
+        if text is None:
+            continue
+        try:
+            vals = json.loads(text) if text.strip().startswith("[") else text.split(",")
+            vals = tuple(kind(v) for v in vals)
+            if (n is not None and len(vals) != n) or not vals:
+                raise ValueError(f"expected {n or 'some'} values")
+        except (ValueError, TypeError) as e:
+            log.warning("%s: ignoring its metadata %s=%r (%s)", path.name, key, text, e)
+            continue
+        out[key] = vals
+    return out
 
 
 def _model_io(model: nn.Module) -> tuple[int, int]:

@@ -32,7 +32,7 @@ class BnRecalibration:
         return asdict(self)
 
 
-def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+def batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
@@ -71,7 +71,7 @@ def recalibrate_bn(model: nn.Module, changed: list[str], loader, device, max_bat
     Returns None when there is nothing to do (no factorized layer, no BatchNorm after one).
     The model is left in eval mode. Non-finite statistics (NaN/Inf in the data) are an error.
     """
-    bns = _batchnorms(model)
+    bns = batchnorms(model)
     if not bns or not changed or max_batches < 1:
         return None
     model.eval()

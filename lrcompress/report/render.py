@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from lrcompress.report.schema import data_notes, has_accuracy
+
 
 def console() -> Console:
     con = Console(highlight=False, soft_wrap=False)
@@ -58,8 +60,9 @@ def render_search(report: dict) -> None:
               f"{tot['macs_ratio']:.3f}")
     t.add_row("params", human(tot["params_before"]), human(tot["params_after"]),
               f"{tot['params_ratio']:.3f}")
-    t.add_row("top-1 (test), after decomposition", f"{acc['original']['top1']:.2f}",
-              f"{acc['decomposed']['top1']:.2f}", "")
+    if has_accuracy(report):
+        t.add_row("top-1 (test), after decomposition", f"{acc['original']['top1']:.2f}",
+                  f"{acc['decomposed']['top1']:.2f}", "")
     if acc.get("bn_recalibrated"):
         bn = report.get("bn_recalibration") or {}
         t.add_row(f"top-1 (test), BatchNorm re-estimated ({bn.get('layers', '?')} layers)", "",
@@ -68,6 +71,8 @@ def render_search(report: dict) -> None:
         t.add_row("top-1 (test), after fine-tuning", "", f"{acc['finetuned']['top1']:.2f}", "")
     con = console()
     con.print(t)
+    for line in data_notes(report):
+        con.print(line, highlight=False)
     lat = report.get("latency") or {}
     if lat.get("summary"):
         c = lat["config"]

@@ -30,7 +30,10 @@ SECTIONS = {
     "seed": "the run's seed",
     "config": "CompressConfig.to_dict()",
     "model": "source, arch, num_classes, in_chans, input_size",
-    "data": "spec, test_samples, calib_batches, train_samples",
+    "data": "spec (calibration/training), eval_spec (--eval-data: the test set, if another), "
+            "test_samples (None: accuracy not measured), calib_batches, train_samples",
+    "data_free": "no calibration data: how the inputs were synthesised (method, config, "
+                 "BatchNorm-statistics match before/after, seconds) and what used them; or None",
     "target": "kind, ratio",
     "totals": "MACs and params before/after (FlopCounterMode), their ratios",
     "accuracy": "original, decomposed, bn_recalibrated, finetuned: Accuracy dicts (as present)",
@@ -68,10 +71,11 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
         "config": cfg.to_dict(),
         "model": {"source": info.source, "arch": info.arch, "num_classes": info.num_classes,
                   "in_chans": info.in_chans, "input_size": list(job.input_size)},
-        "data": {"spec": loaders.description,
+        "data": {"spec": loaders.description, "eval_spec": loaders.eval_description,
                  "test_samples": acc["original"]["n"] if "original" in acc else None,
                  "calib_batches": calib_batches,
                  "train_samples": sample_count(loaders.train)},
+        "data_free": job.data_free,
         "target": {"kind": cfg.target.kind, "ratio": cfg.target.ratio},
         "totals": {
             "macs_before": problem.base_macs, "macs_after": macs,
@@ -164,3 +168,22 @@ def final_accuracy(report: dict) -> tuple[str, dict]:
 def has_accuracy(report: dict) -> bool:
     """Whether the run measured test accuracy (a Python-API run without eval data did not)."""
     return bool((report.get("accuracy") or {}).get("original"))
+
+
+def data_notes(report: dict) -> list[str]:
+    """What the run's inputs were, when that is not plain labelled data, and what follows."""
+    lines, free = [], report.get("data_free") or {}
+    if free.get("method") == "batchnorm statistics":
+        m0, m1 = free["match_noise"], free["match"]
+        lines.append(f"Data-free: {free['config']['samples']} inputs synthesised from "
+                     f"{free['batchnorm_layers']} BatchNorm layers' statistics in "
+                     f"{free['seconds']:.0f}s (mean/std error {m0['mean_err']:.2f}/"
+                     f"{m0['std_err']:.2f} → {m1['mean_err']:.2f}/{m1['std_err']:.2f} of each "
+                     f"channel's std), used for {', '.join(free['used_for'])}.")
+    elif free.get("method"):
+        lines.append(f"Data-free: inputs drawn at the model's input mean/std (no BatchNorm to "
+                     f"synthesise from), used for {', '.join(free['used_for'])}.")
+    if not has_accuracy(report):
+        lines.append("Accuracy: not measured (no labelled test data). Pass --eval-data SPEC "
+                     "to measure it; `lrcompress gate` accepts only non-accuracy budgets here.")
+    return lines

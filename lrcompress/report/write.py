@@ -17,7 +17,7 @@ import io
 import re
 from pathlib import Path
 
-from lrcompress.report.schema import final_accuracy, has_accuracy
+from lrcompress.report.schema import data_notes, final_accuracy, has_accuracy
 from lrcompress.util.io import atomic_path
 
 PLOT_DIR = "plots"
@@ -226,7 +226,10 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
                   [[k, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['loss']:.4f}",
                     str(a["n"])] for k, a in acc.items() if a]))
     else:
-        b.append(("p", "Not measured: the run had no test data (Python API without eval=)."))
+        b.append(("p", "Not measured: the run had no test data (a data-free run or an "
+                       "unlabelled image folder without --eval-data, or the Python API without "
+                       "eval=)."))
+    b += [("p", line) for line in data_notes(report) if line.startswith("Data-free")]
     bn = report.get("bn_recalibration")
     if bn:
         b.append(("p", f"bn_recalibrated: after decomposition the running statistics of the "
