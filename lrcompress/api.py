@@ -66,7 +66,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
              input_key: str | None = None, label_key: str | None = None,
              rank_multiple: int = DEFAULT_RANK_MULTIPLE, calib_batches: int = 8,
              bn_batches: int = 16,
-             fit: str = "weight", rene: ReneConfig | None = None, plan: Plan | None = None,
+             fit: str = "auto", rene: ReneConfig | None = None, plan: Plan | None = None,
              overwrite: bool = False, progress: Progress | None = None,
              synth: SynthConfig | None = None) -> CompressResult:
     """Compress ``model`` so that it meets the target; returns model, plan and report.

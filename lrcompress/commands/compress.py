@@ -77,7 +77,7 @@ from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_
 log = logging.getLogger(__name__)
 
 AUTO_FACTORIZATIONS = ("svd", "tucker2", "cp", "tt")
-FITS = ("weight", "activation")
+FITS = ("auto", "weight", "activation")
 
 
 # Ranks on a grid of 16: ONNX Runtime's CPU convolutions work in blocks of 16 channels on AVX-512
@@ -119,9 +119,10 @@ class CompressConfig:
     bn_batches: int = 16
     # Where latency targets (and --latency-aware) are measured.
     latency: LatencyConfig = field(default_factory=LatencyConfig)
-    # What the factors fit: "weight" (min ‖W − Ŵ‖) or "activation" (min output error on the
-    # calibration batches' layer inputs; factorizations/_activation.py).
-    fit: str = "weight"
+    # What the factors fit: "weight" (min ‖W − Ŵ‖), "activation" (min output error on the
+    # calibration batches' layer inputs; factorizations/_activation.py) or "auto" (activation
+    # whenever calibration inputs exist: fit_of).
+    fit: str = "auto"
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -397,6 +398,14 @@ def needs_data(cfg: CompressConfig, plan_given: bool = False,
     return uses
 
 
+def fit_of(cfg: CompressConfig, has_calib: bool) -> str:
+    """The fit the decomposition uses: ``auto`` is the activation fit whenever calibration
+    inputs exist (real ones, or those synthesised for a data-free run), else the weight fit."""
+    if cfg.fit == "auto":
+        return "activation" if has_calib else "weight"
+    return cfg.fit
+
+
 def check_data_free(model: nn.Module, cfg: CompressConfig, arch: str) -> None:
     """Before any work: refuse what data-free mode cannot do for ``model``."""
     if cfg.fit == "activation" and not has_batchnorm(model):
@@ -573,7 +582,7 @@ def decompose_stage(job: Job, source: nn.Module, plan: Plan, fresh: bool = False
         out = Decomposed(student, dec["rel_error"], dec["retries"], dec.get("fit"))
     else:
         stats = batches = None
-        if job.cfg.fit == "activation":
+        if fit_of(job.cfg, job.loaders.calib is not None) == "activation":
             batches = calibration_batches(job)
             stats, fit_skipped = collect_input_stats(source, batches, plan)
         job.progress.stage("decomposing", total=len(plan.layers))
