@@ -166,7 +166,25 @@ STAGES = (("load", ("load",)), ("rank search / pruning", ("rank_selection", "pru
           ("save + export", ("save", "export", "save_export")))
 
 
-def speed_section(rows: dict, decompose: dict | None) -> list[str]:
+def search_speed_lines(search: dict | None) -> list[str]:
+    """The rank-selection time before/after table (``tool/search_speed.json``): rank selection
+    as a multiple of one evaluation of the original on the test set, with the plan's top-1."""
+    if not search:
+        return []
+    out = ["", search["title"], "", *search.get("notes", []), "",
+           "| date | model, setting | code | rank selection s (CPU s) | eval original s | "
+           "ratio | top-1 after BN | narrowing steps: α iterations |", "|---|" + "---|" * 7]
+    for r in search["rows"]:
+        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {r['select_wall_s']:.0f} "
+                   f"({_f(r.get('select_cpu_s'), '.0f')}) | {_f(r.get('eval_wall_s'), '.1f')} | "
+                   f"{_f(r.get('ratio'), '.1f')} | {_f(r.get('bn_top1'), '.2f')} | "
+                   f"{r.get('alpha_iters', '–')} |")
+    out += ["", "Commands:", ""] + [f"- {k}: `{c}`" for k, c in search["commands"].items()]
+    return out
+
+
+def speed_section(rows: dict, decompose: dict | None, search: dict | None = None
+                  ) -> list[str]:
     out = ["### Speed of the tool", "",
            "Wall seconds of each stage as the commands report them, the whole command (process "
            "start to exit, search + export), and peak memory of the process (RSS; GPU memory "
@@ -195,7 +213,7 @@ def speed_section(rows: dict, decompose: dict | None) -> list[str]:
             out.append(f"| {d['method']} | " + " | ".join(
                 f"{v['seconds']:.2f} s ({v['rel_error']:.3f})" for v in d["per_rank"].values())
                 + f" | {d['decompose_many_seconds']:.2f} s |")
-    return out + [""]
+    return out + search_speed_lines(search) + [""]
 
 
 def closing_note(rows: dict) -> list[str]:
@@ -363,7 +381,8 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
                 lines += model_section(prof, rows, refs.get(model), model)
         dec = _load_decompose(results_root / prof)
         lines += closing_note(rows) + equal_latency_section(d["eq"])
-        lines += latency_section(rows) + speed_section(rows, dec)
+        lines += latency_section(rows) + speed_section(rows, dec, _load_tool(
+            results_root / prof, "search_speed.json"))
         lines += ["### Commands", "", "<details><summary>Every row's commands and date"
                   "</summary>", ""]
         for r in rows.values():
@@ -389,7 +408,11 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
 
 
 def _load_decompose(d: Path) -> dict | None:
-    p = d / "tool" / "decompose_512.json"
+    return _load_tool(d, "decompose_512.json")
+
+
+def _load_tool(d: Path, name: str) -> dict | None:
+    p = d / "tool" / name
     return json.loads(p.read_text()) if p.exists() else None
 
 

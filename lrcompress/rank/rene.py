@@ -100,6 +100,8 @@ class ReneConfig:
     stop_tol: float = 0.0
     min_iters: int = 20
     stop_every: int = 5
+    # Weight steps leave out candidates whose probability is below this (0: none) [PROPOSAL].
+    weight_floor: float = 0.0
     # Exact speed-ups (the same numbers either way; off only to check that): one reconstruction
     # per iteration shared by the α and weight steps, candidate factors kept across steps.
     exact_speedups: bool = True
@@ -112,8 +114,10 @@ class ReneConfig:
             raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
         if self.prior_temp <= 0:
             raise ValueError(f"bad ReneConfig {self}: prior_temp must be > 0")
-        if self.stop_tol < 0 or self.min_iters < 1 or self.stop_every < 1:
-            raise ValueError(f"bad ReneConfig {self}: stop_tol>=0, min_iters>=1, stop_every>=1")
+        if self.stop_tol < 0 or self.min_iters < 1 or self.stop_every < 1 or not (
+                0 <= self.weight_floor < 1):
+            raise ValueError(f"bad ReneConfig {self}: stop_tol>=0, min_iters>=1, stop_every>=1, "
+                             "0<=weight_floor<1")
 
 
 def _chain_apply(seq: nn.Sequential, factors, x):
@@ -209,18 +213,27 @@ class MixedLayer(nn.Module):
         args = {"dilation": self.conv_args["dilation"]} if probe else self.conv_args
         return F.conv2d(x, w, bias, **args)
 
-    def weight_loss(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def weight_loss(self, p: torch.Tensor, gen: torch.Generator, floor: float = 0.0
+                    ) -> torch.Tensor:
         """‖W − Σ_r p_r Ŵ(r)‖² / ‖W‖², exactly or (for large layers) by Gaussian probes:
-        E_z‖A z‖² = ‖A‖²_F for z ~ N(0, I) (Hutchinson), an unbiased estimate."""
+        E_z‖A z‖² = ‖A‖²_F for z ~ N(0, I) (Hutchinson), an unbiased estimate.
+
+        ``floor`` > 0 leaves the candidates with p_r < floor out of the mixture (the most
+        probable one always stays): their gradient is p_r times that of the mixture, so this
+        step would barely move them, and their chains are not run."""
         t = self.target
+        keep = [k for k in range(len(self.cands)) if floor <= 0 or p[k] >= floor
+                or k == int(p.argmax())]
         if not self.probe_weights:
-            w = sum(pk * wk for pk, wk in zip(p, self.stashed_recon()))
+            recon = self.stashed_recon()
+            w = sum(p[k] * recon[k] for k in keep)
             return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
         shape = self.probe_spec.in_hw if self.is_conv else ()
         z = torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen).to(t)
         want = self._dense_apply(t, z, probe=True)
-        got = sum(pk * (want if c is None else _chain_apply(c, list(b), z))
-                  for pk, c, b in zip(p, self.probe_chains, self.branches))
+        got = sum(p[k] * (want if self.probe_chains[k] is None
+                          else _chain_apply(self.probe_chains[k], list(self.branches[k]), z))
+                  for k in keep)
         return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
 
     def forward(self, x):
@@ -513,7 +526,8 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
         for it in range(cfg.warmup + cfg.iters):
             # Weight step (Eq. 8): data-free, mixture reconstruction, p held fixed.
             opt_w.zero_grad(set_to_none=True)
-            rec_loss = sum(mx.weight_loss(mx.probs().detach(), gen) for mx in layers)
+            rec_loss = sum(mx.weight_loss(mx.probs().detach(), gen, cfg.weight_floor)
+                           for mx in layers)
             rec_loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
