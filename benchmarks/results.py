@@ -172,13 +172,16 @@ def search_speed_lines(search: dict | None) -> list[str]:
     if not search:
         return []
     out = ["", search["title"], "", *search.get("notes", []), "",
-           "| date | model, setting | code | rank selection s (CPU s) | eval original s | "
-           "ratio | top-1 after BN | narrowing steps: α iterations |", "|---|" + "---|" * 7]
+           "| date | model, setting | code | rank selection s, wall (CPU) | evaluation of the "
+           "original s, wall (CPU) | ratio wall (CPU) | top-1 after BN | α iterations per step |",
+           "|---|" + "---|" * 7]
     for r in search["rows"]:
-        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {r['select_wall_s']:.0f} "
-                   f"({_f(r.get('select_cpu_s'), '.0f')}) | {_f(r.get('eval_wall_s'), '.1f')} | "
-                   f"{_f(r.get('ratio'), '.1f')} | {_f(r.get('bn_top1'), '.2f')} | "
-                   f"{r.get('alpha_iters', '–')} |")
+        sel, ev = r["select_s"], r.get("eval_s") or [None, None]
+        ratio = [None if e is None or v is None else v / e for v, e in zip(sel, ev)]
+        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {_f(sel[0], '.0f')} "
+                   f"({_f(sel[1], '.0f')}) | {_f(ev[0], '.1f')} ({_f(ev[1], '.1f')}) | "
+                   f"{_f(ratio[0], '.0f')}× ({_f(ratio[1], '.0f')}×) | "
+                   f"{_f(r.get('bn_top1'), '.2f')} | {r.get('alpha_iters', '–')} |")
     out += ["", "Commands:", ""] + [f"- {k}: `{c}`" for k, c in search["commands"].items()]
     return out
 
