@@ -166,7 +166,28 @@ STAGES = (("load", ("load",)), ("rank search / pruning", ("rank_selection", "pru
           ("save + export", ("save", "export", "save_export")))
 
 
-def speed_section(rows: dict, decompose: dict | None) -> list[str]:
+def search_speed_lines(search: dict | None) -> list[str]:
+    """The rank-selection time before/after table (``tool/search_speed.json``): rank selection
+    as a multiple of one evaluation of the original on the test set, with the plan's top-1."""
+    if not search:
+        return []
+    out = ["", search["title"], "", *search.get("notes", []), "",
+           "| date | model, setting | code | rank selection s, wall (CPU) | evaluation of the "
+           "original s, wall (CPU) | ratio wall (CPU) | top-1 after BN | α iterations per step |",
+           "|---|" + "---|" * 7]
+    for r in search["rows"]:
+        sel, ev = r["select_s"], r.get("eval_s") or [None, None]
+        ratio = [None if e is None or v is None else v / e for v, e in zip(sel, ev)]
+        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {_f(sel[0], '.0f')} "
+                   f"({_f(sel[1], '.0f')}) | {_f(ev[0], '.1f')} ({_f(ev[1], '.1f')}) | "
+                   f"{_f(ratio[0], '.0f')}× ({_f(ratio[1], '.0f')}×) | "
+                   f"{_f(r.get('bn_top1'), '.2f')} | {r.get('alpha_iters', '–')} |")
+    out += ["", "Commands:", ""] + [f"- {k}: `{c}`" for k, c in search["commands"].items()]
+    return out
+
+
+def speed_section(rows: dict, decompose: dict | None, search: dict | None = None
+                  ) -> list[str]:
     out = ["### Speed of the tool", "",
            "Wall seconds of each stage as the commands report them, the whole command (process "
            "start to exit, search + export), and peak memory of the process (RSS; GPU memory "
@@ -195,7 +216,7 @@ def speed_section(rows: dict, decompose: dict | None) -> list[str]:
             out.append(f"| {d['method']} | " + " | ".join(
                 f"{v['seconds']:.2f} s ({v['rel_error']:.3f})" for v in d["per_rank"].values())
                 + f" | {d['decompose_many_seconds']:.2f} s |")
-    return out + [""]
+    return out + search_speed_lines(search) + [""]
 
 
 def closing_note(rows: dict) -> list[str]:
@@ -363,7 +384,8 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
                 lines += model_section(prof, rows, refs.get(model), model)
         dec = _load_decompose(results_root / prof)
         lines += closing_note(rows) + equal_latency_section(d["eq"])
-        lines += latency_section(rows) + speed_section(rows, dec)
+        lines += latency_section(rows) + speed_section(rows, dec, _load_tool(
+            results_root / prof, "search_speed.json"))
         lines += ["### Commands", "", "<details><summary>Every row's commands and date"
                   "</summary>", ""]
         for r in rows.values():
@@ -389,7 +411,11 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
 
 
 def _load_decompose(d: Path) -> dict | None:
-    p = d / "tool" / "decompose_512.json"
+    return _load_tool(d, "decompose_512.json")
+
+
+def _load_tool(d: Path, name: str) -> dict | None:
+    p = d / "tool" / name
     return json.loads(p.read_text()) if p.exists() else None
 
 

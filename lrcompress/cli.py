@@ -355,6 +355,10 @@ def parse_floats(value, name):
               type=click.Choice(["loss-model", "zero"]),
               help="rene's initial logits: loss-model = minus each candidate's predicted loss "
               "increase (one calibration pass per layer); zero = the paper.")
+@click.option("--search-tol", type=click.FloatRange(min=0),
+              help="rene: end a narrowing step once no layer's rank probabilities moved by more "
+              "than this (total variation) over 5 iterations, after at least 20; 0 = run all "
+              "--search-iters. Default: ReneConfig.stop_tol.")
 @click.option("--vbmf-weaken", type=click.FloatRange(0, 1),
               help="vbmf: r = r_full − w·(r_full − r_vbmf); 1 = pure VBMF (default).")
 @click.option("--max-loss-increase", type=click.FloatRange(min=0),
@@ -386,7 +390,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
            synth_samples, synth_iters, include,
            exclude, rank_multiple, plan_path, seed, device, batch_size, workers,
            calib_fraction, calib_batches, fit, bn_batches, test_subset,
-           search_iters, search_warmup, search_loss, search_prior, vbmf_weaken,
+           search_iters, search_warmup, search_loss, search_prior, search_tol, vbmf_weaken,
            max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
            auto_batch, **finetune_kw):
@@ -456,7 +460,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
                        **({"bisect": {"max_loss_increase": max_loss_increase}}
                           if max_loss_increase is not None else {})},
         rene=ReneConfig(iters=search_iters, warmup=search_warmup, alpha_loss=search_loss,
-                        prior=search_prior.replace("-", "_")),
+                        prior=search_prior.replace("-", "_"),
+                        **({} if search_tol is None else {"stop_tol": search_tol})),
         input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
         plan_path=plan_path, overwrite=overwrite, auto_batch=auto_batch,
         latency=LatencyConfig(engine=latency_engine, threads=latency_threads,

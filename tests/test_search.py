@@ -242,7 +242,12 @@ def test_rene_resumes_after_the_last_finished_search_step(resnet_ckpt, tmp_path,
     choice, trace = rene.softmax_search(ctx, FAST_RENE)
     assert calls_after["n"] == len(full_trace["steps"]) - 1
     assert choice == full_choice
-    assert json.dumps(trace, sort_keys=True) == json.dumps(full_trace, sort_keys=True)
+
+    def results(t):  # the trace without the measured seconds of each step
+        return json.dumps({**t, "steps": [{k: v for k, v in s.items() if k != "seconds"}
+                                          for s in t["steps"]]}, sort_keys=True)
+
+    assert results(trace) == results(full_trace)
 
 
 def test_narrow_deep_stem_model_does_not_crash_the_search(tmp_path):

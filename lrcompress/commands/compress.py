@@ -39,6 +39,7 @@ from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
 from lrcompress.factorizations import ALIASES, FACTORIZATIONS
+from lrcompress.measure.estimate import RunEstimate, forward_seconds
 from lrcompress.measure.latency_target import (
     LatencyConfig,
     check_engine,
@@ -59,7 +60,7 @@ from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
 from lrcompress.model.plan import Plan, Target
 from lrcompress.model.surgery import decompose_
 from lrcompress.model.weights import build_compressed, save_compressed
-from lrcompress.rank import SelectContext, get_method
+from lrcompress.rank import SelectContext, get_estimator, get_method
 from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
 from lrcompress.rank.rene import ReneConfig
 from lrcompress.rank.selection_state import SelectionState
@@ -194,6 +195,7 @@ class Job:
     synth: SynthConfig | None = None
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     data_free: dict | None = None  # what synthesize_stage made (the report's "data_free")
+    estimate: dict | None = None  # the run-time estimate made before the search
 
 
 @dataclass
@@ -522,10 +524,37 @@ def select_stage(job: Job, source: nn.Module, batches: list) -> tuple[Plan, dict
         plan, trace = job.given_plan, {"reapplied": str(cfg.plan_path)}
     else:
         plan, trace = select_ranks(source, job.problem, batches, cfg, job.device, run,
-                                   tick=job.progress.advance, progress=job.progress)
+                                   tick=job.progress.advance, progress=job.progress,
+                                   estimate=lambda rows: announce_estimate(job, source, batches,
+                                                                           rows))
         plan = replace(plan, target=cfg.target)  # solved at a corrected latency budget, maybe
     _keep_plan(job, plan, trace)
     return plan, trace
+
+
+def announce_estimate(job: Job, source: nn.Module, batches: list, rows) -> RunEstimate:
+    """One line before the search: every stage's units × the measured cost of one (the rank
+    method's own ``rows``; a forward, and a forward + backward, of the original on a calibration
+    batch; the original's measured evaluation). Kept as ``job.estimate`` for the report."""
+    cfg, est = job.cfg, RunEstimate()
+    for row in rows:
+        est.add(*row)
+    if not rows:
+        est.unknown.append(f"rank selection ({cfg.method})")
+    x = (batches[0][0] if batches else  # no data: a batch of zeros of the input's shape
+         torch.zeros(job.loaders.batch_size or 1, *job.input_size)).to(job.device)
+    fwd = forward_seconds(source, x)
+    t_eval = job.times.get("eval_original")
+    if t_eval is not None:
+        est.add("evaluation", 2 + cfg.finetune.enabled, "test passes", t_eval)
+    if cfg.bn_batches and job.loaders.calib is not None:
+        est.add("BatchNorm re-estimation", cfg.bn_batches, "batches", fwd)
+    if cfg.finetune.enabled and job.loaders.train is not None:
+        steps = cfg.finetune.max_steps or cfg.finetune.epochs * len(job.loaders.train)
+        est.add("fine-tuning", steps, "steps", forward_seconds(source, x, backward=True) + fwd)
+    job.progress.info(est.line())
+    job.estimate = est.to_dict()
+    return est
 
 
 def _keep_plan(job: Job, plan: Plan, trace: dict) -> None:
@@ -537,8 +566,10 @@ def _keep_plan(job: Job, plan: Plan, trace: dict) -> None:
 
 def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
                  device, run: RunDir | None = None, tick=None,
-                 progress: Progress | None = None) -> tuple[Plan, dict]:
-    """Run the rank method ``cfg.method`` on ``problem``: returns ``(plan, trace)``."""
+                 progress: Progress | None = None, estimate=None) -> tuple[Plan, dict]:
+    """Run the rank method ``cfg.method`` on ``problem``: returns ``(plan, trace)``.
+    ``estimate``, when given, first receives the method's run-time rows (empty when it has no
+    probe) before the search starts."""
     run = run or RunDir(None)
     if progress is not None:
         progress.stage(f"rank selection ({cfg.method})")
@@ -555,6 +586,10 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
                         tick=tick or (lambda: None), state=state,
                         stage=progress.stage if progress is not None else
                         (lambda name, total=None: None))
+
+    if estimate is not None:
+        probe = get_estimator(cfg.method)
+        estimate(probe(ctx) if probe is not None and batches else [])
 
     def select(size):  # --auto-batch: the same calibration samples in smaller batches
         ctx.batches = rebatch(batches, size)
@@ -706,7 +741,7 @@ def finetune_stage(job: Job, student: nn.Module, plan: Plan) -> dict:
     ft = distill(student, job.model, plan, job.loaders, cfg.finetune, job.device,
                  state_dir=state_dir, progress=job.progress.advance,
                  fingerprint=job.run.fingerprint_text, seed=cfg.seed,
-                 auto_batch=cfg.auto_batch)
+                 auto_batch=cfg.auto_batch, note=job.progress.note)
     return {"config": ft.config, "history": ft.history, "best_epoch": ft.best_epoch,
             "steps": ft.steps, "resumed_from_epoch": ft.resumed_from_epoch,
             "skipped_steps": ft.skipped_steps, "micro_batch": ft.micro_batch}
@@ -773,6 +808,8 @@ def run_stages(job: Job) -> CompressResult:
                           lorita_report, len(batches))
     times["save"] = time.perf_counter() - t
     report["seconds"] = {k: round(v, 3) for k, v in times.items()}
+    if job.estimate is not None:
+        report["estimate"] = job.estimate
     save_stage(job, student, plan, report)
     job.progress.end()
     return CompressResult(student, plan, report, job.run.path)

@@ -26,6 +26,8 @@ from lrcompress.rank.selection_state import SelectionState
 from lrcompress.rank.signals import Cache
 
 RANK_METHODS: dict[str, Callable] = {}
+# Per method: ctx -> rows (stage, units, unit, seconds per unit) from a quick probe.
+ESTIMATORS: dict[str, Callable] = {}
 
 
 def register(name: str):
@@ -61,6 +63,15 @@ class SelectContext:
     # Mid-search progress under RUN/state/ (selection_state.SelectionState): load() at the start,
     # save() every so often, so a killed search resumes inside its loop. None: not kept.
     state: SelectionState | None = None
+    # What a method's run-time probe (``get_estimator``) leaves for its search, e.g. rene's
+    # first-step candidate factors, so the probe's work is not done twice.
+    scratch: dict = field(default_factory=dict)
+
+
+def get_estimator(name: str) -> Callable | None:
+    """The method's run-time probe, or None when it has none."""
+    _load_builtin()
+    return ESTIMATORS.get(name)
 
 
 def _load_builtin() -> None:
@@ -77,7 +88,8 @@ def _load_builtin() -> None:
     register("isvt")(svt.select_isvt)
     register("bisect")(bisect.select)
     register("sensitivity")(sensitivity.select)
+    ESTIMATORS["rene"] = rene.estimate
 
 
 __all__ = ["DENSE", "LayerOptions", "Option", "RankProblem", "SelectContext", "allocate",
-           "get_method", "layer_options", "register", "RANK_METHODS"]
+           "get_estimator", "get_method", "layer_options", "register", "RANK_METHODS"]

@@ -54,6 +54,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -70,6 +71,9 @@ from lrcompress.recover.losses import kd_loss
 from lrcompress.util.numerics import NonFiniteGuard, all_finite, first_nonfinite
 
 log = logging.getLogger(__name__)
+
+# The search's time source (its per-part seconds and the run-time estimate); tests swap it.
+clock = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,17 @@ class ReneConfig:
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
     prior: str = "loss_model"
     prior_temp: float = 0.02
+    # Early stop of a narrowing step [PROPOSAL]: every ``stop_every`` α iterations, once at least
+    # ``min_iters`` were run, the step ends when no layer's rank distribution moved by more than
+    # ``stop_tol`` in total variation (½Σ|p − p'|) since the previous check. 0 runs all ``iters``.
+    stop_tol: float = 0.0
+    min_iters: int = 20
+    stop_every: int = 5
+    # Weight steps leave out candidates whose probability is below this (0: none) [PROPOSAL].
+    weight_floor: float = 0.0
+    # Exact speed-ups (the same numbers either way; off only to check that): one reconstruction
+    # per iteration shared by the α and weight steps, candidate factors kept across steps.
+    exact_speedups: bool = True
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -99,6 +114,10 @@ class ReneConfig:
             raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
         if self.prior_temp <= 0:
             raise ValueError(f"bad ReneConfig {self}: prior_temp must be > 0")
+        if self.stop_tol < 0 or self.min_iters < 1 or self.stop_every < 1 or not (
+                0 <= self.weight_floor < 1):
+            raise ValueError(f"bad ReneConfig {self}: stop_tol>=0, min_iters>=1, stop_every>=1, "
+                             "0<=weight_floor<1")
 
 
 def _chain_apply(seq: nn.Sequential, factors, x):
@@ -160,6 +179,8 @@ class MixedLayer(nn.Module):
         self.mix_outputs = out_cost < recon_cost
         self.probe_weights = probe_cost < recon_cost
         self.n_probes = probes
+        self.reuse_recon = True
+        self._stash: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
 
     def probs(self) -> torch.Tensor:
         """p = softmax(α − μ·c): the budget shift μ·c is set by the projection each iteration."""
@@ -169,6 +190,21 @@ class MixedLayer(nn.Module):
         return [self.target if f is None else f.reconstruct(list(b), self.spec)
                 for f, b in zip(self.facts, self.branches)]
 
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.branches.parameters())
+
+    def drop_stash(self) -> None:
+        self._stash = None
+
+    def stashed_recon(self) -> list[torch.Tensor]:
+        """:meth:`recon`, taken from the last forward pass when the factors have not changed
+        since (their in-place version counters say so): the α step's forward and the next
+        weight step reconstruct the same factors, so one reconstruction serves both (exact)."""
+        stash, self._stash = self._stash, None
+        if stash is not None and stash[0] == self._versions():
+            return stash[1]
+        return self.recon()
+
     def _dense_apply(self, w: torch.Tensor, x: torch.Tensor, bias=None,
                      probe: bool = False) -> torch.Tensor:
         """The layer with weight ``w``; ``probe``: on the probe spec (no stride or padding)."""
@@ -177,18 +213,27 @@ class MixedLayer(nn.Module):
         args = {"dilation": self.conv_args["dilation"]} if probe else self.conv_args
         return F.conv2d(x, w, bias, **args)
 
-    def weight_loss(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def weight_loss(self, p: torch.Tensor, gen: torch.Generator, floor: float = 0.0
+                    ) -> torch.Tensor:
         """‖W − Σ_r p_r Ŵ(r)‖² / ‖W‖², exactly or (for large layers) by Gaussian probes:
-        E_z‖A z‖² = ‖A‖²_F for z ~ N(0, I) (Hutchinson), an unbiased estimate."""
+        E_z‖A z‖² = ‖A‖²_F for z ~ N(0, I) (Hutchinson), an unbiased estimate.
+
+        ``floor`` > 0 leaves the candidates with p_r < floor out of the mixture (the most
+        probable one always stays): their gradient is p_r times that of the mixture, so this
+        step would barely move them, and their chains are not run."""
         t = self.target
+        keep = [k for k in range(len(self.cands)) if floor <= 0 or p[k] >= floor
+                or k == int(p.argmax())]
         if not self.probe_weights:
-            w = sum(pk * wk for pk, wk in zip(p, self.recon()))
+            recon = self.stashed_recon()
+            w = sum(p[k] * recon[k] for k in keep)
             return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
         shape = self.probe_spec.in_hw if self.is_conv else ()
         z = torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen).to(t)
         want = self._dense_apply(t, z, probe=True)
-        got = sum(pk * (want if c is None else _chain_apply(c, list(b), z))
-                  for pk, c, b in zip(p, self.probe_chains, self.branches))
+        got = sum(p[k] * (want if self.probe_chains[k] is None
+                          else _chain_apply(self.probe_chains[k], list(self.branches[k]), z))
+                  for k in keep)
         return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
 
     def forward(self, x):
@@ -203,8 +248,13 @@ class MixedLayer(nn.Module):
             if self.bias is not None:
                 y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
             return y
-        with torch.no_grad():
-            recon = self.recon()
+        if self.reuse_recon and not self.probe_weights and torch.is_grad_enabled():
+            recon = self.recon()  # with its graph: the next weight step reuses it
+            self._stash = (self._versions(), recon)
+            recon = [wk.detach() for wk in recon]
+        else:
+            with torch.no_grad():
+                recon = self.recon()
         return self._dense_apply(sum(pk * wk for pk, wk in zip(p, recon)), x, self.bias)
 
 
@@ -226,6 +276,19 @@ def initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, i
     return cands, steps
 
 
+def planned_steps(steps: list[dict[str, int]], refine: int) -> int:
+    """How many narrowing steps the search will run: a layer whose candidate step is s needs
+    one more step after each narrowing while s > 1 (s → max(1, ⌊s/f⌋), as :func:`narrow`)."""
+    most = 1
+    for per_method in steps:
+        for s in per_method.values():
+            n = 1
+            while s > 1:
+                s, n = max(1, s // refine), n + 1
+            most = max(most, n)
+    return most
+
+
 def narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[int], int]:
     """Figure 3's rule in grid units: r̄ ± step/2 at step ⌊step/f⌋ (at least one grid unit)."""
     m = lo.options[best].factorization
@@ -238,8 +301,8 @@ def narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[in
     return sorted({idx[k] for k in range(lo_i, hi_i + 1, new)} | {best}), new
 
 
-def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
-           ) -> tuple[list[int], dict]:
+def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None,
+                   factors: CandidateFactors | None = None) -> tuple[list[int], dict]:
     """Run the multi-step search; returns (chosen option per layer, trace).
 
     ``prior[i][j]``, when given, is minus the predicted loss increase of option j of layer i;
@@ -262,6 +325,9 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
         state.append((cands, steps))
     trace = {"config": asdict(cfg), "steps": []}
     step_no = 0
+    if factors is None or not cfg.exact_speedups:
+        factors = CandidateFactors(model, keep=cfg.exact_speedups)
+    n_steps = planned_steps([steps for _, steps in state], cfg.refine)
     ckpt = _StepCheckpoint(ctx, cfg, prior is not None)
     resumed = ckpt.load()
     if resumed is not None:
@@ -270,31 +336,16 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
     while True:
         step_no += 1
         torch.manual_seed(ctx.seed + step_no)  # each step reproducible on its own (resume)
-        ctx.stage(f"rank selection (rene): step {step_no}, candidate factors per layer",
+        of = f"step {step_no} of {n_steps}"
+        ctx.stage(f"rank selection (rene): {of}, candidate factors per layer",
                   total=len(problem.layers))
-        mixed = {}
-        for lo, (cands, _) in zip(problem.layers, state):
-            base = model.get_submodule(lo.spec.name)
-            per_method: dict[str, list[int]] = {}
-            for j in cands:
-                per_method.setdefault(lo.options[j].factorization, []).append(j)
-            factors_by_j = {j: [] for j in per_method.pop(DENSE, [])}
-            for m, js in per_method.items():
-                fs = get_factorization(m).decompose_many(
-                    base.weight.detach(), lo.spec, [lo.options[j].rank for j in js])
-                factors_by_j.update(zip(js, fs))
-            cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
-            mx = MixedLayer(base, lo.spec, cl, [factors_by_j[j] for j in cands],
-                            batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
-            if prior is not None:
-                i = len(mixed)
-                with torch.no_grad():
-                    mx.alpha.copy_(torch.tensor([prior[i][j] / cfg.prior_temp for j in cands]))
-            mixed[lo.spec.name] = mx
-            ctx.tick()
-        ctx.stage(f"rank selection (rene): step {step_no}, weight and rank iterations "
-                  f"({cfg.warmup} weight-only first)", total=cfg.iters)
+        t0 = clock()
+        mixed = _mixed_layers(ctx, cfg, state, prior, factors)
+        t1 = clock()
+        ctx.stage(f"rank selection (rene): {of}, weight and rank iterations "
+                  f"({cfg.warmup} weight-only first)", total=cfg.warmup + cfg.iters)
         step_trace = _optimise(ctx, problem, mixed, cfg, kind, teacher)
+        step_trace["seconds"]["decompose"] = round(t1 - t0, 3)
         choice = expected_cost_choice(problem, list(mixed.values()))
         step_trace["chosen_ranks"] = {
             lo.spec.name: [lo.options[j].factorization, lo.options[j].rank]
@@ -317,6 +368,59 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None
         if done or all(len(c) == 1 for c, _ in state):
             return choice, trace
         ckpt.save(step_no, state, trace)
+
+
+class CandidateFactors:
+    """Every candidate's initial factors, decomposed once per (layer, factorization, rank) for
+    the whole search: a later narrowing step asks again for the ranks it keeps (r̄ at least), and
+    a layer already narrowed to one rank asks for it at every step. The decompositions are
+    deterministic and a rank's factors do not depend on which other ranks are decomposed with it
+    (one shared SVD/HOSVD per call, truncated), so a cached entry equals a fresh one."""
+
+    def __init__(self, model: nn.Module, keep: bool = True):
+        self.model, self.keep = model, keep
+        self.store: dict[tuple[str, str, int], list[torch.Tensor]] = {}
+        self.computed = 0  # decompositions actually run (the rest came from the store)
+
+    def get(self, lo: LayerOptions, js: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Option index -> factors (empty for the dense option), for the options ``js``."""
+        weight = self.model.get_submodule(lo.spec.name).weight.detach()
+        if not self.keep:
+            self.store.clear()
+        per_method: dict[str, list[int]] = {}
+        for j in js:
+            o = lo.options[j]
+            if o.factorization != DENSE and self._key(lo, j) not in self.store:
+                per_method.setdefault(o.factorization, []).append(j)
+        for m, todo in per_method.items():
+            fs = get_factorization(m).decompose_many(
+                weight, lo.spec, [lo.options[j].rank for j in todo])
+            self.store.update((self._key(lo, j), f) for j, f in zip(todo, fs))
+            self.computed += len(todo)
+        return {j: [] if lo.options[j].factorization == DENSE else self.store[self._key(lo, j)]
+                for j in js}
+
+    @staticmethod
+    def _key(lo: LayerOptions, j: int) -> tuple[str, str, int]:
+        return lo.spec.name, lo.options[j].factorization, lo.options[j].rank
+
+
+def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors) -> dict:
+    """One :class:`MixedLayer` per layer over its current candidates, logits at the prior."""
+    mixed = {}
+    for i, (lo, (cands, _)) in enumerate(zip(ctx.problem.layers, state)):
+        base = ctx.model.get_submodule(lo.spec.name)
+        by_j = factors.get(lo, cands)
+        cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
+        mx = MixedLayer(base, lo.spec, cl, [by_j[j] for j in cands],
+                        batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
+        mx.reuse_recon = cfg.exact_speedups
+        if prior is not None:
+            with torch.no_grad():
+                mx.alpha.copy_(torch.tensor([prior[i][j] / cfg.prior_temp for j in cands]))
+        mixed[lo.spec.name] = mx
+        ctx.tick()
+    return mixed
 
 
 class _StepCheckpoint:
@@ -408,6 +512,8 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
     model = ctx.model
     gen = torch.Generator().manual_seed(ctx.seed)
     health = _Health(mixed, hist)
+    clock = _StepClock()
+    watch = Convergence(layers, cfg)
     # oneDNN's CPU backward crashed the process (SIGSEGV, heap corruption) on a resnet18 with
     # 8-channel layers at 224×224; no single conv reproduced it. Layers that narrow cost nothing
     # on the reference kernels, which are 3.5× slower on resnet18-sized layers, so only
@@ -420,14 +526,18 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
         for it in range(cfg.warmup + cfg.iters):
             # Weight step (Eq. 8): data-free, mixture reconstruction, p held fixed.
             opt_w.zero_grad(set_to_none=True)
-            rec_loss = sum(mx.weight_loss(mx.probs().detach(), gen) for mx in layers)
+            rec_loss = sum(mx.weight_loss(mx.probs().detach(), gen, cfg.weight_floor)
+                           for mx in layers)
             rec_loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params_w, cfg.grad_clip)
             if health.ok("weight", rec_loss, params_w, f"iteration {it}"):
                 opt_w.step()
             if it < cfg.warmup:
+                clock.lap("warmup")
+                ctx.tick()
                 continue
+            clock.lap("weight")
             # α step (Eq. 9): calibration CE through the budget-projected distribution.
             b = it % len(batches)
             x, y = batches[b]
@@ -442,16 +552,11 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(alphas, cfg.grad_clip)
             if not health.ok("α", ce, alphas, f"iteration {it}"):
+                clock.lap("alpha")
+                ctx.tick()
                 continue
             if cfg.alpha_optimizer == "normsgd":
-                # One global scale for every logit: layers keep their relative sensitivity
-                # (Adam's per-coordinate scaling lets insensitive layers move as fast as
-                # sensitive ones, which a shared budget turns into the wrong trade).
-                with torch.no_grad():
-                    top = max(float(a.grad.abs().max()) for a in alphas if a.grad is not None)
-                    for a in alphas:
-                        if a.grad is not None and top > 0:
-                            a -= cfg.lr_alpha * a.grad / top
+                _normsgd_step(alphas, cfg.lr_alpha)
             else:
                 opt_a.step()
             mu, exp_cost = project_budget(layers, costs, fixed, budget)
@@ -460,8 +565,72 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
             hist["expected_cost_ratio"].append(round(exp_cost / problem.base_cost, 5))
             hist["mu"].append(round(mu, 5))
             hist["recon"].append(round(rec_loss.item(), 6))
+            clock.lap("alpha")
             ctx.tick()
+            if watch.settled(len(hist["ce"])):
+                for _ in range(cfg.warmup + cfg.iters - it - 1):
+                    ctx.tick()  # the stage ends at its announced size
+                break
+    for mx in layers:
+        mx.drop_stash()
+    hist["seconds"] = clock.seconds()
+    hist["alpha_iters"] = len(hist["ce"])
+    if watch.shifts:
+        hist["p_shift"] = watch.shifts
     return hist
+
+
+def _normsgd_step(alphas: list[torch.Tensor], lr: float) -> None:
+    """One global scale for every logit: layers keep their relative sensitivity (Adam's
+    per-coordinate scaling lets insensitive layers move as fast as sensitive ones, which a
+    shared budget turns into the wrong trade)."""
+    with torch.no_grad():
+        top = max(float(a.grad.abs().max()) for a in alphas if a.grad is not None)
+        for a in alphas:
+            if a.grad is not None and top > 0:
+                a -= lr * a.grad / top
+
+
+class _StepClock:
+    """Wall seconds per part of a narrowing step (warm-up, weight steps, α steps)."""
+
+    def __init__(self):
+        self.t = clock()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, part: str) -> None:
+        now = clock()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.t
+        self.t = now
+
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.parts.items()}
+
+
+class Convergence:
+    """Whether a narrowing step's rank distributions have settled (``ReneConfig.stop_tol``).
+
+    Every ``stop_every`` α iterations it measures the largest total-variation distance
+    ½Σ_r|p_r − p'_r| of any layer's distribution from the previous check (``shifts``); the step
+    may stop when that falls below ``stop_tol``, never before ``min_iters`` α iterations."""
+
+    def __init__(self, layers: list[MixedLayer], cfg: ReneConfig):
+        self.layers, self.cfg = layers, cfg
+        self.last: list[torch.Tensor] | None = None
+        self.shifts: list[float] = []
+
+    def settled(self, n_alpha: int) -> bool:
+        cfg = self.cfg
+        if n_alpha % cfg.stop_every:
+            return False
+        with torch.no_grad():
+            now = [mx.probs().detach().clone() for mx in self.layers]
+        last, self.last = self.last, now
+        if last is None:
+            return False
+        shift = max(float((a - b).abs().sum()) / 2 for a, b in zip(now, last))
+        self.shifts.append(round(shift, 6))
+        return cfg.stop_tol > 0 and n_alpha >= cfg.min_iters and shift < cfg.stop_tol
 
 
 @contextlib.contextmanager
@@ -500,21 +669,85 @@ class _Health:
         return False
 
 
+def estimate(ctx) -> list[tuple[str, int, str, float]]:
+    """The search's run time as rows (stage, units, unit, seconds per unit), from a probe: the
+    first step's candidates decomposed (kept in ``ctx.scratch`` for the search) and timed, then
+    one warm-up and two joint iterations timed. Later steps have fewer candidates; their
+    iterations are scaled by the candidate count (:func:`narrowed_counts`). The early stop
+    (``stop_tol``) can only shorten the steps: the estimate assumes every iteration runs."""
+    from lrcompress.rank.signals import calib_loss
+
+    cfg = ctx.config.get("rene") or ReneConfig()
+    problem = ctx.problem
+    for p in ctx.model.parameters():
+        p.requires_grad_(False)
+    state = [initial_candidates(lo, cfg.n_candidates) for lo in problem.layers]
+    factors = CandidateFactors(ctx.model, keep=cfg.exact_speedups)
+    ctx.stage("estimating the run time: rene probe (candidate factors, 3 iterations)",
+              total=len(problem.layers) + 3)
+    t0 = clock()
+    mixed = _mixed_layers(ctx, cfg, state, None, factors)
+    t_dec = clock() - t0
+    probe = replace(cfg, warmup=1, iters=2, stop_tol=0.0)
+    hist = _optimise(ctx, problem, mixed, probe, problem.target.kind, None)
+    ctx.scratch["rene_factors"] = factors
+    sec = hist["seconds"]
+    per_it = (sec.get("weight", 0.0) + sec.get("alpha", 0.0)) / 2
+    per_warm = sec.get("weight", 0.0) / 2
+    t0 = clock()
+    with torch.no_grad():
+        calib_loss(ctx.model, ctx.batches[:1], ctx.device)
+    t_pass = (clock() - t0) * min(4, len(ctx.batches))
+    n = len(problem.layers)
+    rows = [("rank selection: error curves", n, "layers", t_dec / n),
+            ("rank selection: loss model", 2 * n + 1, "calibration passes", t_pass)]
+    counts = narrowed_counts(problem, state, cfg)
+    for k, c in enumerate(counts, 1):
+        scale = c / counts[0]
+        rows.append((f"rank selection: step {k} of {len(counts)}", cfg.warmup + cfg.iters,
+                     "iterations", (cfg.warmup * per_warm + cfg.iters * per_it) * scale
+                     / (cfg.warmup + cfg.iters)))
+    rows.append(("decomposition", n, "layers", t_dec / sum(len(c) for c, _ in state)))
+    return rows
+
+
+def narrowed_counts(problem: RankProblem, state, cfg: ReneConfig) -> list[int]:
+    """Candidates (summed over layers) in each narrowing step, the chosen rank assumed inside
+    its grid (so the counts are the largest possible)."""
+    counts = [sum(len(c) for c, _ in state)]
+    steps = [max(st.values()) for _, st in state]
+    sizes = [len([o for o in lo.options if o.factorization != DENSE]) for lo in problem.layers]
+    for _ in range(planned_steps([{"s": s} for s in steps], cfg.refine) - 1):
+        counts.append(sum(min(size, 2 * (s // 2) // max(1, s // cfg.refine) + 1) if s > 1 else 1
+                          for s, size in zip(steps, sizes)))
+        steps = [max(1, s // cfg.refine) if s > 1 else 1 for s in steps]
+    return counts
+
+
 def select(ctx) -> tuple:
     from lrcompress.rank.problem import allocate
     from lrcompress.rank.sensitivity import truncation_scores
     from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
 
     cfg = ctx.config.get("rene") or ReneConfig()
-    errs = error_curves(ctx.model, ctx.problem, ctx.cache)
-    prior = truncation_scores(ctx, errs)[0] if cfg.prior == "loss_model" else None
-    choice, trace = softmax_search(ctx, cfg, prior)
+    n = len(ctx.problem.layers)
+    ctx.stage("rank selection (rene): loss model, error curves per layer", total=n)
+    errs = error_curves(ctx.model, ctx.problem, ctx.cache, progress=lambda _n: ctx.tick())
+    prior = None
+    if cfg.prior == "loss_model":
+        ctx.stage("rank selection (rene): loss model, calibration loss per layer (prior)",
+                  total=n)
+        prior = truncation_scores(ctx, errs, progress=lambda _n: ctx.tick())[0]
+    choice, trace = softmax_search(ctx, cfg, prior, ctx.scratch.pop("rene_factors", None))
     before = ctx.problem.cost_of(choice)
     # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
     # has no truncation error there, so it is anchored at its smallest rank (cached already).
     ref = [0 if lo.options[j].factorization == DENSE else j
            for lo, j in zip(ctx.problem.layers, choice)]
-    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache)
+    ctx.stage("rank selection (rene): loss model, calibration loss per layer (repair)",
+              total=n)
+    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache,
+                         progress=lambda _n: ctx.tick())
     scores = loss_model_scores(errs, sens, ref)
     final = allocate(ctx.problem, scores, start=choice)
     problem_cost = ctx.problem.cost_of(final)

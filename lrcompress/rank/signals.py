@@ -133,26 +133,46 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     from lrcompress.model.surgery import swap_modules
 
     model.eval()
-    base = None
     out = []
     data = batches_key(batches)  # the loss depends on the batches: another split, another key
-    for lo, j in zip(problem.layers, ref):
+    wkeys = [weight_key(model.get_submodule(lo.spec.name).weight) for lo in problem.layers]
+    base = _BaseLoss(model, batches, device, cache, f"base/{_digest(wkeys)}/{data}")
+    for lo, j, wkey in zip(problem.layers, ref, wkeys):
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
-        key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{weight_key(mod.weight)}/{data}"
+        key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{wkey}/{data}"
         val = cache.get(key)
         if val is None:
-            if base is None:
-                base = calib_loss(model, batches, device)
+            ref_loss = base.value()  # of the unmodified model: before the swap
             chain = get_factorization(o.factorization).from_weight(mod.weight, mod.bias, lo.spec,
                                                                    o.rank)
             with swap_modules(model, {lo.spec.name: chain}):
-                val = calib_loss(model, batches, device) - base
+                val = calib_loss(model, batches, device) - ref_loss
             cache.put(key, val)
         out.append(max(float(val), 1e-6))
         if progress is not None:
             progress(lo.spec.name)
     return out
+
+
+def _digest(keys: list[str]) -> str:
+    return hashlib.sha1("/".join(keys).encode()).hexdigest()[:16]
+
+
+class _BaseLoss:
+    """The unmodified model's calibration loss, measured at most once per model and batches
+    (kept in the cache: the prior and the repair of `rene` both need it)."""
+
+    def __init__(self, model, batches, device, cache: Cache, key: str):
+        self.model, self.batches, self.device, self.cache, self.key = (model, batches, device,
+                                                                      cache, key)
+
+    def value(self) -> float:
+        val = self.cache.get(self.key)
+        if val is None:
+            val = calib_loss(self.model, self.batches, self.device)
+            self.cache.put(self.key, val)
+        return val
 
 
 def loss_model_scores(errs: list[list[float]], sens: list[float], ref: list[int]

@@ -367,7 +367,7 @@ class _Trainer:
 
 
 def _train_epoch(tr: _Trainer, loader, epoch: int, prog: _Progress, total_steps: int,
-                 progress) -> dict:
+                 progress, note=None) -> dict:
     """The steps of one epoch, up to the step budget; the batch-size weighted sums of the loss
     parts and the number of samples ``n`` of the steps taken."""
     sums = {"loss": 0.0, "ce": 0.0, "diss": 0.0, "kd": 0.0, "n": 0}
@@ -383,6 +383,8 @@ def _train_epoch(tr: _Trainer, loader, epoch: int, prog: _Progress, total_steps:
         sums["n"] += b
         for k, v in zip(("loss", "ce", "diss", "kd"), vals, strict=True):
             sums[k] += v * b
+        if note is not None:
+            note(f"epoch {epoch + 1}, running loss {sums['loss'] / sums['n']:.4f}")
         if progress is not None:
             progress(b)
     return sums
@@ -406,7 +408,7 @@ def _epoch_row(tr: _Trainer, calib_loader, sums: dict, epoch: int, step: int, se
 
 
 def _epoch_loop(tr: _Trainer, train_loader, calib_loader, prog: _Progress, epochs: int,
-                total_steps: int, seed: int, progress, save) -> None:
+                total_steps: int, seed: int, progress, save, note=None) -> None:
     """Train the epochs left; after each, record its row and the best epoch so far (on the
     calibration loss) in ``prog`` and ``save`` it."""
     for epoch in range(prog.epoch, epochs):
@@ -416,7 +418,7 @@ def _epoch_loop(tr: _Trainer, train_loader, calib_loader, prog: _Progress, epoch
         tr.student.train()
         skipped_before = tr.guard.skipped
         te = time.perf_counter()
-        sums = _train_epoch(tr, train_loader, epoch, prog, total_steps, progress)
+        sums = _train_epoch(tr, train_loader, epoch, prog, total_steps, progress, note)
         row = _epoch_row(tr, calib_loader, sums, epoch, prog.step, time.perf_counter() - te,
                          tr.guard.skipped - skipped_before)
         prog.history.append(row)
@@ -431,13 +433,14 @@ def _epoch_loop(tr: _Trainer, train_loader, calib_loader, prog: _Progress, epoch
 
 def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: FinetuneConfig,
             device: torch.device, state_dir=None, progress=None, fingerprint: str = "",
-            seed: int = 0, auto_batch: bool = False) -> FinetuneResult:
+            seed: int = 0, auto_batch: bool = False, note=None) -> FinetuneResult:
     """Fine-tune ``student`` in place; on return it holds the best epoch's weights.
 
     A step whose loss or gradients are NaN/Inf is skipped and rolled back (no update, BatchNorm
     statistics restored); three in a row stop the run with a UserError naming the step and the
     first non-finite layer. ``auto_batch``: on CUDA out-of-memory the step is retried in
-    micro-batches of half the size (gradients accumulated), down to 1.
+    micro-batches of half the size (gradients accumulated), down to 1. ``note`` (optional)
+    receives the epoch's running loss after every step, for the progress display.
     """
     t0 = time.perf_counter()
     student.to(device)
@@ -459,7 +462,7 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
     save = partial(_save_state, state_file, fingerprint, student, opt, sched)
     try:
         _epoch_loop(tr, train_loader, loaders.calib, prog, epochs, total_steps, seed, progress,
-                    save)
+                    save, note)
     finally:
         tr.close()
     if prog.best[2] is not None:

@@ -1,0 +1,197 @@
+"""rene's speed-ups: the exact ones change no result, the early stop respects its minimum, cached
+candidate factors equal fresh ones, and the run-time estimate matches the run (fake clock)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import lrcompress.rank.rene as rene
+from lrcompress.commands.search import SearchConfig, build_problem
+from lrcompress.factorizations import get_factorization
+from lrcompress.measure.estimate import RunEstimate
+from lrcompress.model.loading import load_model
+from lrcompress.model.plan import Target
+from lrcompress.rank import SelectContext
+from lrcompress.rank.problem import DENSE
+from lrcompress.rank.rene import CandidateFactors, ReneConfig, narrow
+from lrcompress.rank.signals import Cache
+from lrcompress.util.progress import Eta, TextProgress
+
+CFG = ReneConfig(iters=8, warmup=2)
+
+
+def _ctx(resnet_ckpt, cfg: ReneConfig = CFG, decomp: str = "tt", n_batches: int = 2):
+    lm = load_model(str(resnet_ckpt["pt"]))
+    problem = build_problem(lm.model, lm.info, (1, 32, 32), SearchConfig(
+        target=Target("flops", 0.4), decomp=decomp, method="rene", rank_multiple=1,
+        input_size=(1, 32, 32)))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+               for _ in range(n_batches)]
+    return SelectContext(lm.model, problem, batches, torch.device("cpu"), Cache(None), 0,
+                         {"rene": cfg})
+
+
+def _results(trace: dict) -> str:
+    """The trace without measured seconds."""
+    return json.dumps({**trace, "config": None,
+                       "steps": [{k: v for k, v in s.items() if k != "seconds"}
+                                 for s in trace["steps"]]}, sort_keys=True)
+
+
+@pytest.mark.parametrize("decomp", ["tt"])
+def test_exact_speedups_change_no_plan_and_no_trace(resnet_ckpt, decomp):
+    """The shared reconstruction and the kept candidate factors are exact: the same choice and
+    the same per-iteration losses, bit for bit, with them switched off and on."""
+    on_choice, on_trace = rene.softmax_search(_ctx(resnet_ckpt, decomp=decomp), CFG)
+    off = replace(CFG, exact_speedups=False)
+    off_choice, off_trace = rene.softmax_search(_ctx(resnet_ckpt, off, decomp=decomp), off)
+    assert len(on_trace["steps"]) >= 2
+    assert on_choice == off_choice
+    assert _results(on_trace) == _results(off_trace)
+
+
+def test_cached_candidate_factors_equal_fresh_ones(resnet_ckpt):
+    """A rank asked for again in a later narrowing step comes from the store, and equals a fresh
+    decomposition of that rank alone exactly (tolerance 0: the same deterministic float64 SVD
+    arithmetic, truncated; a rank's factors do not depend on the other ranks decomposed with it)."""
+    ctx = _ctx(resnet_ckpt)
+    lo = max(ctx.problem.layers, key=lambda lo: len(lo.options))
+    tt = [j for j, o in enumerate(lo.options) if o.factorization == "tt"]
+    first = tt[::3]
+    store = CandidateFactors(ctx.model)
+    store.get(lo, first)
+    second, _ = narrow(lo, first[len(first) // 2], 3, 10)
+    got = store.get(lo, second)
+    assert store.computed == len(first) + len(set(second) - set(first))
+    weight = ctx.model.get_submodule(lo.spec.name).weight
+    for j in second:
+        fresh = get_factorization("tt").decompose(weight, lo.spec, lo.options[j].rank)
+        assert len(fresh) == len(got[j])
+        for a, b in zip(fresh, got[j]):
+            assert torch.equal(a, b), (lo.spec.name, lo.options[j].rank)
+    dense = len(lo.options) - 1
+    assert lo.options[dense].factorization == DENSE and store.get(lo, [dense]) == {dense: []}
+
+
+def test_early_stop_never_before_the_minimum(resnet_ckpt):
+    """With a tolerance every check passes (stop_tol=1: any two distributions are within total
+    variation 1), the step still runs min_iters α iterations, then stops at the next check."""
+    cfg = replace(CFG, iters=40, stop_tol=1.0, min_iters=12, stop_every=5)
+    _, trace = rene.softmax_search(_ctx(resnet_ckpt, cfg), cfg)
+    for step in trace["steps"]:
+        assert step["alpha_iters"] == 15  # the first check at or after 12 α iterations
+        assert len(step["ce"]) == 15
+    off = replace(cfg, stop_tol=0.0)
+    _, trace = rene.softmax_search(_ctx(resnet_ckpt, off), off)
+    assert all(s["alpha_iters"] == 40 for s in trace["steps"])
+    assert all(len(s["p_shift"]) == 40 // 5 - 1 for s in trace["steps"])
+
+
+def test_convergence_checks_only_after_min_iters():
+    class Fixed:
+        def __init__(self):
+            self.alpha = torch.zeros(3)
+
+        def probs(self):
+            return torch.softmax(self.alpha, 0)
+
+    cfg = ReneConfig(stop_tol=0.5, min_iters=20, stop_every=5)
+    watch = rene.Convergence([Fixed(), Fixed()], cfg)
+    stops = [n for n in range(1, 40) if watch.settled(n)]
+    assert stops and min(stops) == 20
+    assert watch.shifts and all(s == 0 for s in watch.shifts)
+
+
+def test_planned_steps_is_the_number_of_steps_run(resnet_ckpt):
+    ctx = _ctx(resnet_ckpt)
+    stages = []
+    ctx.stage = lambda name, total=None: stages.append(name)
+    _, trace = rene.softmax_search(ctx, CFG)
+    n = len(trace["steps"])
+    assert any(f"step {n} of {n}," in s for s in stages)
+
+
+class FakeClock:
+    """Time = the number of module forward calls so far (a unit of work, not seconds), so the
+    estimate can be checked without timing anything."""
+
+    def __init__(self):
+        self.t = 0.0
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        self.t += 1.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_estimate_is_within_a_factor_of_two_of_the_run(resnet_ckpt, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(rene, "clock", clock)
+    try:
+        cfg = replace(CFG, iters=20, warmup=4)
+        ctx = _ctx(resnet_ckpt, cfg, n_batches=4)
+        rows = rene.estimate(ctx)
+        est = RunEstimate()
+        for row in rows:
+            est.add(*row)
+        predicted = est.by_stage()["rank selection"]
+        t0 = clock()
+        rene.select(ctx)
+        actual = clock() - t0
+    finally:
+        clock.handle.remove()
+    assert actual > 0
+    assert 0.5 <= predicted / actual <= 2.0, (predicted, actual, est.details())
+
+
+def test_estimate_line_and_eta_lines():
+    est = RunEstimate()
+    est.add("rank selection: step 1 of 2", 120, "iterations", 0.5)
+    est.add("rank selection: step 2 of 2", 120, "iterations", 0.25)
+    est.add("evaluation", 2, "test passes", 4.0)
+    est.add("fine-tuning", 0, "steps", 1.0)  # no units: no row
+    assert est.by_stage() == {"rank selection": 90.0, "evaluation": 8.0}
+    assert est.line() == "estimated run time ≈ 98 s: rank selection ≈ 90 s; evaluation ≈ 8 s"
+    assert est.to_dict()["total_s"] == 98.0
+
+    now = [0.0]
+    eta = Eta(10, clock=lambda: now[0])
+    assert eta.left() is None
+    now[0] = 4.0
+    eta.advance(2)
+    assert eta.left() == pytest.approx(16.0)  # 2 s per unit, 8 units left
+
+    lines = []
+    tp = TextProgress(lines.append, every=5.0, clock=lambda: now[0])
+    tp.stage("evaluating", total=4)
+    for _ in range(4):
+        now[0] += 3.0
+        tp.advance()
+    assert lines[0] == "… evaluating"
+    assert lines[1] == "  evaluating: 2/4, 6 s elapsed, ~6 s left"
+    assert lines[-1] == "  evaluating: 4/4, 12 s elapsed, ~0 s left"
+
+
+def test_weight_floor_leaves_improbable_candidates_out(resnet_ckpt):
+    """weight_floor: a candidate below the floor gets no gradient (its chain is not run); the
+    most probable one always stays; floor 0 is the full mixture."""
+    ctx = _ctx(resnet_ckpt)
+    lo = max(ctx.problem.layers, key=lambda lo: len(lo.options))
+    cands = [j for j, o in enumerate(lo.options) if o.factorization == "tt"][:3]
+    by_j = CandidateFactors(ctx.model).get(lo, cands)
+    mx = rene.MixedLayer(ctx.model.get_submodule(lo.spec.name), lo.spec,
+                         [(j, "tt", lo.options[j].rank) for j in cands],
+                         [by_j[j] for j in cands], batch=8, probes=4)
+    p = torch.tensor([1e-5, 0.3, 0.7 - 1e-5])
+    for floor, has_grad in ((0.0, [True, True, True]), (1e-3, [False, True, True]),
+                            (0.9, [False, False, True])):
+        mx.zero_grad(set_to_none=True)
+        mx.weight_loss(p, torch.Generator().manual_seed(0), floor).backward()
+        assert [all(f.grad is not None for f in b) for b in mx.branches] == has_grad
