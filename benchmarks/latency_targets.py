@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--target-latency", type=float, default=0.4,
                     help="the latency-target rows' R (default: %(default)s)")
+    ap.add_argument("--target-flops", type=float, default=0.3,
+                    help="the MACs-target rows' ratio (default: %(default)s)")
     ap.add_argument("--out", default=None, help="JSON of the rows (default: none)")
     ap.add_argument("--md", default=None, help="render the rows as Markdown here")
     ap.add_argument("--from-json", default=None,
@@ -85,8 +87,8 @@ def main():
     rows = []
     for batch in map(int, args.batches.split(",")):
         for decomp in args.decomps.split(","):
-            settings = (("latency", args.target_latency, False), ("flops", 0.3, False),
-                        ("flops", 0.3, True))
+            settings = (("latency", args.target_latency, False),
+                        ("flops", args.target_flops, False), ("flops", args.target_flops, True))
             for kind, value, aware in settings:
                 r = one(model, kind, value, decomp, batch, aware)
                 rows.append(r)
