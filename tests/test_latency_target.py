@@ -147,6 +147,13 @@ def test_a_target_below_the_additive_floor_is_measured_before_it_is_refused(fake
     assert "measured whole it ran at" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_plan_both_extreme_rules_pick_is_measured_once(fake):
+    # MACs-proportional layer times: the fastest plan is the fewest-MACs plan.
+    with pytest.raises(lrcompress.TargetError, match="measured whole"):
+        compress(target_latency=0.02)
+    assert fake["whole_calls"] == 2  # the original alone, then the one extreme plan
+
+
 def test_a_model_that_factorizing_makes_slower_is_refused_without_asking_for_a_ratio_over_1(
         fake):
     fake["gain"] = -1.0  # whole, every factorized plan is slower than the original

@@ -329,10 +329,11 @@ def _fastest_measured(problem: RankProblem, model: nn.Module, input_size, lat: L
     """The faster, measured whole, of two extreme plans: every layer at its fastest candidate by
     the layer times, and every layer at its fewest MACs (the layer times miss graph effects such
     as layout changes between blocked and unblocked kernels, so the first is not always the
-    fastest). Returns its timing and the layer times' estimate of its ratio."""
+    fastest). Returns its timing and the layer times' estimate of its ratio. A plan both rules
+    pick is measured once."""
     best = None
-    for kind in ("latency", "flops"):
-        choice = problem.cheapest_choice(kind)
+    choices = [problem.cheapest_choice(kind) for kind in ("latency", "flops")]
+    for choice in (choices if choices[0] != choices[1] else choices[:1]):
         plan = problem.to_plan(choice, "fastest")
         w = measure_whole(model, timing_model(model, plan), input_size, lat)
         if best is None or w.ratio < best[0].ratio:
@@ -344,10 +345,11 @@ def check_reachable(problem: RankProblem, model: nn.Module, input_size,
                     lat: LatencyConfig) -> dict | None:
     """Refuse a target no plan reaches. Under a latency target the additive model's floor (every
     layer at its fastest candidate) only decides when it meets the target; when it does not,
-    the fastest plan itself is built (empty chains: latency does not depend on the weights) and
-    measured whole. If that meets the target, the additive model was pessimistic: the first
-    solve's budget is corrected by the measured share of the predicted saving, and the measured
-    floor is returned; otherwise the refusal quotes the measured ratio."""
+    the extreme plans of :func:`_fastest_measured` are built (seeded weights: latency does not
+    depend on their values) and measured whole. If the faster meets the target, the additive
+    model was pessimistic: the first solve's budget is corrected by the measured share of the
+    predicted saving, and the measured floor is returned; otherwise the refusal quotes the
+    measured ratio."""
     if problem.target.kind != "latency":
         problem.check_feasible()
         return None

@@ -427,7 +427,6 @@ def snap_options(spec: LayerSpec, options: Sequence, table: LatencyTable, rtol: 
     for method in {o.factorization for o in options if o.factorization != DENSE}:
         mine = {o.rank: timings[o] for o in options if o.factorization == method}
         keep |= {(method, r) for r in snap_ranks(mine, dense, rtol)}
-        low = min(mine)
-        if keep_smallest and mine[low].median_ms < dense:
-            keep.add((method, low))
+        if keep_smallest and mine[min(mine)].median_ms < dense:
+            keep.add((method, min(mine)))
     return [o for o in options if o.factorization == DENSE or (o.factorization, o.rank) in keep]
