@@ -55,7 +55,12 @@ from lrcompress.model.arch import CUSTOM_ARCH, ModelInfo
 from lrcompress.model.census import make_selection
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.costs import count_model
-from lrcompress.model.input_stats import collect_input_stats, fit_report
+from lrcompress.model.input_stats import (
+    collect_input_stats,
+    collect_layer_stats,
+    fit_report,
+    kinds_for,
+)
 from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
 from lrcompress.model.plan import Plan, Target
 from lrcompress.model.surgery import decompose_
@@ -581,13 +586,14 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
                         "the model's BatchNorm statistics, or use method='uniform'.")
     cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
     cache = Cache(None if cache_dir is None else Path(cache_dir) / "signals.json")
+    stats = search_stats(model, problem, batches, cfg, progress)
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
     ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
                         {**cfg.method_config, "rene": cfg.rene},
                         tick=tick or (lambda: None), state=state,
                         stage=progress.stage if progress is not None else
-                        (lambda name, total=None: None))
+                        (lambda name, total=None: None), stats=stats)
 
     if estimate is not None:
         probe = get_estimator(cfg.method)
@@ -601,7 +607,27 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
     (plan, trace), calib_bs = retry_halving(select, first, enabled=cfg.auto_batch,
                                             what="the rank search")
     trace["calib_batch_size"] = calib_bs
+    trace["candidate_fit"] = "activation" if stats else "weight"
     return plan, trace
+
+
+def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
+                 progress: Progress | None = None) -> dict | None:
+    """The input statistics rene fits its candidates with under the activation fit (one pass
+    over the calibration batches, every eligible layer), or None (weight-fitted candidates)."""
+    if (cfg.method != "rene" or not cfg.rene.fit_candidates or not batches
+            or fit_of(cfg, True) != "activation"):
+        return None
+    want = {lo.spec.name: kinds_for(lo.spec, {o.factorization for o in lo.options})
+            for lo in problem.layers}
+    want = {n: k for n, k in want.items() if k}
+    if not want:
+        return None
+    if progress is not None:
+        progress.stage("input statistics for the activation-fitted candidates")
+    stats, _ = collect_layer_stats(model, batches, {lo.spec.name: lo.spec
+                                                    for lo in problem.layers}, want)
+    return stats
 
 
 # Rank methods that read calibration data (the others work on the weights alone).

@@ -12,7 +12,7 @@ Decided for v1: linear layers and 1×1 convs are factorized by SVD whatever the 
 from __future__ import annotations
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations._activation import DAMPING, LayerStats
+from lrcompress.factorizations._activation import DAMPING, LayerStats, Whitener, whitener
 from lrcompress.factorizations._base import (
     ALIASES,
     FACTORIZATIONS,
@@ -45,6 +45,7 @@ __all__ = [
     "Factorization",
     "Rank",
     "Tucker2",
+    "Whitener",
     "break_even_rank",
     "chain_factors",
     "collect_notes",
@@ -52,6 +53,7 @@ __all__ = [
     "is_matrix",
     "relative_error",
     "single_threaded",
+    "whitener",
 ]
 
 

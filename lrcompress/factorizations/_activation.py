@@ -123,3 +123,47 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats, left_basis):
         core = (u.T @ m_star).reshape(r4, r3, kh, kw)
         out.append([a.reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
     return out
+
+
+class Whitener:
+    """The input side of the Σ-norm for a layer's *whole* weight, ``‖(W − Ŵ) L‖_F`` with
+    ``L Lᵀ`` the damped second moment of the layer's unfolded input (``C_in·kh·kw``, channel-major
+    like ``W.reshape(T, -1)``). When only the channel moment is known, ``L = L_c ⊗ I_k`` (taps
+    uncorrelated), applied without forming the Kronecker product.
+
+    ``right(m)``: ``m L`` for ``m`` of shape ``(T, C_in·k)``; ``sample(n, gen)``: ``n`` vectors
+    ``L g`` with ``g ~ N(0, I)``, rows of shape ``(C_in·k)``, so ``E‖A L g‖² = ‖A L‖²_F``."""
+
+    def __init__(self, chol: torch.Tensor, taps: int):
+        self.chol, self.taps = chol, taps  # taps = 1: chol is the full patch factor
+
+    def to(self, dtype: torch.dtype, device) -> Whitener:
+        return Whitener(self.chol.to(dtype=dtype, device=device), self.taps)
+
+    def right(self, m: torch.Tensor) -> torch.Tensor:
+        chol = self.chol.to(dtype=m.dtype, device=m.device)
+        if self.taps == 1:
+            return m @ chol
+        t = m.shape[0]
+        return torch.einsum("tck,cd->tdk", m.reshape(t, -1, self.taps), chol).reshape(t, -1)
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        chol = self.chol  # g drawn on the CPU (where ``gen`` lives), then moved
+        g = torch.randn(n, chol.shape[0] * self.taps, generator=gen).to(chol)
+        if self.taps == 1:
+            return g @ chol.T
+        return torch.einsum("cd,ndk->nck", chol, g.reshape(n, -1, self.taps)).reshape(n, -1)
+
+
+def whitener(stats: LayerStats | None, taps: int) -> Whitener | None:
+    """The layer's :class:`Whitener` from its statistics (the patch moment when measured, else the
+    channel moment for ``taps`` > 1), or None when they cannot weight anything."""
+    if stats is None:
+        return None
+    chol = None if stats.patch is None else damped_cholesky(stats.patch, stats.damping)
+    if chol is not None:
+        return Whitener(chol, 1)
+    if taps > 1 and stats.channel is not None:
+        chol = damped_cholesky(stats.channel, stats.damping)
+        return None if chol is None else Whitener(chol, taps)
+    return None

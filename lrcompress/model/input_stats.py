@@ -31,16 +31,20 @@ MAX_BYTES = 64 << 20
 CHAIN_METHODS = ("tucker2", "tt")
 
 
+def kinds_for(spec, methods) -> tuple[str, ...]:
+    """The statistics the activation fits of ``methods`` on the layer ``spec`` use: a subset of
+    ``("channel", "patch")`` (empty: none of them has an activation fit)."""
+    methods = set(methods)
+    if is_matrix(spec) or "svd" in methods:
+        chain = bool(methods & set(CHAIN_METHODS)) and not is_matrix(spec)
+        return ("channel", "patch") if chain else ("patch",)
+    return ("channel", "patch") if methods & set(CHAIN_METHODS) else ()
+
+
 def needs(plan: Plan) -> dict[str, tuple[str, ...]]:
     """Per planned layer, the statistics its fit uses: a subset of ``("patch", "channel")``."""
-    out = {}
-    for lp in plan.layers:
-        spec = lp.spec
-        if is_matrix(spec) or lp.factorization == "svd":
-            out[lp.name] = ("patch",)
-        elif lp.factorization in CHAIN_METHODS:
-            out[lp.name] = ("channel", "patch")
-    return out
+    out = {lp.name: kinds_for(lp.spec, [lp.factorization]) for lp in plan.layers}
+    return {n: k for n, k in out.items() if k}
 
 
 def _dim(spec, kind: str) -> int:
@@ -82,11 +86,23 @@ def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int
     """One pass over ``batches`` ((x, y) pairs). Returns ``(stats, skipped)``: a
     :class:`LayerStats` per planned layer that got any statistics, and per layer a reason for
     what was left out (over ``max_bytes``, or a method with no activation fit)."""
-    device = next(model.parameters()).device
-    specs = {lp.name: lp.spec for lp in plan.layers}
     want = needs(plan)
     skipped = {lp.name: f"{lp.factorization} of a k×k conv has no activation fit (weight fit)"
                for lp in plan.layers if lp.name not in want}
+    stats, over = collect_layer_stats(model, batches, {lp.name: lp.spec for lp in plan.layers},
+                                      want, max_bytes=max_bytes, damping=damping)
+    return stats, {**skipped, **over}
+
+
+@torch.no_grad()
+def collect_layer_stats(model: nn.Module, batches, specs: dict, want: dict[str, tuple[str, ...]],
+                        *, max_bytes: int = MAX_BYTES, damping: float = DAMPING
+                        ) -> tuple[dict[str, LayerStats], dict[str, str]]:
+    """One pass over ``batches``: the second moments ``want[name]`` (kinds) of each layer's input
+    (``specs[name]`` its :class:`LayerSpec`). Returns ``(stats, skipped)``, ``skipped`` naming
+    the moments left out for being over ``max_bytes``."""
+    device = next(model.parameters()).device
+    skipped: dict[str, str] = {}
     acc: dict[str, dict] = {}
     for name, kinds in want.items():
         keep = []

@@ -66,6 +66,9 @@ class SelectContext:
     # What a method's run-time probe (``get_estimator``) leaves for its search, e.g. rene's
     # first-step candidate factors, so the probe's work is not done twice.
     scratch: dict = field(default_factory=dict)
+    # The activation fit's input statistics per layer (factorizations.LayerStats), when the run
+    # fits activations: rene fits its candidates with them, so the search compares what ships.
+    stats: dict | None = None
 
 
 def get_estimator(name: str) -> Callable | None:

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lrcompress.factorizations import get_factorization
+from lrcompress.factorizations import LayerStats, Whitener, get_factorization, whitener
 from lrcompress.model.costs import dense_macs
 from lrcompress.model.surgery import swap_modules
 from lrcompress.rank.problem import DENSE, LayerOptions, RankProblem
@@ -105,6 +105,10 @@ class ReneConfig:
     # Exact speed-ups (the same numbers either way; off only to check that): one reconstruction
     # per iteration shared by the α and weight steps, candidate factors kept across steps.
     exact_speedups: bool = True
+    # Under the run's activation fit (SelectContext.stats given): fit the candidates' initial
+    # factors to the layers' outputs and keep the weight step in the same Σ-norm, so the search
+    # compares the factors that will ship. False: weight-fitted candidates, ‖·‖_F weight step.
+    fit_candidates: bool = True
 
     def __post_init__(self):
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
@@ -137,7 +141,7 @@ class MixedLayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors,
-                 batch: int, probes: int):
+                 batch: int, probes: int, white: Whitener | None = None):
         super().__init__()
         self.spec = spec
         self.cands = cands  # (option index, method, rank)
@@ -180,6 +184,12 @@ class MixedLayer(nn.Module):
         self.probe_weights = probe_cost < recon_cost
         self.n_probes = probes
         self.reuse_recon = True
+        # The weight step's norm: ‖·‖_F, or the Σ-norm ‖(·) L‖_F of the activation fit (what
+        # the candidates' initial factors minimise), so the step keeps what they were fitted for.
+        if white is not None and self.is_conv and tuple(spec.dilation) != (1, 1):
+            white = None  # the probe field of a dilated conv holds more pixels than taps
+        self.white = None if white is None else white.to(dt, dev)
+        self.register_buffer("target_norm", self._sq_norm(self.target).detach())
         self._stash: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
 
     def probs(self) -> torch.Tensor:
@@ -224,17 +234,31 @@ class MixedLayer(nn.Module):
         t = self.target
         keep = [k for k in range(len(self.cands)) if floor <= 0 or p[k] >= floor
                 or k == int(p.argmax())]
+        norm = self.target_norm.clamp_min(1e-30)
         if not self.probe_weights:
             recon = self.stashed_recon()
             w = sum(p[k] * recon[k] for k in keep)
-            return (w - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
-        shape = self.probe_spec.in_hw if self.is_conv else ()
-        z = torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen).to(t)
+            return self._sq_norm(w - t) / norm
+        z = self._probes(gen).to(t)
         want = self._dense_apply(t, z, probe=True)
         got = sum(p[k] * (want if self.probe_chains[k] is None
                           else _chain_apply(self.probe_chains[k], list(self.branches[k]), z))
                   for k in keep)
-        return (got - want).pow(2).sum() / self.n_probes / t.pow(2).sum().clamp_min(1e-30)
+        return (got - want).pow(2).sum() / self.n_probes / norm
+
+    def _sq_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """‖w‖²_F, or ‖w L‖²_F under the activation fit's whitener."""
+        if self.white is None:
+            return w.pow(2).sum()
+        return self.white.right(w.reshape(w.shape[0], -1)).pow(2).sum()
+
+    def _probes(self, gen: torch.Generator) -> torch.Tensor:
+        """Probe inputs: z ~ N(0, I), or z = L g (so E‖A z‖² = ‖A L‖²) under the whitener."""
+        shape = self.probe_spec.in_hw if self.is_conv else ()
+        if self.white is None:
+            return torch.randn(self.n_probes, self.spec.in_ch, *shape, generator=gen)
+        return self.white.sample(self.n_probes, gen).reshape(self.n_probes, self.spec.in_ch,
+                                                             *shape)
 
     def forward(self, x):
         p = self.probs()
@@ -326,7 +350,7 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None,
     trace = {"config": asdict(cfg), "steps": []}
     step_no = 0
     if factors is None or not cfg.exact_speedups:
-        factors = CandidateFactors(model, keep=cfg.exact_speedups)
+        factors = CandidateFactors(model, keep=cfg.exact_speedups, stats=ctx.stats)
     n_steps = planned_steps([steps for _, steps in state], cfg.refine)
     ckpt = _StepCheckpoint(ctx, cfg, prior is not None)
     resumed = ckpt.load()
@@ -377,8 +401,10 @@ class CandidateFactors:
     deterministic and a rank's factors do not depend on which other ranks are decomposed with it
     (one shared SVD/HOSVD per call, truncated), so a cached entry equals a fresh one."""
 
-    def __init__(self, model: nn.Module, keep: bool = True):
+    def __init__(self, model: nn.Module, keep: bool = True,
+                 stats: dict[str, LayerStats] | None = None):
         self.model, self.keep = model, keep
+        self.stats = stats or {}  # the activation fit's input statistics per layer, if any
         self.store: dict[tuple[str, str, int], list[torch.Tensor]] = {}
         self.computed = 0  # decompositions actually run (the rest came from the store)
 
@@ -394,11 +420,17 @@ class CandidateFactors:
                 per_method.setdefault(o.factorization, []).append(j)
         for m, todo in per_method.items():
             fs = get_factorization(m).decompose_many(
-                weight, lo.spec, [lo.options[j].rank for j in todo])
+                weight, lo.spec, [lo.options[j].rank for j in todo],
+                stats=self.stats.get(lo.spec.name))
             self.store.update((self._key(lo, j), f) for j, f in zip(todo, fs))
             self.computed += len(todo)
         return {j: [] if lo.options[j].factorization == DENSE else self.store[self._key(lo, j)]
                 for j in js}
+
+    def whitener(self, lo: LayerOptions) -> Whitener | None:
+        """The Σ-norm the layer's candidates were fitted under (None: the weight fit's norm)."""
+        return whitener(self.stats.get(lo.spec.name), lo.spec.kernel[0] * lo.spec.kernel[1]
+                        if lo.spec.kind == "conv2d" else 1)
 
     @staticmethod
     def _key(lo: LayerOptions, j: int) -> tuple[str, str, int]:
@@ -413,7 +445,8 @@ def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors)
         by_j = factors.get(lo, cands)
         cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
         mx = MixedLayer(base, lo.spec, cl, [by_j[j] for j in cands],
-                        batch=ctx.batches[0][0].shape[0], probes=cfg.probes)
+                        batch=ctx.batches[0][0].shape[0], probes=cfg.probes,
+                        white=factors.whitener(lo))
         mx.reuse_recon = cfg.exact_speedups
         if prior is not None:
             with torch.no_grad():
@@ -682,7 +715,7 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
     for p in ctx.model.parameters():
         p.requires_grad_(False)
     state = [initial_candidates(lo, cfg.n_candidates) for lo in problem.layers]
-    factors = CandidateFactors(ctx.model, keep=cfg.exact_speedups)
+    factors = CandidateFactors(ctx.model, keep=cfg.exact_speedups, stats=ctx.stats)
     ctx.stage("estimating the run time: rene probe (candidate factors, 3 iterations)",
               total=len(problem.layers) + 3)
     t0 = clock()
