@@ -694,9 +694,13 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
               help="Another RUN: the drop is measured from its final top-1, not the original's.")
 @click.option("--junit", type=click.Path(dir_okay=False),
               help="Also write the checks as JUnit XML to this file (for CI systems).")
+@click.option("--int8", is_flag=True,
+              help="--min-speedup and --max-top1-drop read model.int8.onnx's rows (needs "
+              "`lrcompress export RUN --int8`): its speed-up over the original FP32 model, "
+              "its top-1 in ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, speedup_batch,
-         baseline, junit, as_json):
+         baseline, junit, int8, as_json):
     """CI gate: exit 0 when RUN meets every budget, 1 when one fails, 2 on bad input.
 
     Give at least one budget. A run without accuracy (data-free without --eval-data) takes
@@ -719,7 +723,7 @@ def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, s
 
     cfg = GateConfig(max_top1_drop=max_top1_drop, min_flops_reduction=min_flops_reduction,
                      min_speedup=min_speedup, speedup_engine=speedup_engine,
-                     speedup_batch=speedup_batch, baseline=baseline)
+                     speedup_batch=speedup_batch, baseline=baseline, int8=int8)
     res = run_gate(run, cfg)
     if junit:
         write_text(junit, junit_xml(res))

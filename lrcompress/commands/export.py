@@ -25,6 +25,7 @@ from torch import nn
 
 from lrcompress.commands.export_int8 import INT8_FILE, int8_stage
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.deploy.int8 import Int8Config, cpu_features, int8_latency_rows, slower_warnings
 from lrcompress.deploy.onnx import (
     DEFAULT_OPSET,
     EXPORTER,
@@ -36,7 +37,6 @@ from lrcompress.deploy.onnx import (
     merged_chains,
     op_counts,
 )
-from lrcompress.deploy.int8 import Int8Config, cpu_features, int8_latency_rows, slower_warnings
 from lrcompress.errors import LrcError, UserError
 from lrcompress.measure.latency import LatencyConfig, compare
 from lrcompress.model.arch import build, parse_arch
