@@ -547,9 +547,9 @@ def int8_options(f):
                      "test split); a larger drop is an error and nothing is written."),
         click.option("--int8-exclude", default="", help="Layers kept in float, comma-separated "
                      "module names (a factorized layer's name covers its factors)."),
-        click.option("--int8-balance/--no-int8-balance", default=True, show_default=True,
+        click.option("--int8-balance/--no-int8-balance", default=False, show_default=True,
                      help="Balance channel scales inside each factorized chain (exact) before "
-                     "quantizing."),
+                     "quantizing; off by default: it did not help trained models."),
         click.option("--int8-reduce-range", is_flag=True,
                      help="7-bit weights: avoids int8 saturation on x86 CPUs without VNNI."),
     ]

@@ -5,8 +5,10 @@ ONNX Runtime on real inputs), validates ``model.safetensors`` (reloaded with ``l
 outputs bit-exact, header plan equal to ``plan.json``; copied when another output folder is
 given), measures latency of the original and compressed models, and adds an ``export`` section to
 ``report.json`` (then rewrites ``report.md``/``report.html``; the parts an export skips keep what
-an earlier export recorded). Every file is staged under a temporary name and all are renamed into
-place only after everything succeeded: a failed export leaves RUN/ exactly as it was.
+an earlier export recorded). With ``onnx-int8`` it also writes ``model.int8.onnx``
+(:mod:`lrcompress.commands.export_int8`) and times the four models together. Every file is
+staged under a temporary name and all are renamed into place only after everything succeeded: a
+failed export leaves RUN/ exactly as it was.
 """
 
 from __future__ import annotations
