@@ -5,8 +5,10 @@ ONNX Runtime on real inputs), validates ``model.safetensors`` (reloaded with ``l
 outputs bit-exact, header plan equal to ``plan.json``; copied when another output folder is
 given), measures latency of the original and compressed models, and adds an ``export`` section to
 ``report.json`` (then rewrites ``report.md``/``report.html``; the parts an export skips keep what
-an earlier export recorded). Every file is staged under a temporary name and all are renamed into
-place only after everything succeeded: a failed export leaves RUN/ exactly as it was.
+an earlier export recorded). With ``onnx-int8`` it also writes ``model.int8.onnx``
+(:mod:`lrcompress.commands.export_int8`) and times the four models together. Every file is
+staged under a temporary name and all are renamed into place only after everything succeeded: a
+failed export leaves RUN/ exactly as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lrcompress.commands.export_int8 import INT8_FILE, int8_stage
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.deploy.int8 import Int8Config, cpu_features, int8_latency_rows, slower_warnings
 from lrcompress.deploy.onnx import (
     DEFAULT_OPSET,
     EXPORTER,
@@ -55,7 +59,8 @@ from lrcompress.util.run_files import (
 )
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "safetensors")
+FORMATS = ("onnx", "safetensors")  # the default artifacts
+ALL_FORMATS = (*FORMATS, "onnx-int8")  # onnx-int8: model.int8.onnx (export --int8)
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,17 @@ class ExportConfig:
     rtol: float = 1e-3  # parity: |ort − torch| <= atol + rtol·|torch|, elementwise (float32)
     atol: float = 1e-4
     latency: LatencyConfig | None = field(default_factory=LatencyConfig)  # None: no timing
+    int8: Int8Config | None = None  # INT8 settings (None: defaults, used with onnx-int8)
 
     def __post_init__(self):
         fm = tuple(dict.fromkeys(f.strip().lower() for f in self.formats if f.strip()))
-        bad = [f for f in fm if f not in FORMATS]
+        bad = [f for f in fm if f not in ALL_FORMATS]
         if bad or not fm:
             raise UserError(f"Unknown --format {','.join(bad) or '(none)'}: choose from "
-                            f"{', '.join(FORMATS)}, comma-separated (e.g. onnx,safetensors).")
+                            f"{', '.join(ALL_FORMATS)}, comma-separated (e.g. onnx,safetensors).")
         object.__setattr__(self, "formats", fm)
+        if "onnx-int8" in fm and self.int8 is None:
+            object.__setattr__(self, "int8", Int8Config())
         check_opset(self.opset)
         if self.parity_samples < 1:
             raise UserError(f"parity_samples {self.parity_samples} must be >= 1.")
@@ -186,6 +194,17 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
                 "checker": "onnx.checker.check_model(full_check=True) passed",
                 "parity": par.to_dict(),
             }
+        timing = None
+        if "onnx-int8" in cfg.formats:
+            original, weights = original_model(run, report, plan)
+            q = int8_stage(run, report, compressed, original, [lp.name for lp in plan.layers],
+                           input_size, cfg.int8, opset=cfg.opset, data=cfg.data,
+                           original_random=weights.startswith("random"), progress=progress)
+            dest = out / INT8_FILE
+            stage.enter_context(atomic_path(dest)).write_bytes(q.compressed)
+            files.append(dest)
+            section["int8"] = {**q.section, "path": _rel(dest, run)}
+            timing = q.timing
         if "safetensors" in cfg.formats:
             progress.stage("validating model.safetensors")
             section["safetensors"] = _validate_safetensors(run, st_path, compressed, plan, x,
@@ -200,7 +219,9 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
                 section["safetensors"]["copied_to"] = _rel(dest, run)
         if cfg.latency is not None:
             section["latency"] = _latency(run, report, plan, compressed, input_size, cfg,
-                                          onnx_bytes, progress)
+                                          onnx_bytes, progress, timing)
+            if timing:
+                section["int8"]["latency"] = _int8_latency(section["latency"])
         section["seconds"] = round(time.perf_counter() - t0, 3)
         # An export of some formats only keeps what an earlier one measured of the others
         # (the model in RUN/ never changes, so those figures still hold).
@@ -240,12 +261,24 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
             "params": plan.params}
 
 
+def _int8_latency(lat: dict) -> dict:
+    rows = int8_latency_rows(lat["runs"])
+    cpu = cpu_features()
+    warnings = slower_warnings(rows, cpu, lat["config"]["slower_margin"])
+    for w in warnings:
+        log.warning("%s", w)
+    return {"runs": rows, "cpu": cpu, "warnings": warnings}
+
+
 def _latency(run, report, plan, compressed, input_size, cfg: ExportConfig, onnx_bytes,
-             progress) -> dict:
+             progress, timing: dict[str, bytes] | None = None) -> dict:
+    """``timing``: dynamic-batch graphs already made (the INT8 stage's four), timed together."""
     lat = cfg.latency
     original, weights = original_model(run, report, plan)
     onnx_models = None
-    if lat.onnxruntime:
+    if lat.onnxruntime and timing:
+        onnx_models = timing
+    elif lat.onnxruntime:
         progress.stage("exporting dynamic-batch graphs for timing")
         comp = onnx_bytes if cfg.dynamic_batch and onnx_bytes else export_onnx(
             compressed, input_size, opset=cfg.opset, dynamic_batch=True).SerializeToString()
@@ -265,4 +298,4 @@ def _latency(run, report, plan, compressed, input_size, cfg: ExportConfig, onnx_
     return res
 
 
-__all__ = ["ExportConfig", "ExportResult", "export_run", "FORMATS"]
+__all__ = ["ALL_FORMATS", "ExportConfig", "ExportResult", "export_run", "FORMATS"]

@@ -27,6 +27,7 @@ class GateConfig:
     speedup_engine: str = "onnxruntime"  # which latency row --min-speedup reads: onnxruntime|torch
     speedup_batch: int = 1  # ... at this batch size, all threads, on the CPU
     baseline: str | None = None  # another RUN: compare with its final top-1, not the original's
+    int8: bool = False  # read the INT8 rows of `export --int8` (model.int8.onnx) instead
 
     def __post_init__(self):
         if all(v is None for v in (self.max_top1_drop, self.min_flops_reduction,
@@ -41,6 +42,9 @@ class GateConfig:
         if self.speedup_engine not in ("onnxruntime", "torch"):
             raise UserError(f"--speedup-engine {self.speedup_engine!r}: use onnxruntime or "
                             "torch.")
+        if self.int8 and self.speedup_engine != "onnxruntime":
+            raise UserError("--int8 reads model.int8.onnx's ONNX Runtime timings: use "
+                            "--speedup-engine onnxruntime (the default).")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,34 @@ class GateResult:
                 "checks": [c.to_dict() for c in self.checks]}
 
 
+def _int8_section(report: dict, run: Path, what: str) -> dict:
+    q = (report.get("export") or {}).get("int8")
+    if not q or not q.get(what):
+        raise UserError(f"--int8 needs the INT8 {what} of `lrcompress export {run} --int8`, and "
+                        f"{run}/report.json has none. Run that export first"
+                        + (" (without --no-latency)." if what == "latency" else "."))
+    return q
+
+
+def _int8_speedup(report: dict, run: Path, cfg: GateConfig) -> tuple[float, str]:
+    """The compressed INT8 model's speed-up over the original FP32 model (ONNX Runtime CPU)."""
+    runs = _int8_section(report, run, "latency")["latency"]["runs"]
+    rows = [r for r in runs if r["device"] == "cpu" and r["batch"] == cfg.speedup_batch]
+    rows = [r for r in rows if r.get("all_threads")] or rows
+    if not rows:
+        raise UserError(f"{run}/report.json has no INT8 CPU latency at batch {cfg.speedup_batch} "
+                        f"(measured: {sorted({r['batch'] for r in runs})}). Pass --speedup-batch "
+                        "with a measured one.")
+    r, ms = rows[0], rows[0]["median_ms"]
+    return r["speedup"]["compressed_int8"], (
+        f"onnxruntime cpu, {r['threads']} thread(s), batch {r['batch']}: original FP32 "
+        f"{ms['original']:.3f} ms -> compressed INT8 {ms['compressed_int8']:.3f} ms (original "
+        f"INT8 {ms['original_int8']:.3f} ms)")
+
+
 def _speedup(report: dict, run: Path, cfg: GateConfig) -> tuple[float, str]:
+    if cfg.int8:
+        return _int8_speedup(report, run, cfg)
     lat = (report.get("export") or {}).get("latency")
     if not lat or not lat.get("runs"):
         raise UserError(f"--min-speedup needs measured latency, and {run}/report.json has no "
@@ -126,6 +157,15 @@ def _top1_check(report: dict, run: Path, cfg: GateConfig) -> Check:
     if not has_accuracy(report):
         raise _no_accuracy(run, "measured none")
     stage, fin = final_accuracy(report)
+    ort_ref = None
+    if cfg.int8:
+        acc = _int8_section(report, run, "accuracy")["accuracy"]
+        if acc["drop"] is None:
+            raise UserError(f"{run}'s INT8 check had no labelled test data ({acc['inputs']}), "
+                            "so --int8 --max-top1-drop has no INT8 top-1 to read. Re-run "
+                            "`lrcompress export --int8 --data SPEC` with labelled data.")
+        stage, fin = "INT8 (ONNX Runtime)", {"top1": acc["top1"]["compressed_int8"]}
+        ort_ref = acc["top1"].get("original")  # the original FP32 graph on the same inputs
     if cfg.baseline:
         base = read_report(cfg.baseline)
         for key in ("spec", "eval_spec", "test_samples"):
@@ -138,6 +178,8 @@ def _top1_check(report: dict, run: Path, cfg: GateConfig) -> Check:
             raise _no_accuracy(cfg.baseline, "(the --baseline) measured none")
         bstage, bacc = final_accuracy(base)
         ref, ref_what = bacc["top1"], f"baseline {cfg.baseline} ({bstage}) {bacc['top1']:.2f}"
+    elif ort_ref is not None:
+        ref, ref_what = ort_ref, f"original FP32 (ONNX Runtime) {ort_ref:.2f}"
     else:
         ref = report["accuracy"]["original"]["top1"]
         ref_what = f"original {ref:.2f}"

@@ -104,7 +104,9 @@ def _latency_table(lat: dict, names: tuple[str, ...]) -> Table:
 
 def render_latency(lat: dict, con: Console | None = None) -> None:
     con = con or console()
-    names = tuple(lat["runs"][0]["median_ms"]) if lat["runs"] else ()
+    # the models every row timed (an INT8 export times four in ONNX Runtime, two in PyTorch)
+    names = tuple(n for n in lat["runs"][0]["median_ms"]
+                  if all(n in r["median_ms"] for r in lat["runs"])) if lat["runs"] else ()
     con.print(_latency_table(lat, names))
     if "ideal_speedup" in lat:
         con.print(f"Ideal speed-up (MACs ratio): {lat['ideal_speedup']:.2f}x; original model: "
@@ -142,6 +144,15 @@ def render_export(res) -> None:
         con.print(f"safetensors: {where} ({human(s['bytes'])}B): {s['reload']}.")
     if sec.get("latency"):
         render_latency(sec["latency"], con)
+    if "int8" in sec:
+        from lrcompress.report.write import int8_summary
+
+        for line in int8_summary(sec["int8"]):
+            con.print(line, highlight=False)
+        for r in (sec["int8"].get("latency") or {}).get("runs", []):
+            con.print(f"INT8 latency {r['device']} {r['threads']} thread(s) batch {r['batch']}: "
+                      + ", ".join(f"{k} {v:.3f} ms ({r['speedup'][k]:.2f}x)"
+                                  for k, v in r["median_ms"].items()), highlight=False)
     con.print(f"Updated {res.run_dir}/report.json, report.md, report.html.")
 
 

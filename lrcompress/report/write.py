@@ -365,6 +365,66 @@ def _export_blocks(report: dict) -> list[tuple]:
                      f"…): {s['reload']}.")
     if items:
         b += [("h2", "Export"), ("ul", items)]
+    if ex.get("int8"):
+        b += _int8_blocks(ex["int8"])
+    return b
+
+
+INT8_MODELS = (("original", "original FP32"), ("compressed", "compressed FP32"),
+               ("original_int8", "original INT8"), ("compressed_int8", "compressed INT8"))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def int8_summary(q: dict) -> list[str]:
+    """Sentences on model.int8.onnx: how it was made and its accuracy (terminal and reports)."""
+    c, a = q["config"], q["accuracy"]
+    excl = ", ".join(c["exclude"]) or "none"
+    lines = [f"INT8: {q['path']} ({_num(q['bytes'])}B, dynamic batch), {q['quantizer']}; "
+             f"{c['calibration']} calibration on the {q['calibration_inputs']}; "
+             f"{len(q['balanced_chains'])} factorized chains scale-balanced (largest per-channel "
+             f"weight-range ratio {q['chain_weight_spread']['before']:g} -> "
+             f"{q['chain_weight_spread']['after']:g}); layers kept in float: {excl}; "
+             f"{q['checker']}."]
+    t = a["top1"]
+    if a["drop"] is not None:
+        lines.append(f"INT8 top-1 {_pct(t['compressed_int8'])} % vs FP32 "
+                     f"{_pct(t['compressed'])} % (drop {a['drop']:+.2f} pts, allowed "
+                     f"{c['max_drop']:g}) on {a['n']} samples, {a['inputs']} (ONNX Runtime).")
+    else:
+        lines.append(f"INT8 top-1 not measured (no labels): INT8 agrees with FP32 on "
+                     f"{a['agreement_with_fp32']['compressed_int8']:.2f} % of {a['n']} samples, "
+                     f"{a['inputs']}.")
+    if q.get("factor_convs_without_qdq"):
+        lines.append("Factor convolutions left in float: "
+                     + ", ".join(q["factor_convs_without_qdq"]) + ".")
+    return lines
+
+
+def _int8_blocks(q: dict) -> list[tuple]:
+    b: list[tuple] = [("h2", "INT8"), ("ul", int8_summary(q))]
+    a = q["accuracy"]
+    b.append(("table", ["model", "top-1 %", "agreement with FP32 %"],
+              [[label, _pct(a["top1"].get(k)), _pct(a["agreement_with_fp32"].get(k))]
+               for k, label in INT8_MODELS if k in a["top1"]]))
+    lat = q.get("latency")
+    if lat and lat["runs"]:
+        b.append(("p", "ONNX Runtime, median ms (speed-up over the original FP32 model); all "
+                       "four models timed in round-robin in one process. INT8/FP32: compressed "
+                       "FP32 over compressed INT8; low-rank on INT8: original INT8 over "
+                       "compressed INT8."))
+        b.append(("table", ["device", "threads", "batch", *(lab for _, lab in INT8_MODELS),
+                            "INT8/FP32", "low-rank on INT8"],
+                  [[r["device"], "-" if r["threads"] is None else str(r["threads"]),
+                    str(r["batch"]),
+                    *(f"{r['median_ms'][k]:.3f} ({r['speedup'][k]:.2f}×)"
+                      for k, _ in INT8_MODELS),
+                    f"{r['int8_over_fp32']:.2f}×", f"{r['lowrank_over_int8']:.2f}×"]
+                   for r in lat["runs"]]))
+        if lat.get("warnings"):
+            b.append(("ul", [f"Warning: {w}" for w in lat["warnings"]]))
     return b
 
 
