@@ -101,11 +101,15 @@ class RunDir:
                     raise UserError(f"{out} already holds the finished result of this command. "
                                     "Pass --overwrite to run it again, or choose another -o.")
                 return True
-            diff = sorted(k for k in set(old) | set(self.fingerprint)
-                          if old.get(k) != self.fingerprint.get(k))
+            diff = ", ".join(sorted(k for k in set(old) | set(self.fingerprint)
+                                    if old.get(k) != self.fingerprint.get(k)))
+            if (out / REPORT_FILE).exists():
+                raise UserError(f"{out} holds the finished result of a different command "
+                                f"(differs in: {diff}). Choose another -o, or pass --overwrite "
+                                "to replace it.")
             raise UserError(f"{out} holds an unfinished run of a different command (differs in: "
-                            f"{', '.join(diff)}), so it cannot be resumed. Re-run that command "
-                            "to resume it, pass --overwrite to start over, or choose another -o.")
+                            f"{diff}), so it cannot be resumed. Re-run that command to resume "
+                            "it, pass --overwrite to start over, or choose another -o.")
         if not self.overwrite:
             raise UserError(f"Output directory {out} is not empty. Choose another -o, or pass "
                             "--overwrite to replace its results.")
