@@ -301,5 +301,7 @@ def _check_writable(out: Path) -> None:
 
 
 def _holds_files(folder: Path) -> bool:
-    """Any file but a lock (a lock file alone is what a run killed at its start leaves)."""
-    return any(not p.is_dir() and p != folder / LOCK_FILE for p in folder.rglob("*"))
+    """Any file but the lock and the manifest (which alone are what a run killed as it opened
+    the folder leaves)."""
+    bare = {folder / LOCK_FILE, folder / STATE_DIR / MANIFEST_FILE}
+    return any(not p.is_dir() and p not in bare for p in folder.rglob("*"))
