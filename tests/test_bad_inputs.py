@@ -40,7 +40,8 @@ Checklist (issue #7 §1 item -> CASES id, or the test function below the table):
 Issue #18 items 1 and 2 (nothing of the user's is replaced; one writer per RUN/):
 
   --overwrite on a folder that is not a run . overwrite_not_a_run
-  --overwrite removes only the run's files .. test_overwrite_replaces_results_only
+  --overwrite removes only the run's files .. test_overwrite_replaces_results_only,
+                                              test_overwrite_on_a_run_from_before_manifests
   --overwrite would remove an input ......... test_overwrite_never_removes_an_input
   -o "" ..................................... test_empty_output_path_is_refused
   a second writer of RUN/ ................... test_a_second_writer_is_refused_naming_the_holder
@@ -448,6 +449,27 @@ def test_overwrite_replaces_results_only(resnet_ckpt, tmp_path):
     assert json.loads((out / "report.json").read_text())["target"]["ratio"] == 0.7
     assert "keep.txt" not in _manifest(out) and "plots/mine.png" not in _manifest(out)
     assert not (out / ".lrcompress.lock").exists()
+
+
+def test_overwrite_on_a_run_from_before_manifests(resnet_ckpt, tmp_path):
+    """A run written before state/manifest.json existed is still a run (its fingerprint says
+    so): --overwrite removes the result files earlier versions wrote, and nothing else."""
+    out = tmp_path / "run"
+    args = ("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert run(*args)[0] == 0
+    (out / "state" / "manifest.json").unlink()
+    (out / "keep.txt").write_text("mine")
+    code, text = run(*args, "--overwrite")
+    assert code == 0, text
+    assert (out / "keep.txt").read_text() == "mine" and "keep.txt" not in _manifest(out)
+    # a state/fingerprint.json that is not lrcompress's does not make a run
+    other = tmp_path / "other"
+    (other / "state").mkdir(parents=True)
+    (other / "state" / "fingerprint.json").write_text('{"mine": 1}')
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", other,
+                     "--overwrite")
+    assert code == 2 and "is not an lrcompress run" in text, text
+    assert (other / "state" / "fingerprint.json").read_text() == '{"mine": 1}'
 
 
 def test_overwrite_never_removes_an_input(resnet_ckpt, tmp_path):

@@ -7,6 +7,7 @@ import json
 import shutil
 from xml.etree import ElementTree as ET
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -248,3 +249,38 @@ def test_modified_run_is_refused_unless_allowed(run, tmp_path):
     # a modified baseline is refused the same way
     code, out, _ = invoke("gate", run, "--max-top1-drop", "100", "--baseline", d)
     assert code == 2 and "model.safetensors changed" in out
+
+
+def test_test_digest_names_exactly_the_test_images(tmp_path):
+    """Equal when the test images are the same (another seed changes nothing when the whole
+    test split is used), different when --seed picks another --test-subset, another folder
+    holds other files, or synthetic images come from another seed."""
+    from PIL import Image
+
+    from lrcompress.data import build_loaders, parse_data_spec, resolve_preprocess, test_set_digest
+
+    from .test_data import fake_mnist
+
+    def digest(spec, **cfg):
+        spec = parse_data_spec(spec)
+        lo = build_loaders(spec, resolve_preprocess(None, spec, input_size=16),
+                           DataConfig(batch_size=4, **cfg))
+        return test_set_digest(lo.test, str(spec))
+
+    mnist = f"mnist:{fake_mnist(tmp_path / 'mnist')}"
+    assert digest(mnist, seed=0) == digest(mnist, seed=1)  # all 50 test images either way
+    assert digest(mnist, seed=0, test_subset=20) == digest(mnist, seed=0, test_subset=20)
+    assert digest(mnist, seed=0, test_subset=20) != digest(mnist, seed=1, test_subset=20)
+    assert digest("synthetic:16", seed=0) != digest("synthetic:16", seed=1)
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / part / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "img" / part / cls / f"{i}.png")
+    folder = f"imagefolder:{tmp_path / 'img'}"
+    first = digest(folder)
+    (tmp_path / "img" / "val" / "a" / "0.png").rename(tmp_path / "img" / "val" / "b" / "9.png")
+    assert len(first) == 64 and digest(folder) != first  # a file moved to another class
+    assert test_set_digest([(torch.zeros(1), torch.zeros(1))], "python") is None

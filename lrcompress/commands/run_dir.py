@@ -6,6 +6,14 @@ work*; :meth:`RunDir.open` creates it once every input is known to be valid. Sta
 under ``state/`` so an interrupted run resumes from the last finished stage; under ``torchrun``
 only rank 0 writes (:meth:`RunDir.writes`), and the barriers keep every rank's view the same.
 
+Nothing of the user's is replaced: ``state/manifest.json`` lists every file the run wrote
+outside ``state/`` (:meth:`RunDir.record`, called before each write), ``--overwrite`` removes
+only those and ``state/``, and a non-empty folder without a manifest is not a run and is refused;
+so is ``--overwrite`` when an input lives among what it would remove. While a process writes
+RUN/ it holds RUN/'s lock (:mod:`lrcompress.util.folder_lock`): :meth:`RunDir.check` refuses a
+folder another process holds, and :meth:`RunDir.open` takes the lock and checks the folder again
+under it. :func:`verify_files` checks a finished run's files against the sha256 in report.json.
+
 ``RunDir(None)`` is a run without a folder (the Python API without ``run_dir``): it reads nothing,
 writes nothing and never resumes, so the stages need no special case.
 """
@@ -25,6 +33,7 @@ from lrcompress.util.io import cannot_write_in, file_sha256, write_json, write_t
 from lrcompress.util.run_files import (
     CACHE_DIR,
     FINGERPRINT_FILE,
+    LEGACY_RUN_FILES,
     LOCK_FILE,
     MANIFEST_FILE,
     REPORT_FILE,
@@ -224,7 +233,7 @@ def read_manifest(folder) -> set[str] | None:
     manifest (it is not a run)."""
     path = Path(folder) / STATE_DIR / MANIFEST_FILE
     if not path.is_file():
-        return None
+        return set(LEGACY_RUN_FILES) if _is_legacy_run(Path(folder)) else None
     data = _read_json(path)
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -232,6 +241,16 @@ def read_manifest(folder) -> set[str] | None:
                         "files from yours there. Choose another -o, or remove the folder "
                         "yourself.")
     return set(files)
+
+
+def _is_legacy_run(folder: Path) -> bool:
+    """A run written before manifests: its state/fingerprint.json is the one search (checkpoint)
+    or the Python API (weights_sha256) records."""
+    try:
+        fp = json.loads((folder / STATE_DIR / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(fp, dict) and ("checkpoint" in fp or "weights_sha256" in fp)
 
 
 def _removable(written: set[str]) -> set[str]:

@@ -17,3 +17,7 @@ CACHE_DIR = "cache"  # the signal cache: kept by --overwrite (it depends only on
 SIGNALS_FILE = "signals.json"  # in CACHE_DIR
 LOCK_FILE = ".lrcompress.lock"  # held while a process writes the folder (names the holder)
 EXPORT_MANIFEST = "lrcompress-export.json"  # in an `export -o DIR` folder: what export wrote
+# What a run written before manifests existed (lrcompress without state/manifest.json) has at the
+# top of RUN/: --overwrite treats these, and state/, as that run's files.
+LEGACY_RUN_FILES = (MODEL_FILE, PLAN_FILE, REPORT_FILE, REPORT_MD, REPORT_HTML, ONNX_FILE,
+                    "model.onnx.data")
