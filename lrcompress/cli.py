@@ -586,10 +586,17 @@ def _int8_config(kw: dict, formats: str) -> tuple[tuple[str, ...], object]:
 @click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(min=0),
               help="Parity: |onnx - torch| <= atol + rtol*|torch| on every output.")
 @click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--overwrite", is_flag=True,
+              help="With -o DIR: replace model.onnx / model.safetensors an earlier export wrote "
+              "there (never a file export did not write, or one changed since).")
+@click.option("--allow-modified", is_flag=True,
+              help="Use a RUN whose files differ from the sha256 its report.json records "
+              "(refused by default: the report no longer describes them).")
 @latency_options
 @int8_options
 @click.option("--json", "as_json", is_flag=True, help="Print the export section as JSON.")
-def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as_json, **lat_kw):
+def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, overwrite,
+           allow_modified, as_json, **lat_kw):
     """Export RUN's compressed model: ONNX (checked against PyTorch) and safetensors.
 
     model.onnx is one self-contained file of standard ONNX operators, checked with onnx.checker
@@ -620,7 +627,8 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as
     fmts, int8 = _int8_config(lat_kw, formats)
     cfg = ExportConfig(formats=fmts, opset=opset, dynamic_batch=dynamic_batch, output=output,
                        data=data_spec, rtol=rtol, atol=atol, int8=int8,
-                       latency=_latency_config(lat_kw, per_layer=True))
+                       latency=_latency_config(lat_kw, per_layer=True),
+                       overwrite=overwrite, allow_modified=allow_modified)
     res = export_run(run, cfg, progress=RichProgress())
     if as_json:
         _emit_json(res.section)
@@ -641,10 +649,14 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as
 @click.option("--mean", help="Normalisation mean, comma-separated (default: the run's/model's).")
 @click.option("--std", help="Normalisation std, comma-separated (default: the run's/model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-modified", is_flag=True,
+              help="Use a RUN whose files differ from the sha256 its report.json records "
+              "(refused by default: the report no longer describes them).")
 @latency_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_spec,
-             test_subset, batch_size, workers, mean, std, device, as_json, **lat_kw):
+             test_subset, batch_size, workers, mean, std, device, allow_modified, as_json,
+             **lat_kw):
     """Top-1/top-5, loss, MACs, params and latency of any model, original or compressed.
 
     MODEL_OR_RUN is a checkpoint, a RUN directory (its input size and normalisation are used),
@@ -669,7 +681,8 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
                      std=parse_floats(std, "--std"), device=device,
                      latency=_latency_config(lat_kw, per_layer=False))
     res = eval_model(model, data_spec, cfg, arch=arch, num_classes=num_classes,
-                     in_chans=in_chans, trust_pickle=trust_pickle, progress=RichProgress())
+                     in_chans=in_chans, trust_pickle=trust_pickle, progress=RichProgress(),
+                     allow_modified=allow_modified)
     if as_json:
         _emit_json(res)
     else:
@@ -698,9 +711,12 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
               help="--min-speedup and --max-top1-drop read model.int8.onnx's rows (needs "
               "`lrcompress export RUN --int8`): its speed-up over the original FP32 model, "
               "its top-1 in ONNX Runtime.")
+@click.option("--allow-modified", is_flag=True,
+              help="Use a RUN whose files differ from the sha256 its report.json records "
+              "(refused by default: the report no longer describes them).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, speedup_batch,
-         baseline, junit, int8, as_json):
+         baseline, junit, int8, allow_modified, as_json):
     """CI gate: exit 0 when RUN meets every budget, 1 when one fails, 2 on bad input.
 
     Give at least one budget. A run without accuracy (data-free without --eval-data) takes
@@ -715,18 +731,20 @@ def gate(run, max_top1_drop, min_flops_reduction, min_speedup, speedup_engine, s
       lrcompress gate runs/r18-tt30 --max-top1-drop 1.0 --min-speedup 1.3 --junit gate.xml
       lrcompress gate runs/new --max-top1-drop 0.2 --baseline runs/main
     """
-    from lrcompress.commands.gate import GateConfig, junit_xml
+    from lrcompress.commands.gate import GateConfig, check_junit_path, write_junit
     from lrcompress.commands.gate import gate as run_gate
     from lrcompress.errors import GateFailure
     from lrcompress.report.render import render_gate
-    from lrcompress.util.io import write_text
 
     cfg = GateConfig(max_top1_drop=max_top1_drop, min_flops_reduction=min_flops_reduction,
                      min_speedup=min_speedup, speedup_engine=speedup_engine,
-                     speedup_batch=speedup_batch, baseline=baseline, int8=int8)
+                     speedup_batch=speedup_batch, baseline=baseline, int8=int8,
+                     allow_modified=allow_modified)
+    if junit is not None:
+        check_junit_path(junit)
     res = run_gate(run, cfg)
-    if junit:
-        write_text(junit, junit_xml(res))
+    if junit is not None:
+        write_junit(junit, res)
     if as_json:
         _emit_json(res.to_dict())
     else:

@@ -24,6 +24,8 @@ memory speed. Every split dataset exposes ``indices`` (rows of its pool) and ``p
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import logging
 import math
 import os
@@ -710,3 +712,22 @@ def _loader(ds, shuffle: bool, cfg: DataConfig) -> DataLoader:
                       persistent_workers=cfg.workers > 0,
                       # a last batch of 1 breaks BatchNorm in training mode
                       drop_last=shuffle and len(ds) > cfg.batch_size)
+
+
+def test_set_digest(loader, spec: str) -> str | None:
+    """SHA-256 naming exactly which test samples ``loader`` yields: the spec, the rows, their
+    labels (and for an image folder the file names, for synthetic data the seed), so two runs
+    compare accuracies only when this is equal. None for batches lrcompress did not build."""
+    ds = getattr(loader, "dataset", None)
+    if isinstance(ds, SplitDataset):
+        which = {"labels": ds.labels[ds.indices].tolist()}
+        if isinstance(ds.images, _SyntheticPool):
+            which.update(seed=ds.images.seed, shape=list(ds.images.shape), pool=ds.images.n)
+    elif isinstance(ds, FolderSplit):
+        root = Path(ds.folder.root)
+        which = {"files": [[str(Path(f).relative_to(root)), y]
+                           for f, y in (ds.folder.samples[int(r)] for r in ds.indices)]}
+    else:
+        return None
+    ident = {"spec": str(spec), "pool": ds.pool, "rows": ds.indices.tolist(), **which}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()

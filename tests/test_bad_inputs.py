@@ -36,12 +36,24 @@ Checklist (issue #7 §1 item -> CASES id, or the test function below the table):
   no decomposable layer ..................... no_decomposable_layer, everything_excluded
   layers too small to gain .................. layers_too_small
   --device cuda without a GPU ............... device_cuda_without_gpu
+
+Issue #18 items 1 and 2 (nothing of the user's is replaced; one writer per RUN/):
+
+  --overwrite on a folder that is not a run . overwrite_not_a_run
+  --overwrite removes only the run's files .. test_overwrite_replaces_results_only,
+                                              test_overwrite_on_a_run_from_before_manifests
+  --overwrite would remove an input ......... test_overwrite_never_removes_an_input
+  -o "" ..................................... test_empty_output_path_is_refused
+  a second writer of RUN/ ................... test_a_second_writer_is_refused_naming_the_holder
+  a stale lock (its holder died) ............ test_a_stale_lock_is_taken_over
+  two searches into one empty -o ............ test_two_searches_into_one_empty_folder
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import struct
@@ -60,6 +72,7 @@ from lrcompress.model import checkpoint
 from .conftest import tiny_resnet
 from .test_data import fake_mnist
 
+ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ("--input-size", "1,32,32", "--data", "synthetic:16", "--method", "uniform",
           "--batch-size", "8")
 TINY_ARCH = "timm:resnet18(channels=(1,1,1,1),stem_type='deep',stem_width=1)"
@@ -287,6 +300,12 @@ CASES = [
         (e.out.mkdir(), (e.out / "keep.txt").write_text("mine"), search(e.pt, env=e))[-1],
         [e.pt]),
         ("is not empty", "--overwrite")),
+    Case("overwrite_not_a_run", lambda e: (
+        (e.out.mkdir(), (e.out / "state").mkdir(), (e.out / "state" / "mine.json").write_text("1"),
+         (e.out / "report.md").write_text("my notes"), (e.out / "plan.json").write_text("{}"),
+         search(e.pt, "--overwrite", env=e))[-1], [e.pt]),
+        ("is not an lrcompress run", "only replaces files an lrcompress run wrote",
+         "Choose another -o")),
     Case("no_decomposable_layer", lambda e: (
         ["search", _efficientnet(e), *SEARCH, "--target-flops", "0.5", "--include", "*conv_dw",
          "-o", e.out], [e.tmp / "in" / "test_efficientnet.pt"]),
@@ -403,17 +422,169 @@ def test_absurd_safetensors_refused_before_allocating(tmp_path, monkeypatch, kin
 
 
 # ---------------------------------------------------------------------- --overwrite
+def _manifest(out: Path) -> set[str]:
+    return set(json.loads((out / "state" / "manifest.json").read_text())["files"])
+
+
 def test_overwrite_replaces_results_only(resnet_ckpt, tmp_path):
-    """A non-empty RUN is refused (case output_not_empty); with --overwrite the run goes ahead
-    and the user's own files in it are left alone."""
+    """A folder that is not a run is refused, --overwrite or not (cases output_not_empty,
+    overwrite_not_a_run). In a run folder --overwrite removes exactly the files the manifest
+    lists (and the stage state): the user's files there, even inside the run's own plots/,
+    are left alone."""
     out = tmp_path / "run"
-    out.mkdir()
+    args = ("search", resnet_ckpt["pt"], *SEARCH, "--rank-multiple", "1", "-o", out)
+    code, text = run(*args, "--target-flops", "0.5")
+    assert code == 0, text
+    written = _manifest(out)
+    assert {"model.safetensors", "plan.json", "report.json", "report.md", "report.html"} <= written
+    assert all((out / f).is_file() for f in written - {"cache/signals.json"})
+    old_model = (out / "model.safetensors").read_bytes()
     (out / "keep.txt").write_text("mine")
-    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5",
-                     "--rank-multiple", "1", "-o", out, "--overwrite")
+    (out / "plots" / "mine.png").write_bytes(b"my plot")
+    code, text = run(*args, "--target-flops", "0.7", "--overwrite")
     assert code == 0, text
     assert (out / "keep.txt").read_text() == "mine"
-    assert (out / "model.safetensors").is_file()
+    assert (out / "plots" / "mine.png").read_bytes() == b"my plot"
+    assert (out / "model.safetensors").read_bytes() != old_model  # the new result
+    assert json.loads((out / "report.json").read_text())["target"]["ratio"] == 0.7
+    assert "keep.txt" not in _manifest(out) and "plots/mine.png" not in _manifest(out)
+    assert not (out / ".lrcompress.lock").exists()
+
+
+def test_overwrite_on_a_run_from_before_manifests(resnet_ckpt, tmp_path):
+    """A run written before state/manifest.json existed is still a run (its fingerprint says
+    so): --overwrite removes the result files earlier versions wrote, and nothing else."""
+    out = tmp_path / "run"
+    args = ("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert run(*args)[0] == 0
+    (out / "state" / "manifest.json").unlink()
+    (out / "keep.txt").write_text("mine")
+    code, text = run(*args, "--overwrite")
+    assert code == 0, text
+    assert (out / "keep.txt").read_text() == "mine" and "keep.txt" not in _manifest(out)
+    # a state/fingerprint.json that is not lrcompress's does not make a run
+    other = tmp_path / "other"
+    (other / "state").mkdir(parents=True)
+    (other / "state" / "fingerprint.json").write_text('{"mine": 1}')
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", other,
+                     "--overwrite")
+    assert code == 2 and "is not an lrcompress run" in text, text
+    assert (other / "state" / "fingerprint.json").read_text() == '{"mine": 1}'
+
+
+def test_overwrite_never_removes_an_input(resnet_ckpt, tmp_path):
+    """--overwrite refuses (exit 2, nothing changed) when the checkpoint or the data it reads
+    is among, or inside, what it would remove: here the user put their checkpoint where the
+    run's model was, and points --data at the run's plots/."""
+    out = tmp_path / "run"
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert code == 0, text
+    ckpt = out / "model.safetensors"
+    ckpt.write_bytes(resnet_ckpt["safetensors"].read_bytes())  # the user's original model
+    before = _digest(out)
+    for model, data, hit in ((ckpt, "synthetic:16", ckpt),
+                             (resnet_ckpt["pt"], f"imagefolder:{out / 'plots'}", "plots/")):
+        code, text = run("search", model, "--arch", "timm:test_resnet", "--input-size",
+                         "1,32,32", "--data", data, "--method", "uniform", "--target-flops",
+                         "0.5", "-o", out, "--overwrite")
+        assert code == 2 and "--overwrite would remove" in text and str(hit) in text, text
+        assert "Move the input out of" in text and "Traceback" not in text
+        assert _digest(out) == before
+
+
+def test_empty_output_path_is_refused(resnet_ckpt, tmp_path, monkeypatch):
+    """-o "" used to mean the current folder; now it is bad input, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", "")
+    assert code == 2 and '-o "" is an empty path' in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in resnet_ckpt["dir"].iterdir())  # nothing new in the current folder
+
+
+# ------------------------------------------------------------------ one writer per RUN/
+_HOLD = """
+import sys, time
+from lrcompress.util.folder_lock import FolderLock
+lock = FolderLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder(resnet_ckpt, tmp_path):
+    """Another process holds RUN/'s lock: search (resuming or overwriting) and export are
+    refused at once, before any work, naming the holder's pid and host; nothing is changed."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert run(*args)[0] == 0
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _digest(out)
+        for cmd in (args, (*args, "--overwrite"), ("export", out, "--no-latency")):
+            code, text = run(*cmd)
+            assert code == 2, text
+            for w in ("being written by another lrcompress process", f"pid {holder.pid}",
+                      socket.gethostname(), "started"):
+                assert w in text, text
+            assert _digest(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(*args, "--overwrite")[0] == 0  # its lock died with it
+
+
+def test_a_stale_lock_is_taken_over(resnet_ckpt, tmp_path):
+    """A lock file left by a process that died (kill -9: no clean-up) does not block: the
+    kernel dropped its lock, so the next writer takes the file over and removes it at the end."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lrcompress.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": "here", "started": "earlier"}))
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert code == 0, text
+    assert (out / "report.json").is_file() and not lock.exists()
+
+
+def test_two_searches_into_one_empty_folder(resnet_ckpt, tmp_path, monkeypatch):
+    """Two different searches started into the same empty -o: both pass the early check, one
+    finishes first; the other re-checks under the lock before writing anything and is refused,
+    so the finished result is not lost (before: both exited 0, one result overwritten)."""
+    from lrcompress.commands import run_dir
+    from lrcompress.commands.search import SearchConfig
+    from lrcompress.commands.search import search as api_search
+    from lrcompress.data import DataConfig
+    from lrcompress.model.plan import Target
+
+    out = tmp_path / "run"
+    real_open, first = run_dir.RunDir.open, []
+
+    def open_after_the_other_finished(self):
+        if not first:
+            first.append(1)
+            cfg = SearchConfig(target=Target("flops", 0.7), method="uniform",
+                               input_size=(1, 32, 32), data=DataConfig(batch_size=8))
+            api_search(str(resnet_ckpt["pt"]), "synthetic:16", out, cfg)
+        return real_open(self)
+
+    monkeypatch.setattr(run_dir.RunDir, "open", open_after_the_other_finished)
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", out)
+    assert code == 2 and "holds the finished result of a different command" in text, text
+    assert "differs in: target" in text and "Traceback" not in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["ratio"] == 0.7  # the other search's result is intact
+    assert not (out / ".lrcompress.lock").exists()
 
 
 def test_the_corpus_covers_every_item_of_the_issue():

@@ -84,7 +84,11 @@ def test_onnx_export_checks_and_matches_pytorch(runs, decomp, tmp_path):
     res = export_run(runs[decomp], ExportConfig(latency=None, output=str(out)))
     path = out / "model.onnx"
     assert res.files == [path, out / "model.safetensors"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["lrcompress-export.json", "model.onnx",
+                                                     "model.safetensors"]
+    record = json.loads((out / "lrcompress-export.json").read_text())["files"]
+    assert record == {"model.onnx": res.section["onnx"]["sha256"],
+                      "model.safetensors": res.section["safetensors"]["sha256"]}
     proto = onnx.load(str(path))  # one self-contained file: no external data
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     onnx.checker.check_model(proto, full_check=True)
@@ -112,6 +116,9 @@ def test_onnx_export_checks_and_matches_pytorch(runs, decomp, tmp_path):
     assert (par["rtol"], par["atol"]) == (RTOL, ATOL)
     st = res.section["safetensors"]
     assert st["copied_to"].endswith("model.safetensors") and "bit-exact" in st["reload"]
+    # the file is compared with what search recorded, not with itself
+    assert st["sha256"] == st["recorded_sha256"] == read_report(runs[decomp])["files"][
+        "model.safetensors"] and st["same_as_run"].startswith("sha256 equals")
     assert (out / "model.safetensors").read_bytes() == (runs[decomp] / "model.safetensors"
                                                         ).read_bytes()
     assert read_report(runs[decomp])["export"]["onnx"]["sha256"] == res.section["onnx"]["sha256"]
@@ -292,3 +299,106 @@ def test_help_has_examples():
     for cmd in ("export", "eval", "gate"):
         code, out, _ = invoke(cmd, "--help")
         assert code == 0 and "Examples:" in out, out
+
+
+# ------------------------------------------------------------ trust: files and checksums
+def _copy(run, tmp_path, name="run"):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / name)
+
+
+def test_export_replaces_only_files_an_export_wrote(runs, tmp_path):
+    """-o DIR: an existing model.onnx / model.safetensors is refused without --overwrite, and
+    with it unless an earlier export wrote it there and nobody changed it since; never the run's
+    own model, never into another run, never -o ""."""
+    run = _copy(runs["svd"], tmp_path)
+    ex = ("export", run, "--format", "safetensors", "--no-latency")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my own model")
+    for extra, words in (((), "Pass --overwrite"),
+                         (("--overwrite",), "was not written by `lrcompress export`")):
+        code, out, _ = invoke(*ex, "-o", mine, *extra)
+        assert code == 2 and words in out and "Traceback" not in out, out
+    assert (mine / "model.safetensors").read_bytes() == b"my own model"
+    assert sorted(p.name for p in mine.iterdir()) == ["model.safetensors"]
+
+    deploy = tmp_path / "deploy"
+    assert invoke(*ex, "-o", deploy)[0] == 0
+    code, out, _ = invoke(*ex, "-o", deploy)  # again: exists
+    assert code == 2 and "exists" in out and "--overwrite" in out
+    assert invoke(*ex, "-o", deploy, "--overwrite")[0] == 0  # its own earlier file
+    (deploy / "model.safetensors").write_bytes(b"edited by hand")
+    code, out, _ = invoke(*ex, "-o", deploy, "--overwrite")
+    assert code == 2 and "or was changed since" in out
+    assert (deploy / "model.safetensors").read_bytes() == b"edited by hand"
+
+    link = tmp_path / "link"
+    link.mkdir()
+    (link / "model.safetensors").symlink_to(run / "model.safetensors")
+    code, out, _ = invoke(*ex, "-o", link, "--overwrite")
+    assert code == 2 and "the run's own model" in out
+
+    other = runs["tt"]
+    before = _snapshot(other)
+    code, out, _ = invoke(*ex, "-o", other, "--overwrite")
+    assert code == 2 and "is another lrcompress run" in out and _snapshot(other) == before
+    code, out, _ = invoke(*ex, "-o", "")
+    assert code == 2 and '-o "" is an empty path' in out
+    with pytest.raises(UserError, match="empty path"):
+        ExportConfig(output=" ")
+
+
+def test_export_into_run_keeps_a_model_onnx_it_did_not_write(runs, tmp_path):
+    run = _copy(runs["svd"], tmp_path)
+    (run / "model.onnx").write_bytes(b"my graph")
+    before = _snapshot(run)
+    code, out, _ = invoke("export", run, "--format", "onnx", "--no-latency")
+    assert code == 2 and "was not written by lrcompress" in out and "manifest" in out, out
+    assert _snapshot(run) == before
+
+
+def test_modified_run_is_refused_by_export_and_eval(runs, tmp_path):
+    """A weight changed after search (one bit), or plan.json edited: export and eval name the
+    file and refuse (exit 2) unless --allow-modified; export then says the model is modified
+    instead of calling it bit-exact."""
+    run = _copy(runs["svd"], tmp_path)
+    recorded = read_report(run)["files"]["model.safetensors"]
+    model = run / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))
+    ev = ("--data", "synthetic:64", "--test-subset", "8", "--batch-size", "8", "--no-latency")
+    for cmd in (("export", run, "--format", "safetensors", "--no-latency"),
+                ("eval", run, *ev), ("eval", model, *ev)):
+        code, out, _ = invoke(*cmd)
+        assert code == 2 and "model.safetensors changed" in out and "--allow-modified" in out, out
+    assert invoke("eval", run, *ev, "--allow-modified")[0] == 0
+    res = export_run(run, ExportConfig(formats=("safetensors",), latency=None,
+                                       allow_modified=True))
+    st = res.section["safetensors"]
+    assert st["same_as_run"].startswith("MODIFIED") and st["recorded_sha256"] == recorded
+    assert st["modified_files"] == ["model.safetensors changed"]
+    assert read_report(run)["files"]["model.safetensors"] == recorded  # what search wrote
+
+    run2 = _copy(runs["svd"], tmp_path, "run2")
+    (run2 / "plan.json").write_text((run2 / "plan.json").read_text() + " ")
+    code, out, _ = invoke("export", run2, "--format", "safetensors", "--no-latency")
+    assert code == 2 and "plan.json changed" in out
+
+
+def test_export_records_the_checksums_of_what_it_wrote(runs, tmp_path):
+    """After export, report.json's files hold model.onnx and the rewritten reports, so the run
+    still verifies (gate passes the check) and the manifest lists model.onnx."""
+    from lrcompress.commands.run_dir import read_manifest, verify_files
+    from lrcompress.util.io import file_sha256
+
+    run = _copy(runs["cp"], tmp_path)
+    export_run(run, ExportConfig(formats=("onnx",), latency=None))
+    rep = read_report(run)
+    assert rep["files"]["model.onnx"] == file_sha256(run / "model.onnx")
+    assert all(file_sha256(run / k) == v for k, v in rep["files"].items())
+    assert "report.json" not in rep["files"] and verify_files(run, rep) == []
+    assert "model.onnx" in read_manifest(run)
+    assert invoke("gate", run, "--min-flops-reduction", "0.1")[0] == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from xml.etree import ElementTree as ET
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -41,11 +43,11 @@ def run(tmp_path_factory):
 
 
 def variant(run, tmp_path, name, edit):
-    """A copy of RUN's report.json, edited: enough for gate, which reads nothing else."""
+    """A copy of RUN with its report.json edited (the files it records stay as they were)."""
     rep = copy.deepcopy(read_report(run))
     edit(rep)
     d = tmp_path / name
-    d.mkdir()
+    shutil.copytree(run, d)
     (d / "report.json").write_text(json.dumps(rep))
     return d
 
@@ -165,3 +167,120 @@ def test_bad_input_exits_2(run, tmp_path):
     assert code == 2 and "[0, 1)" in out
     code, out, _ = invoke("gate", run)  # the drop budget is required
     assert code == 2 and "--max-top1-drop" in out
+
+
+def test_baseline_must_be_evaluated_on_the_same_test_images(run, tmp_path):
+    """Same spec and test count but another seed: other synthetic test images, so the runs'
+    test_digest differs and the comparison is refused (it passed before, comparing only the
+    spec string and the count)."""
+    ckpt = tmp_path / "test_resnet.pt"
+    torch.save(tiny_resnet().state_dict(), ckpt)
+    rep = read_report(run)
+    cfg = SearchConfig(target=Target("flops", 0.5), decomp="tt", method="uniform",
+                       rank_multiple=1, calib_batches=2, bn_batches=0, seed=7,
+                       data=DataConfig(batch_size=16, test_subset=32, seed=7),
+                       input_size=(1, 32, 32))
+    other = search(str(ckpt), "synthetic:64", tmp_path / "seed7", cfg).run_dir
+    theirs = read_report(other)["data"]
+    assert (theirs["spec"], theirs["test_samples"]) == (rep["data"]["spec"], 32)
+    assert len(theirs["test_digest"]) == 64 and theirs["test_digest"] != rep["data"]["test_digest"]
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "100", "--baseline", other)
+    assert code == 2 and "other test images" in out and "--seed" in out, out
+    # the same images (a copy of the run): compared
+    same = variant(run, tmp_path, "same", lambda r: None)
+    assert invoke("gate", run, "--max-top1-drop", "100", "--baseline", same)[0] == 0
+    # a report that does not record its test images cannot be compared either
+    old = variant(run, tmp_path, "old", lambda r: r["data"].pop("test_digest"))
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "100", "--baseline", old)
+    assert code == 2 and "does not record which test images" in out, out
+
+
+def test_gate_refusals_exit_2_without_traceback(run, tmp_path):
+    cases = [
+        (("--max-top1-drop", "1", "--baseline", run), "the run being gated itself"),
+        (("--max-top1-drop", "1", "--baseline", run / "report.json"), "itself"),
+        (("--max-top1-drop", "nan"), "not a finite number"),
+        (("--max-top1-drop", "inf"), "not a finite number"),
+        (("--min-speedup", "nan"), "not a finite number"),
+        (("--max-top1-drop", "1", "--junit", "/proc/lrcompress-gate/gate.xml"),
+         "Cannot write --junit"),
+        (("--max-top1-drop", "1", "--junit", run / "report.json" / "gate.xml"), "is a file"),
+        (("--max-top1-drop", "1", "--junit", tmp_path), "is a directory"),
+    ]
+    for args, words in cases:
+        code, out, _ = invoke("gate", run, *args)
+        assert code == 2 and words in out and "Traceback" not in out, (args, out)
+    assert not (run / "report.json" / "gate.xml").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update(accuracy={}),
+    lambda r: r.update(accuracy={"original": r["accuracy"]["original"]}),  # no final stage
+    lambda r: r.pop("accuracy"),
+], ids=["empty", "original_only", "absent"])
+def test_report_without_accuracy_exits_2(run, tmp_path, edit):
+    d = variant(run, tmp_path, "noacc", edit)
+    code, out, _ = invoke("gate", d, "--max-top1-drop", "1")
+    assert code == 2 and "needs measured accuracy" in out and "Traceback" not in out, out
+    # as a baseline too
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "1", "--baseline", d)
+    assert code == 2 and "measured none" in out, out
+    # the other budgets still work on it
+    assert invoke("gate", d, "--min-flops-reduction", "0.1")[0] == 0
+
+
+def test_report_missing_what_a_budget_reads_exits_2(run, tmp_path):
+    d = variant(run, tmp_path, "nototals", lambda r: r.pop("totals"))
+    code, out, _ = invoke("gate", d, "--min-flops-reduction", "0.1")
+    assert code == 2 and "lacks what the budgets read" in out and "totals" in out, out
+
+
+def test_modified_run_is_refused_unless_allowed(run, tmp_path):
+    d = variant(run, tmp_path, "tampered", lambda r: None)
+    model = d / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    model.write_bytes(bytes(data))
+    (d / "report.md").unlink()
+    code, out, _ = invoke("gate", d, "--max-top1-drop", "100")
+    assert code == 2 and "model.safetensors changed" in out and "report.md is missing" in out
+    assert "--allow-modified" in out
+    assert invoke("gate", d, "--max-top1-drop", "100", "--allow-modified")[0] == 0
+    # a modified baseline is refused the same way
+    code, out, _ = invoke("gate", run, "--max-top1-drop", "100", "--baseline", d)
+    assert code == 2 and "model.safetensors changed" in out
+
+
+def test_test_digest_names_exactly_the_test_images(tmp_path):
+    """Equal when the test images are the same (another seed changes nothing when the whole
+    test split is used), different when --seed picks another --test-subset, another folder
+    holds other files, or synthetic images come from another seed."""
+    from PIL import Image
+
+    from lrcompress.data import build_loaders, parse_data_spec, resolve_preprocess, test_set_digest
+
+    from .test_data import fake_mnist
+
+    def digest(spec, **cfg):
+        spec = parse_data_spec(spec)
+        lo = build_loaders(spec, resolve_preprocess(None, spec, input_size=16),
+                           DataConfig(batch_size=4, **cfg))
+        return test_set_digest(lo.test, str(spec))
+
+    mnist = f"mnist:{fake_mnist(tmp_path / 'mnist')}"
+    assert digest(mnist, seed=0) == digest(mnist, seed=1)  # all 50 test images either way
+    assert digest(mnist, seed=0, test_subset=20) == digest(mnist, seed=0, test_subset=20)
+    assert digest(mnist, seed=0, test_subset=20) != digest(mnist, seed=1, test_subset=20)
+    assert digest("synthetic:16", seed=0) != digest("synthetic:16", seed=1)
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / part / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "img" / part / cls / f"{i}.png")
+    folder = f"imagefolder:{tmp_path / 'img'}"
+    first = digest(folder)
+    (tmp_path / "img" / "val" / "a" / "0.png").rename(tmp_path / "img" / "val" / "b" / "9.png")
+    assert len(first) == 64 and digest(folder) != first  # a file moved to another class
+    assert test_set_digest([(torch.zeros(1), torch.zeros(1))], "python") is None

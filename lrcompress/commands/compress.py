@@ -74,11 +74,18 @@ from lrcompress.recover.bn import recalibrate_bn
 from lrcompress.recover.finetune import FinetuneConfig, distill
 from lrcompress.recover.lorita import LoritaConfig, lorita_train
 from lrcompress.report.schema import build_report
-from lrcompress.report.write import write_reports
+from lrcompress.report.write import render_reports, write_rendered
 from lrcompress.util.io import write_json, write_text
 from lrcompress.util.progress import Progress
 from lrcompress.util.resources import rebatch, retry_halving
-from lrcompress.util.run_files import MODEL_FILE, PLAN_FILE, REPORT_FILE, STATE_DIR
+from lrcompress.util.run_files import (
+    CACHE_DIR,
+    MODEL_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    SIGNALS_FILE,
+    STATE_DIR,
+)
 
 log = logging.getLogger(__name__)
 
@@ -584,8 +591,10 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         raise UserError(f"The rank method {cfg.method!r} needs calibration data (calib=...). "
                         "Give a few hundred inputs, synth=SynthConfig() to synthesise them from "
                         "the model's BatchNorm statistics, or use method='uniform'.")
-    cache_dir = cfg.cache_dir or (run.path / "cache" if run.enabled else None)
-    cache = Cache(None if cache_dir is None else Path(cache_dir) / "signals.json")
+    cache_dir = cfg.cache_dir or (run.path / CACHE_DIR if run.enabled else None)
+    if run.enabled and cfg.cache_dir is None:
+        run.record(f"{CACHE_DIR}/{SIGNALS_FILE}")
+    cache = Cache(None if cache_dir is None else Path(cache_dir) / SIGNALS_FILE)
     stats = search_stats(model, problem, batches, cfg, progress)
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
@@ -780,9 +789,12 @@ def save_stage(job: Job, student: nn.Module, plan: Plan, report: dict) -> None:
     run = job.run
     if not run.writes:
         return
+    rendered = render_reports(report)
+    run.record(MODEL_FILE, PLAN_FILE, REPORT_FILE, *rendered)  # in the manifest before written
     save_compressed(student, plan, run.file(MODEL_FILE))
     write_text(run.file(PLAN_FILE), plan.to_json() + "\n")
-    write_reports(run.path, report)
+    write_rendered(run.path, rendered)
+    report["files"] = run.checksums([MODEL_FILE, PLAN_FILE, *rendered])
     write_json(run.file(REPORT_FILE), report)  # last: its presence means the run finished
 
 
@@ -790,9 +802,16 @@ def save_stage(job: Job, student: nn.Module, plan: Plan, report: dict) -> None:
 
 
 def run_stages(job: Job) -> CompressResult:
-    """Every stage in order; returns the compressed model, its plan and the report."""
-    times = job.times
+    """Every stage in order, RUN/ locked meanwhile; returns the model, its plan and the report."""
     job.run.open()
+    try:
+        return _all_stages(job)
+    finally:
+        job.run.close()
+
+
+def _all_stages(job: Job) -> CompressResult:
+    times = job.times
     job.model.to(job.device).eval()
     if job.synth is not None and job.loaders.calib is None:
         job.data_free = _timed(times, "synthesize", synthesize_stage, job)

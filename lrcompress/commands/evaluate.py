@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lrcompress.commands.run_dir import verify_files
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.errors import UserError
 from lrcompress.measure.latency import LatencyConfig, measure
@@ -34,28 +35,33 @@ class EvalConfig:
         default_factory=lambda: LatencyConfig(per_layer=False))
 
 
-def _run_report(spec: str) -> dict | None:
-    """The report of the run ``spec`` points at (RUN/ or RUN/model.safetensors), if any."""
+def _run_report(spec: str, allow_modified: bool) -> dict | None:
+    """The report of the run ``spec`` points at (RUN/ or RUN/model.safetensors), if any, once
+    the run's files are checked against the checksums it records."""
     p = Path(spec)
     run = p if p.is_dir() else p.parent if p.name == MODEL_FILE else None
     if run is None or not (run / REPORT_FILE).is_file():
         return None
-    return read_report(run)
+    report = read_report(run)
+    verify_files(run, report, allow_modified)
+    return report
 
 
 def eval_model(spec: str, data_spec: str, cfg: EvalConfig = EvalConfig(), *, arch=None,
                num_classes=None, in_chans=None, trust_pickle=False,
-               progress: Progress | None = None) -> dict:
-    """Evaluate ``spec`` on the test split of ``data_spec``; a JSON-ready dict."""
+               progress: Progress | None = None, allow_modified: bool = False) -> dict:
+    """Evaluate ``spec`` on the test split of ``data_spec``; a JSON-ready dict. A RUN whose
+    files differ from the checksums in its report.json is refused unless ``allow_modified``."""
     from lrcompress.commands.search import resolve_device
     from lrcompress.deploy.onnx import export_onnx
 
     progress = progress or Progress()
+    run_report = _run_report(spec, allow_modified)
     progress.stage("loading model")
     lm = load_model(spec, arch=arch, num_classes=num_classes, in_chans=in_chans,
                     trust_pickle=trust_pickle)
     model, info = lm.model.eval(), lm.info
-    rep = _run_report(spec) if lm.plan is not None else None
+    rep = run_report if lm.plan is not None else None
     conf = (rep or {}).get("config") or {}
     size = cfg.input_size or ((rep or {}).get("model") or {}).get("input_size") or info.input_size
     dspec = parse_data_spec(data_spec)

@@ -1,14 +1,19 @@
 """``export``: deployable artifacts of a RUN, verified, with measured latency.
 
 ``export_run(RUN, cfg)`` writes ``model.onnx`` (checked with ``onnx.checker`` and against PyTorch in
-ONNX Runtime on real inputs), validates ``model.safetensors`` (reloaded with ``lrcompress.load``,
-outputs bit-exact, header plan equal to ``plan.json``; copied when another output folder is
-given), measures latency of the original and compressed models, and adds an ``export`` section to
-``report.json`` (then rewrites ``report.md``/``report.html``; the parts an export skips keep what
-an earlier export recorded). With ``onnx-int8`` it also writes ``model.int8.onnx``
-(:mod:`lrcompress.commands.export_int8`) and times the four models together. Every file is
-staged under a temporary name and all are renamed into place only after everything succeeded: a
-failed export leaves RUN/ exactly as it was.
+ONNX Runtime on real inputs), validates ``model.safetensors`` (its sha256 is the one search
+recorded in report.json; it reloads deterministically; header plan equal to ``plan.json``; copied
+when another output folder is given), measures latency of the original and compressed models,
+and adds an ``export`` section to ``report.json`` (then rewrites ``report.md``/``report.html``;
+the parts an export skips keep what an earlier export recorded). With ``onnx-int8`` it also writes
+``model.int8.onnx`` (:mod:`lrcompress.commands.export_int8`) and times the four models together.
+Every file is staged under a temporary name and all are renamed into place only after everything
+succeeded: a failed export leaves RUN/ exactly as it was.
+
+Trust: RUN/ is locked while export writes it; a run whose files differ from the checksums in
+report.json is refused (``allow_modified`` overrides); in another ``-o`` folder an existing
+model.onnx / model.safetensors is replaced only with ``overwrite`` and only when an earlier export
+wrote it there (``lrcompress-export.json`` records its sha256) and nobody changed it since.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from lrcompress.commands.export_int8 import INT8_FILE, int8_stage
+from lrcompress.commands.run_dir import RunDir, read_manifest, verify_files
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.deploy.int8 import Int8Config, cpu_features, int8_latency_rows, slower_warnings
 from lrcompress.deploy.onnx import (
@@ -46,10 +52,12 @@ from lrcompress.model.loading import load_model
 from lrcompress.model.plan import Plan
 from lrcompress.model.weights import load
 from lrcompress.report.schema import read_report
-from lrcompress.report.write import remove_stale_plots, render_reports
+from lrcompress.report.write import PLOT_DIR, remove_stale_plots, render_reports
+from lrcompress.util.folder_lock import FolderLock
 from lrcompress.util.io import atomic_path, file_sha256, json_default
 from lrcompress.util.progress import Progress
 from lrcompress.util.run_files import (
+    EXPORT_MANIFEST,
     FINGERPRINT_FILE,
     MODEL_FILE,
     ONNX_FILE,
@@ -69,6 +77,8 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET  # ONNX opset (18: torch's native one)
     dynamic_batch: bool = False  # model.onnx takes any batch size (else batch 1)
     output: str | None = None  # folder for model.onnx / model.safetensors (None: RUN/ itself)
+    overwrite: bool = False  # replace model.onnx / model.safetensors an earlier export wrote there
+    allow_modified: bool = False  # export a run whose files differ from their recorded sha256
     data: str | None = None  # parity inputs from this data spec (None: the run's own)
     parity_samples: int = 32  # inputs compared between PyTorch and ONNX Runtime
     rtol: float = 1e-3  # parity: |ort − torch| <= atol + rtol·|torch|, elementwise (float32)
@@ -85,6 +95,9 @@ class ExportConfig:
         object.__setattr__(self, "formats", fm)
         if "onnx-int8" in fm and self.int8 is None:
             object.__setattr__(self, "int8", Int8Config())
+        if self.output is not None and not str(self.output).strip():
+            raise UserError('-o "" is an empty path: give the folder to write model.onnx and '
+                            "model.safetensors to, or leave -o out to write them into RUN/.")
         check_opset(self.opset)
         if self.parity_samples < 1:
             raise UserError(f"parity_samples {self.parity_samples} must be >= 1.")
@@ -151,16 +164,25 @@ def _rel(path: Path, run: Path) -> str:
 def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
                progress: Progress | None = None) -> ExportResult:
     """Export RUN's compressed model (see the module docstring); all or nothing."""
-    progress = progress or Progress()
     run = Path(run_dir)
-    report = read_report(run)
+    read_report(run)  # a clear error for a folder that is not a finished run
+    with FolderLock(run):  # one writer of RUN/ at a time
+        return _export_locked(run, cfg, progress or Progress())
+
+
+def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportResult:
+    report = read_report(run)  # again, under the lock
     st_path = run / MODEL_FILE
     if not st_path.is_file():
         raise UserError(f"{run} has no model.safetensors: it is not a finished run. Run "
                         "`lrcompress search ... -o RUN` first.")
+    modified = verify_files(run, report, cfg.allow_modified)
     out = Path(cfg.output) if cfg.output else run
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder.")
+    names = [n for f, n in (("onnx", ONNX_FILE), ("safetensors", MODEL_FILE))
+             if f in cfg.formats and (n == ONNX_FILE or not _same_folder(out, run))]
+    _check_destinations(run, out, names, cfg.overwrite)
     lm = load_model(str(st_path))
     compressed, plan = lm.model.eval(), Plan.from_dict(lm.plan)
     input_size = tuple(report["model"]["input_size"])
@@ -208,8 +230,8 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
         if "safetensors" in cfg.formats:
             progress.stage("validating model.safetensors")
             section["safetensors"] = _validate_safetensors(run, st_path, compressed, plan, x,
-                                                           report)
-            if out.resolve() != run.resolve():
+                                                           report, modified)
+            if not _same_folder(out, run):
                 dest = out / MODEL_FILE
                 tmp = stage.enter_context(atomic_path(dest))
                 shutil.copyfile(st_path, tmp)
@@ -227,18 +249,105 @@ def export_run(run_dir, cfg: ExportConfig = ExportConfig(),
         # (the model in RUN/ never changes, so those figures still hold).
         report = {**report, "export": {**(report.get("export") or {}), **section}}
         progress.stage("writing")
-        text = json.dumps(report, indent=1, default=json_default) + "\n"
-        stage.enter_context(atomic_path(run / REPORT_FILE)).write_text(text, encoding="utf-8")
         rendered = render_reports(report)
         for name, data in rendered.items():
             tmp = stage.enter_context(atomic_path(run / name))
             tmp.write_bytes(data)
+        report["files"] = _files_after_export(report, rendered, onnx_bytes, out, run)
+        if not _same_folder(out, run):
+            _stage_export_manifest(stage, out, run, {
+                p.name: section["onnx" if p.name == ONNX_FILE else "safetensors"]["sha256"]
+                for p in files})
+        text = json.dumps(report, indent=1, default=json_default) + "\n"
+        stage.enter_context(atomic_path(run / REPORT_FILE)).write_text(text, encoding="utf-8")
+        RunDir(run).record(*rendered, *([ONNX_FILE] if onnx_bytes and _same_folder(out, run)
+                                        else []))
     remove_stale_plots(run, rendered)
     progress.end()
     return ExportResult(run, files, section, report)
 
 
-def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x, report):
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _check_destinations(run: Path, out: Path, names: list[str], overwrite: bool) -> None:
+    """Export replaces only files lrcompress wrote: in RUN/ those its manifest lists; in another
+    folder, with --overwrite, those an earlier export recorded there and nobody changed since.
+    Never the run's own model, and never into another run's folder."""
+    if not _same_folder(out, run) and out.is_dir() and read_manifest(out) is not None:
+        raise UserError(f"-o {out} is another lrcompress run: exporting into it would mix two "
+                        "runs' files. Choose another -o (e.g. a new deploy/ folder).")
+    ours = (read_manifest(run) or set()) if _same_folder(out, run) else _export_record(out)
+    for name in names:
+        dest = out / name
+        if not (dest.exists() or dest.is_symlink()):
+            continue
+        if dest.resolve() == (run / MODEL_FILE).resolve():
+            raise UserError(f"{dest} is {run / MODEL_FILE} itself (the run's own model): "
+                            "exporting there would replace the input. Choose another -o.")
+        if _same_folder(out, run):
+            if name not in ours:
+                raise UserError(f"{dest} was not written by lrcompress (the run's "
+                                f"{STATE_DIR}/manifest.json does not list it), so export will "
+                                "not replace it. Move it away, or export with -o DIR.")
+            continue
+        if not overwrite:
+            raise UserError(f"{dest} exists. Pass --overwrite to replace it (only a file an "
+                            "earlier `lrcompress export` wrote there, unchanged since), or "
+                            "choose another -o.")
+        if ours.get(name) != file_sha256(dest):
+            raise UserError(f"{dest} was not written by `lrcompress export` (or was changed "
+                            f"since: {out / EXPORT_MANIFEST} does not record its sha256), so "
+                            "--overwrite will not replace it. Move it away, or choose another "
+                            "-o.")
+
+
+def _export_record(out: Path) -> dict[str, str]:
+    """{file: sha256} of what earlier exports wrote into ``out`` ({} if none)."""
+    path = out / EXPORT_MANIFEST
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _stage_export_manifest(stage: contextlib.ExitStack, out: Path, run: Path,
+                           written: dict[str, str]) -> None:
+    """``out/lrcompress-export.json``: the sha256 of every file export wrote there, so a later
+    ``export -o out --overwrite`` knows which files are lrcompress's (renamed in with them)."""
+    record = {k: v for k, v in _export_record(out).items() if (out / k).is_file()}
+    text = json.dumps({"written_by": "lrcompress export", "run": str(run.resolve()),
+                       "files": {**record, **written}}, indent=1) + "\n"
+    stage.enter_context(atomic_path(out / EXPORT_MANIFEST)).write_text(text, encoding="utf-8")
+
+
+def _files_after_export(report: dict, rendered: dict, onnx_bytes, out: Path, run: Path) -> dict:
+    """report.json's ``files`` after export rewrote the reports (plots it no longer draws
+    removed) and, in RUN/, wrote model.onnx; the model's own checksum stays what search
+    recorded."""
+    files = {k: v for k, v in (report.get("files") or {}).items()
+             if not k.startswith(f"{PLOT_DIR}/")}
+    files.update({k: hashlib.sha256(v).hexdigest() for k, v in rendered.items()})
+    if onnx_bytes is not None and _same_folder(out, run):
+        files[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
+    return dict(sorted(files.items()))
+
+
+def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x, report,
+                          modified: list[str]):
+    """The weights are the ones search wrote (their sha256 is the one report.json records)
+    and reload deterministically; the header's plan agrees with plan.json and the report."""
+    sha = file_sha256(path)
+    recorded = (report.get("files") or {}).get(MODEL_FILE)
+    if recorded is None:
+        same_as_run = "not checked: report.json records no checksum (an older lrcompress)"
+    elif recorded == sha:
+        same_as_run = "sha256 equals the one search recorded in report.json"
+    else:
+        same_as_run = (f"MODIFIED since search wrote it (sha256 {sha[:12]}…, recorded "
+                       f"{recorded[:12]}…): exported anyway, --allow-modified")
     reloaded = load(path)
     a, b = model.state_dict(), reloaded.state_dict()
     if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
@@ -256,9 +365,11 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
     if plan.macs != report["totals"]["macs_after"]:
         raise UserError(f"{path} holds a plan of {plan.macs} MACs but report.json says "
                         f"{report['totals']['macs_after']}: the files come from different runs.")
-    return {"path": _rel(path, run), "bytes": path.stat().st_size, "sha256": file_sha256(path),
-            "reload": "lrcompress.load: weights and outputs bit-exact", "macs": plan.macs,
-            "params": plan.params}
+    return {"path": _rel(path, run), "bytes": path.stat().st_size, "sha256": sha,
+            "recorded_sha256": recorded, "same_as_run": same_as_run,
+            "modified_files": modified,
+            "reload": "lrcompress.load twice: identical weights and bit-exact outputs",
+            "macs": plan.macs, "params": plan.params}
 
 
 def _int8_latency(lat: dict) -> dict:

@@ -73,7 +73,7 @@ def search(model_spec: str, data_spec: str | None, out_dir, cfg: CompressConfig,
     fp = fingerprint(model_spec, data_spec, cfg, {
         "arch": arch, "num_classes": num_classes, "in_chans": in_chans, "eval_spec": eval_spec,
         **({"synth": synth.to_dict()} if synth else {})})
-    run = RunDir(out_dir, fp, cfg.overwrite)
+    run = RunDir(out_dir, fp, cfg.overwrite, inputs=_input_paths(model_spec, data_spec, eval_spec))
     run.check()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -119,6 +119,16 @@ def _loaders(model, device, dspec, espec, pre, cfg: CompressConfig, num_classes)
             raise UserError(f"--eval-data {espec} has no labelled test split (a flat image "
                             "folder is unlabelled): give DIR/val/CLASS/* images or a dataset.")
     return Loaders(calib, train, test, batch_size=cfg.data.batch_size)
+
+
+def _input_paths(model_spec: str, *data_specs: str | None) -> list[Path]:
+    """The files and folders the command reads (--overwrite must not remove any of them)."""
+    paths = [Path(model_spec)]
+    for spec in data_specs:
+        kind, _, root = (spec or "").partition(":")
+        if root and kind.strip().lower() != "synthetic":
+            paths.append(Path(root.strip()).expanduser())
+    return paths
 
 
 def _read_plan(cfg: CompressConfig, arch: str) -> Plan | None:

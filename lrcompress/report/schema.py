@@ -17,6 +17,7 @@ import torch
 
 from lrcompress._version import __version__
 from lrcompress.batches import sample_count
+from lrcompress.data import test_set_digest
 from lrcompress.errors import UserError
 from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.util.run_files import REPORT_FILE
@@ -31,7 +32,9 @@ SECTIONS = {
     "config": "CompressConfig.to_dict()",
     "model": "source, arch, num_classes, in_chans, input_size",
     "data": "spec (calibration/training), eval_spec (--eval-data: the test set, if another), "
-            "test_samples (None: accuracy not measured), calib_batches, train_samples",
+            "test_samples (None: accuracy not measured), test_digest (sha256 naming the test "
+            "samples: spec, rows, labels; None without test data or for Python batches), "
+            "calib_batches, train_samples",
     "data_free": "no calibration data: how the inputs were synthesised (method, config, "
                  "BatchNorm-statistics match before/after, seconds) and what used them; or None",
     "target": "kind, ratio",
@@ -52,6 +55,9 @@ SECTIONS = {
     "versions": "library versions and device",
     "resources": "batch sizes used (--auto-batch)",
     "export": "added by `lrcompress export`: onnx, safetensors, latency",
+    "files": "sha256 of every file the run (and export) wrote in RUN/, by path relative to RUN/ "
+             "(report.json itself excepted); export, eval and gate refuse a run whose files "
+             "differ",
 }
 ACCURACY_STAGES = ("finetuned", "bn_recalibrated", "decomposed")
 
@@ -73,6 +79,9 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
                   "in_chans": info.in_chans, "input_size": list(job.input_size)},
         "data": {"spec": loaders.description, "eval_spec": loaders.eval_description,
                  "test_samples": acc["original"]["n"] if "original" in acc else None,
+                 "test_digest": test_set_digest(loaders.test, loaders.eval_description
+                                                or loaders.description)
+                 if "original" in acc else None,
                  "calib_batches": calib_batches,
                  "train_samples": sample_count(loaders.train)},
         "data_free": job.data_free,

@@ -531,8 +531,12 @@ def write_reports(out_dir, report: dict, others=()) -> list[Path]:
 
     ``others``: reports of other runs of the same model, drawn on the accuracy-vs-MACs plot.
     """
+    return write_rendered(out_dir, render_reports(report, others))
+
+
+def write_rendered(out_dir, files: dict[str, bytes]) -> list[Path]:
+    """Write what :func:`render_reports` returned into ``out_dir``, all renamed in at the end."""
     out = Path(out_dir)
-    files = render_reports(report, others)
     written = []
     with contextlib.ExitStack() as stage:
         for name, data in files.items():
