@@ -546,7 +546,7 @@ def _latency_config(kw: dict, per_layer: bool):
 @click.option("--data", "data_spec",
               help="Parity inputs from this data spec (default: the run's own test images).")
 @click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(min=0),
-              help="Parity: |onnx - torch| <= atol + rtol*|torch| on every output.")
+              help="Parity: |onnx - torch| <= atol + rtol*max|torch| of each sample.")
 @click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
 @latency_options
 @click.option("--json", "as_json", is_flag=True, help="Print the export section as JSON.")
@@ -555,10 +555,11 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as
 
     model.onnx is one self-contained file of standard ONNX operators, checked with onnx.checker
     and run in ONNX Runtime on the run's test images: any output off by more than
-    atol + rtol*|torch| is an error and nothing is written. Latency of the original and the
-    compressed model is measured in the same process (median of --repeats runs) next to the
-    ideal speed-up (MACs ratio), with a per-layer table that flags factorized layers slower than
-    the dense ones. report.json gets an "export" section; report.md/html are rewritten.
+    atol + rtol*max|torch| of its sample is an error and nothing is written. Latency of the
+    original and the compressed model is measured in the same process (median of --repeats
+    runs) next to the ideal speed-up (MACs ratio), with a per-layer table that flags factorized
+    layers slower than the dense ones. report.json gets an "export" section; report.md/html
+    are rewritten.
 
     \b
     Examples:

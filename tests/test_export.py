@@ -292,3 +292,27 @@ def test_help_has_examples():
     for cmd in ("export", "eval", "gate"):
         code, out, _ = invoke(cmd, "--help")
         assert code == 0 and "Examples:" in out, out
+
+
+def test_parity_is_relative_to_each_samples_scale():
+    from lrcompress.deploy.onnx import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((4, 320)) * 20).astype(np.float32)
+    ref[:, 7] = 130.0  # EfficientNet-B0-like logits: the largest about 130
+    ref[0, 3] = 1e-3  # a near-zero logit, where an elementwise rtol·|x| allows only 1e-4
+    got = ref.copy()
+    got[0, 3] += 5.8e-4  # float32 noise at this scale (4.5e-6 of it): not a mismatch
+    par, bad = compare_outputs(got, ref, RTOL, ATOL)
+    assert bad == 0 and par.top1_agreement == 1.0
+    assert par.max_abs_diff == pytest.approx(5.8e-4, rel=1e-3)
+    assert par.output_scale == pytest.approx(130.0, rel=1e-6)
+    assert par.max_rel_diff == pytest.approx(5.8e-4 / 130.0, rel=1e-3)
+    # A real mismatch: one sample's outputs off by a tenth of its scale, another one NaN.
+    wrong = ref.copy()
+    wrong[1, :10] += 13.0
+    par, bad = compare_outputs(wrong, ref, RTOL, ATOL)
+    assert bad == 1 and par.max_rel_diff == pytest.approx(0.1, rel=1e-3)
+    wrong[2, 0] = np.nan  # a non-finite output is never within tolerance
+    par, bad = compare_outputs(wrong, ref, RTOL, ATOL)
+    assert bad == 2 and par.max_rel_diff == np.inf

@@ -66,7 +66,7 @@ class ExportConfig:
     output: str | None = None  # folder for model.onnx / model.safetensors (None: RUN/ itself)
     data: str | None = None  # parity inputs from this data spec (None: the run's own)
     parity_samples: int = 32  # inputs compared between PyTorch and ONNX Runtime
-    rtol: float = 1e-3  # parity: |ort − torch| <= atol + rtol·|torch|, elementwise (float32)
+    rtol: float = 1e-3  # parity: |ort − torch| <= atol + rtol·max|torch| per sample (float32)
     atol: float = 1e-4
     latency: LatencyConfig | None = field(default_factory=LatencyConfig)  # None: no timing
 
