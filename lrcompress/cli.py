@@ -113,6 +113,12 @@ def _parse_input_size(value):
             f"{value!r}: write C,H,W with positive integers, e.g. 1,28,28.") from None
 
 
+ALLOW_CLASS_MISMATCH = click.option(
+    "--allow-class-mismatch", is_flag=True,
+    help="Accept a model with more outputs than the data set has classes (labels are indices "
+    "into the model's classes); refused otherwise.")
+
+
 def model_options(f):
     @click.option("--arch", help="Architecture, e.g. timm:resnet18 or torchvision:resnet18 "
                   "(default: from the file name). Arguments: timm:NAME(img_size=28).")
@@ -383,6 +389,7 @@ def parse_floats(value, name):
 @click.option("--lorita-wd", default=1e-3, show_default=True, type=float,
               help="Weight decay on every factor (a Schatten-2/N penalty on each weight).")
 @click.option("--overwrite", is_flag=True, help="Replace results in a non-empty RUN directory.")
+@ALLOW_CLASS_MISMATCH
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, target_latency, target_speedup, latency_engine, latency_threads,
@@ -393,7 +400,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
            search_iters, search_warmup, search_loss, search_prior, search_tol, vbmf_weaken,
            max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
-           auto_batch, **finetune_kw):
+           auto_batch, allow_class_mismatch, **finetune_kw):
     """Compress MODEL to a FLOPs, params or measured-latency target: rank search,
     decomposition, evaluation.
 
@@ -452,7 +459,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         include=tuple(include), exclude=tuple(exclude), seed=seed, device=device,
         calib_batches=calib_batches, bn_batches=bn_batches, fit=fit,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
-                        seed=seed, test_subset=test_subset, train_subset=train_subset),
+                        seed=seed, test_subset=test_subset, train_subset=train_subset,
+                        allow_class_mismatch=allow_class_mismatch),
         finetune=finetune_config(finetune_kw), cache_dir=cache_dir,
         lorita=LoritaConfig(factors=lorita_factors, steps=lorita_steps, lr=lorita_lr,
                             weight_decay=lorita_wd),
@@ -595,9 +603,11 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, as
 @click.option("--std", help="Normalisation std, comma-separated (default: the run's/model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @latency_options
+@ALLOW_CLASS_MISMATCH
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_spec,
-             test_subset, batch_size, workers, mean, std, device, as_json, **lat_kw):
+             test_subset, batch_size, workers, mean, std, device, as_json, allow_class_mismatch,
+             **lat_kw):
     """Top-1/top-5, loss, MACs, params and latency of any model, original or compressed.
 
     MODEL_OR_RUN is a checkpoint, a RUN directory (its input size and normalisation are used),
@@ -617,7 +627,8 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
     from lrcompress.util.progress import RichProgress
 
     cfg = EvalConfig(data=DataConfig(batch_size=batch_size, workers=workers,
-                                     test_subset=test_subset),
+                                     test_subset=test_subset,
+                                     allow_class_mismatch=allow_class_mismatch),
                      input_size=input_size, mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), device=device,
                      latency=_latency_config(lat_kw, per_layer=False))
