@@ -127,6 +127,14 @@ def search(model, *extra, target=("--target-flops", "0.5"), env=None):
     return ["search", model, *SEARCH, *target, "-o", env.out, *extra]
 
 
+def _classes_case(e: Env, num_classes: int):
+    """A test_resnet with ``num_classes`` outputs searched on a 10-class Fashion-MNIST."""
+    ckpt = e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=num_classes).state_dict())
+    return (["search", ckpt, "--input-size", "1,28,28", "--data",
+             f"fashionmnist:{fake_mnist(e.tmp / 'fm')}", "--target-flops", "0.5", "--method",
+             "uniform", "-o", e.out], [ckpt, e.tmp / "fm"])
+
+
 def _sd(**changes):
     sd = tiny_resnet().state_dict()
     for k, v in changes.items():
@@ -231,18 +239,10 @@ CASES = [
          ("does not fit", "timm:test_efficientnet", "--arch")),
     Case("wrong_num_classes", _ckpt_case(lambda e: e.pt, "--num-classes", "5"),
          ("--num-classes 5 contradicts", "has 10", "Drop --num-classes")),
-    Case("num_classes_below_the_data", lambda e: (
-        ["search", e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=5).state_dict()),
-         "--input-size", "1,28,28", "--data", f"fashionmnist:{fake_mnist(e.tmp / 'fm')}",
-         "--target-flops", "0.5", "--method", "uniform", "-o", e.out],
-        [e.tmp / "in" / "test_resnet.pt", e.tmp / "fm"]),
-        ("has 10 classes but the model has 5 outputs", "num_classes=10", "--num-classes 10")),
-    Case("num_classes_above_the_data", lambda e: (
-        ["search", e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=20).state_dict()),
-         "--input-size", "1,28,28", "--data", f"fashionmnist:{fake_mnist(e.tmp / 'fm')}",
-         "--target-flops", "0.5", "--method", "uniform", "-o", e.out],
-        [e.tmp / "in" / "test_resnet.pt", e.tmp / "fm"]),
-        ("has 10 classes but the model has 20 outputs", "replaced", "--allow-class-mismatch")),
+    Case("num_classes_below_the_data", lambda e: _classes_case(e, 5),
+         ("has 10 classes but the model has 5 outputs", "num_classes=10", "--num-classes 10")),
+    Case("num_classes_above_the_data", lambda e: _classes_case(e, 20),
+         ("has 10 classes but the model has 20 outputs", "replaced", "--allow-class-mismatch")),
     Case("nan_weights", _ckpt_case(
         lambda e: e.state_dict_file("test_resnet.pt", _poisoned(float("nan")))),
         ("NaN or Inf", "layer1.0.conv1.weight", "before training diverged")),
