@@ -320,7 +320,8 @@ def parse_floats(value, name):
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
               help="Ranks are multiples of this: 16 matches the 16-channel blocks of CPU "
               "convolution kernels (AVX-512) and GPU tensor cores, so chains run near their "
-              "MACs; 8 reaches lower MACs targets; 1 allows any rank.")
+              "MACs; 8 reaches lower MACs targets; 1 allows any rank. A layer whose break-even "
+              "rank is below the multiple may take any rank under it.")
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Re-apply this plan.json instead of searching.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from html.parser import HTMLParser
 
 import numpy as np
@@ -38,19 +37,7 @@ STANDARD_OPS = {"Conv", "Gemm", "MatMul", "Relu", "Add", "MaxPool", "AveragePool
 FAST_LAT = LatencyConfig(repeats=3, warmup=1, batches=(1, 8), threads=(1,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_torch():
-    """One intra-op thread: on a loaded 2-core machine multi-threaded PyTorch spends most of its
-    time waking threads (a tiny forward goes from ~1 ms to ~400 ms). And torch.export logs
-    structured DEBUG traces to "torch.__trace", whose records pytest 9's capture handlers would
-    format on every ONNX export."""
-    trace = logging.getLogger("torch.__trace")
-    old_level, old_threads = trace.level, torch.get_num_threads()
-    trace.setLevel(logging.INFO)
-    torch.set_num_threads(1)
-    yield
-    trace.setLevel(old_level)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("fast_torch")
 
 
 def _search(ckpt, out, decomp):

@@ -105,9 +105,18 @@ def _unsupported_reason(module: nn.Module) -> str:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         return ""
-    if type(module).forward is not nn.Linear.forward:
+    if type(module).forward is not nn.Linear.forward and _qualname(module) not in PLAIN_LINEARS:
         return f"{type(module).__name__} has a custom forward"
     return ""
+
+
+# nn.Linear subclasses whose forward is F.linear(x, weight, bias) outside TorchScript, so a chain
+# of nn.Linear replaces them exactly (timm's, used by MobileNetV3's classifier).
+PLAIN_LINEARS = frozenset({"timm.layers.linear.Linear"})
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def _leading(x: torch.Tensor, trailing: int) -> int:
