@@ -113,6 +113,12 @@ def _parse_input_size(value):
             f"{value!r}: write C,H,W with positive integers, e.g. 1,28,28.") from None
 
 
+ALLOW_CLASS_MISMATCH = click.option(
+    "--allow-class-mismatch", is_flag=True,
+    help="Accept a model with more outputs than the data set has classes (labels are indices "
+    "into the model's classes); refused otherwise.")
+
+
 def model_options(f):
     @click.option("--arch", help="Architecture, e.g. timm:resnet18 or torchvision:resnet18 "
                   "(default: from the file name). Arguments: timm:NAME(img_size=28).")
@@ -314,7 +320,8 @@ def parse_floats(value, name):
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
               help="Ranks are multiples of this: 16 matches the 16-channel blocks of CPU "
               "convolution kernels (AVX-512) and GPU tensor cores, so chains run near their "
-              "MACs; 8 reaches lower MACs targets; 1 allows any rank.")
+              "MACs; 8 reaches lower MACs targets; 1 allows any rank. A layer whose break-even "
+              "rank is below the multiple may take any rank under it.")
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Re-apply this plan.json instead of searching.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -383,6 +390,7 @@ def parse_floats(value, name):
 @click.option("--lorita-wd", default=1e-3, show_default=True, type=float,
               help="Weight decay on every factor (a Schatten-2/N penalty on each weight).")
 @click.option("--overwrite", is_flag=True, help="Replace results in a non-empty RUN directory.")
+@ALLOW_CLASS_MISMATCH
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, target_latency, target_speedup, latency_engine, latency_threads,
@@ -393,7 +401,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
            search_iters, search_warmup, search_loss, search_prior, search_tol, vbmf_weaken,
            max_loss_increase, mean, std, train_subset,
            lorita_factors, lorita_steps, lorita_lr, lorita_wd, cache_dir, overwrite, as_json,
-           auto_batch, **finetune_kw):
+           auto_batch, allow_class_mismatch, **finetune_kw):
     """Compress MODEL to a FLOPs, params or measured-latency target: rank search,
     decomposition, evaluation.
 
@@ -452,7 +460,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         include=tuple(include), exclude=tuple(exclude), seed=seed, device=device,
         calib_batches=calib_batches, bn_batches=bn_batches, fit=fit,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,
-                        seed=seed, test_subset=test_subset, train_subset=train_subset),
+                        seed=seed, test_subset=test_subset, train_subset=train_subset,
+                        allow_class_mismatch=allow_class_mismatch),
         finetune=finetune_config(finetune_kw), cache_dir=cache_dir,
         lorita=LoritaConfig(factors=lorita_factors, steps=lorita_steps, lr=lorita_lr,
                             weight_decay=lorita_wd),
@@ -584,7 +593,7 @@ def _int8_config(kw: dict, formats: str) -> tuple[tuple[str, ...], object]:
 @click.option("--data", "data_spec",
               help="Parity inputs from this data spec (default: the run's own test images).")
 @click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(min=0),
-              help="Parity: |onnx - torch| <= atol + rtol*|torch| on every output.")
+              help="Parity: |onnx - torch| <= atol + rtol*max|torch| of each sample.")
 @click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
 @click.option("--overwrite", is_flag=True,
               help="With -o DIR: replace model.onnx / model.safetensors an earlier export wrote "
@@ -601,10 +610,11 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, ov
 
     model.onnx is one self-contained file of standard ONNX operators, checked with onnx.checker
     and run in ONNX Runtime on the run's test images: any output off by more than
-    atol + rtol*|torch| is an error and nothing is written. Latency of the original and the
-    compressed model is measured in the same process (median of --repeats runs) next to the
-    ideal speed-up (MACs ratio), with a per-layer table that flags factorized layers slower than
-    the dense ones. report.json gets an "export" section; report.md/html are rewritten.
+    atol + rtol*max|torch| of its sample is an error and nothing is written. Latency of the
+    original and the compressed model is measured in the same process (median of --repeats
+    runs) next to the ideal speed-up (MACs ratio), with a per-layer table that flags factorized
+    layers slower than the dense ones. report.json gets an "export" section; report.md/html
+    are rewritten.
 
     --int8 also writes model.int8.onnx: ONNX Runtime static quantization (QDQ, per-channel
     weights) calibrated on the run's calibration split (a data-free run: its synthetic batch),
@@ -653,9 +663,11 @@ def export(run, formats, opset, dynamic_batch, output, data_spec, rtol, atol, ov
               help="Use a RUN whose files differ from the sha256 its report.json records "
               "(refused by default: the report no longer describes them).")
 @latency_options
+@ALLOW_CLASS_MISMATCH
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_spec,
              test_subset, batch_size, workers, mean, std, device, allow_modified, as_json,
+             allow_class_mismatch,
              **lat_kw):
     """Top-1/top-5, loss, MACs, params and latency of any model, original or compressed.
 
@@ -676,7 +688,8 @@ def eval_cmd(model, arch, num_classes, in_chans, trust_pickle, input_size, data_
     from lrcompress.util.progress import RichProgress
 
     cfg = EvalConfig(data=DataConfig(batch_size=batch_size, workers=workers,
-                                     test_subset=test_subset),
+                                     test_subset=test_subset,
+                                     allow_class_mismatch=allow_class_mismatch),
                      input_size=input_size, mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), device=device,
                      latency=_latency_config(lat_kw, per_layer=False))

@@ -244,6 +244,9 @@ class DataConfig:
     calib_subset: int | None = None  # likewise for calibration
     test_subset: int | None = None  # likewise for test
     augment: bool = True  # random crop with padding (+ flip where labels allow) on train
+    # A model with more outputs than the data set's classes is refused unless this is set (the
+    # labels are then taken to be indices into the model's classes).
+    allow_class_mismatch: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -690,16 +693,32 @@ def build_loaders(spec: DataSpec, pre: Preprocess, cfg: DataConfig = DataConfig(
         *datasets, k = _imagefolder_splits(root, pre, cfg)
     else:
         datasets, k = _tensor_splits(spec, pre, cfg, num_classes)
-    if num_classes is not None and num_classes < k:
-        raise UserError(f"{spec} has {k} classes but the model has {num_classes} outputs: use a "
-                        f"model (checkpoint) with num_classes={k}.")
-    if num_classes is not None and num_classes > k:
-        log.warning("the model has %d outputs but %s has %d classes", num_classes, spec, k)
+    check_classes(spec, k, num_classes, cfg.allow_class_mismatch)
     train, calib, test = datasets
     log.info("%s: %d train, %d calib, %d test samples, %d classes",
              spec, len(train), len(calib), len(test), k)
     return Loaders(_loader(train, True, cfg), _loader(calib, False, cfg),
                    _loader(test, False, cfg), k, pre)
+
+
+def check_classes(spec, k: int, num_classes: int | None, allow: bool) -> None:
+    """The model's outputs must be the data set's classes: a 1000-class classifier on a 10-class
+    data set scores 0 % top-1 everywhere and every comparison built on it is meaningless."""
+    if num_classes is None or num_classes == k:
+        return
+    if num_classes > k and allow:
+        log.warning("the model has %d outputs but %s has %d classes (--allow-class-mismatch: "
+                    "labels are read as indices into the model's classes)", num_classes, spec, k)
+        return
+    advice = (f"For an architecture name (random weights) pass --num-classes {k}. A "
+              f"checkpoint's classifier must be replaced and trained for this data set first "
+              f"(e.g. timm.create_model(NAME, num_classes={k}), load the checkpoint without its "
+              "head, fine-tune).")
+    if num_classes > k:
+        advice += (" If the labels are indices into the model's classes (a subset of its label "
+                   "set), pass --allow-class-mismatch.")
+    raise UserError(f"{spec} has {k} classes but the model has {num_classes} outputs, so its "
+                    f"predictions cannot be compared with these labels. {advice}")
 
 
 def _unlabelled_loaders(train, calib, pre: Preprocess, cfg: DataConfig) -> Loaders:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,21 @@ def tiny_resnet(num_classes=10, in_chans=1, seed=0):
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes,
                              in_chans=in_chans).eval()
+
+
+@pytest.fixture(scope="module")
+def fast_torch():
+    """One intra-op thread: on a loaded 2-core machine multi-threaded PyTorch spends most of its
+    time waking threads (a tiny forward goes from ~1 ms to ~400 ms). And torch.export logs
+    structured DEBUG traces to "torch.__trace", whose records pytest 9's capture handlers would
+    format on every ONNX export."""
+    trace = logging.getLogger("torch.__trace")
+    old_level, old_threads = trace.level, torch.get_num_threads()
+    trace.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    yield
+    trace.setLevel(old_level)
+    torch.set_num_threads(old_threads)
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ Checklist (issue #7 §1 item -> CASES id, or the test function below the table):
   never retry with weights_only=False ....... test_failed_safe_load_is_never_retried_unsafely
   whole pickled module (needs --trust-pickle) whole_module
   state_dict of another architecture ........ other_architecture
-  wrong num_classes ......................... wrong_num_classes, num_classes_below_the_data
+  wrong num_classes ......................... wrong_num_classes, num_classes_below_the_data,
+                                              num_classes_above_the_data;
+                                              test_allow_class_mismatch_lets_a_wider_head_run
   NaN / Inf weights ......................... nan_weights, inf_weights
   extra / missing keys ...................... extra_keys, missing_keys
   unknown --arch ............................ unknown_arch
@@ -138,6 +140,14 @@ def search(model, *extra, target=("--target-flops", "0.5"), env=None):
     return ["search", model, *SEARCH, *target, "-o", env.out, *extra]
 
 
+def _classes_case(e: Env, num_classes: int):
+    """A test_resnet with ``num_classes`` outputs searched on a 10-class Fashion-MNIST."""
+    ckpt = e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=num_classes).state_dict())
+    return (["search", ckpt, "--input-size", "1,28,28", "--data",
+             f"fashionmnist:{fake_mnist(e.tmp / 'fm')}", "--target-flops", "0.5", "--method",
+             "uniform", "-o", e.out], [ckpt, e.tmp / "fm"])
+
+
 def _sd(**changes):
     sd = tiny_resnet().state_dict()
     for k, v in changes.items():
@@ -242,12 +252,10 @@ CASES = [
          ("does not fit", "timm:test_efficientnet", "--arch")),
     Case("wrong_num_classes", _ckpt_case(lambda e: e.pt, "--num-classes", "5"),
          ("--num-classes 5 contradicts", "has 10", "Drop --num-classes")),
-    Case("num_classes_below_the_data", lambda e: (
-        ["search", e.state_dict_file("test_resnet.pt", tiny_resnet(num_classes=5).state_dict()),
-         "--input-size", "1,28,28", "--data", f"fashionmnist:{fake_mnist(e.tmp / 'fm')}",
-         "--target-flops", "0.5", "--method", "uniform", "-o", e.out],
-        [e.tmp / "in" / "test_resnet.pt", e.tmp / "fm"]),
-        ("has 10 classes but the model has 5 outputs", "num_classes=10")),
+    Case("num_classes_below_the_data", lambda e: _classes_case(e, 5),
+         ("has 10 classes but the model has 5 outputs", "num_classes=10", "--num-classes 10")),
+    Case("num_classes_above_the_data", lambda e: _classes_case(e, 20),
+         ("has 10 classes but the model has 20 outputs", "replaced", "--allow-class-mismatch")),
     Case("nan_weights", _ckpt_case(
         lambda e: e.state_dict_file("test_resnet.pt", _poisoned(float("nan")))),
         ("NaN or Inf", "layer1.0.conv1.weight", "before training diverged")),
@@ -419,6 +427,19 @@ def test_absurd_safetensors_refused_before_allocating(tmp_path, monkeypatch, kin
     assert code == 2 and words in text, text
     assert loads == []
     assert parsed == ([] if kind in ("values", "length") else [1])
+
+
+def test_allow_class_mismatch_lets_a_wider_head_run(tmp_path):
+    """A 20-output classifier on a 10-class data set: refused by eval, run with the flag."""
+    ckpt = tmp_path / "test_resnet.pt"
+    torch.save(tiny_resnet(num_classes=20).state_dict(), ckpt)
+    args = ("eval", ckpt, "--input-size", "1,28,28", "--data",
+            f"fashionmnist:{fake_mnist(tmp_path / 'fm')}", "--no-latency", "--json")
+    code, text = run(*args)
+    assert code == 2 and "--allow-class-mismatch" in text and "Traceback" not in text
+    code, text = run(*args, "--allow-class-mismatch")
+    assert code == 0, text
+    assert json.loads(text[text.index("{"):])["accuracy"]["n"] > 0
 
 
 # ---------------------------------------------------------------------- --overwrite

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from html.parser import HTMLParser
 
 import numpy as np
@@ -38,19 +37,7 @@ STANDARD_OPS = {"Conv", "Gemm", "MatMul", "Relu", "Add", "MaxPool", "AveragePool
 FAST_LAT = LatencyConfig(repeats=3, warmup=1, batches=(1, 8), threads=(1,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_torch():
-    """One intra-op thread: on a loaded 2-core machine multi-threaded PyTorch spends most of its
-    time waking threads (a tiny forward goes from ~1 ms to ~400 ms). And torch.export logs
-    structured DEBUG traces to "torch.__trace", whose records pytest 9's capture handlers would
-    format on every ONNX export."""
-    trace = logging.getLogger("torch.__trace")
-    old_level, old_threads = trace.level, torch.get_num_threads()
-    trace.setLevel(logging.INFO)
-    torch.set_num_threads(1)
-    yield
-    trace.setLevel(old_level)
-    torch.set_num_threads(old_threads)
+pytestmark = pytest.mark.usefixtures("fast_torch")
 
 
 def _search(ckpt, out, decomp):
@@ -402,3 +389,27 @@ def test_export_records_the_checksums_of_what_it_wrote(runs, tmp_path):
     assert "report.json" not in rep["files"] and verify_files(run, rep) == []
     assert "model.onnx" in read_manifest(run)
     assert invoke("gate", run, "--min-flops-reduction", "0.1")[0] == 0
+
+
+def test_parity_is_relative_to_each_samples_scale():
+    from lrcompress.deploy.onnx import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((4, 320)) * 20).astype(np.float32)
+    ref[:, 7] = 130.0  # EfficientNet-B0-like logits: the largest about 130
+    ref[0, 3] = 1e-3  # a near-zero logit, where an elementwise rtol·|x| allows only 1e-4
+    got = ref.copy()
+    got[0, 3] += 5.8e-4  # float32 noise at this scale (4.5e-6 of it): not a mismatch
+    par, bad = compare_outputs(got, ref, RTOL, ATOL)
+    assert bad == 0 and par.top1_agreement == 1.0
+    assert par.max_abs_diff == pytest.approx(5.8e-4, rel=1e-3)
+    assert par.output_scale == pytest.approx(130.0, rel=1e-6)
+    assert par.max_rel_diff == pytest.approx(5.8e-4 / 130.0, rel=1e-3)
+    # A real mismatch: one sample's outputs off by a tenth of its scale, another one NaN.
+    wrong = ref.copy()
+    wrong[1, :10] += 13.0
+    par, bad = compare_outputs(wrong, ref, RTOL, ATOL)
+    assert bad == 1 and par.max_rel_diff == pytest.approx(0.1, rel=1e-3)
+    wrong[2, 0] = np.nan  # a non-finite output is never within tolerance
+    par, bad = compare_outputs(wrong, ref, RTOL, ATOL)
+    assert bad == 2 and par.max_rel_diff == np.inf

@@ -200,3 +200,32 @@ def test_a_deep_stem_checkpoint_gives_its_channels_and_classes(tmp_path):
     torch.save(m.state_dict(), p)
     lm = load_model(str(p), arch=arch)
     assert (lm.info.in_chans, lm.info.num_classes) == (1, 7)
+
+
+def test_file_name_guess_takes_the_source_whose_keys_fit(tmp_path):
+    # efficientnet_b0 exists in timm and torchvision with different keys: a torchvision
+    # checkpoint must be built as torchvision, not fail or be read as timm.
+    import torchvision
+
+    tv = torchvision.models.efficientnet_b0(num_classes=3)
+    p = tmp_path / "efficientnet_b0.pt"
+    torch.save(tv.state_dict(), p)
+    lm = load_model(str(p))
+    assert lm.info.arch == "torchvision:efficientnet_b0"
+    assert isinstance(lm.model, torchvision.models.EfficientNet)
+    assert _same_weights(lm.model, tv)
+
+
+def test_file_name_guess_fitting_both_sources_says_which_and_how(tmp_path, caplog):
+    # timm's and torchvision's resnet18 have the same keys: the choice is named, with the flag
+    # that picks the other.
+    import torchvision
+
+    p = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), p)
+    lm = load_model(str(p))
+    assert lm.info.arch == "timm:resnet18"
+    assert "fits both timm:resnet18 and torchvision:resnet18" in caplog.text
+    assert "--arch torchvision:resnet18" in caplog.text
+    assert isinstance(load_model(str(p), arch="torchvision:resnet18").model,
+                      torchvision.models.ResNet)

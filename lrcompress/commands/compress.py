@@ -70,7 +70,7 @@ from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
 from lrcompress.rank.rene import ReneConfig
 from lrcompress.rank.selection_state import SelectionState
 from lrcompress.rank.signals import Cache
-from lrcompress.recover.bn import recalibrate_bn
+from lrcompress.recover.bn import batchnorms, recalibrate_bn
 from lrcompress.recover.finetune import FinetuneConfig, distill
 from lrcompress.recover.lorita import LoritaConfig, lorita_train
 from lrcompress.report.schema import build_report
@@ -561,7 +561,7 @@ def announce_estimate(job: Job, source: nn.Module, batches: list, rows) -> RunEs
     t_eval = job.times.get("eval_original")
     if t_eval is not None:
         est.add("evaluation", 2 + cfg.finetune.enabled, "test passes", t_eval)
-    if cfg.bn_batches and job.loaders.calib is not None:
+    if re_estimates_bn(job, source):
         est.add("BatchNorm re-estimation", cfg.bn_batches, "batches", fwd)
     if cfg.finetune.enabled and job.loaders.train is not None:
         steps = cfg.finetune.max_steps or cfg.finetune.epochs * len(job.loaders.train)
@@ -757,9 +757,15 @@ def _latency_verdict(target: Target, attempts: list[dict]) -> dict:
     return out
 
 
+def re_estimates_bn(job: Job, model: nn.Module) -> bool:
+    """Whether the job re-estimates BatchNorm statistics: asked for, calibration inputs to do
+    it with, and BatchNorm layers in the model (a ViT has none: no stage, no timing)."""
+    return bool(job.cfg.bn_batches) and job.loaders.calib is not None and bool(batchnorms(model))
+
+
 def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
     """Re-estimate BatchNorm statistics after the factorized layers (None: not done)."""
-    if not job.cfg.bn_batches or job.loaders.calib is None:
+    if not re_estimates_bn(job, student):
         return None
     job.progress.stage("re-estimating BatchNorm statistics",
                        total=_samples(job, job.cfg.bn_batches))
@@ -842,7 +848,7 @@ def _all_stages(job: Job) -> CompressResult:
     if bn_report is not None:
         acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
                                                 "evaluating after BatchNorm re-estimation")
-    if job.cfg.bn_batches and job.loaders.calib is not None:
+    if re_estimates_bn(job, student):
         times["bn_recalibration"] = time.perf_counter() - t
     ft_report = None
     if job.cfg.finetune.enabled:

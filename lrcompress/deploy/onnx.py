@@ -8,9 +8,14 @@ self-contained file, which is what a compressed image model (far below protobuf'
 should ship as: one file to copy, hash and load. Opset 18 is torchlib's native opset, so no version
 conversion runs after the export.
 
-Parity: the exported graph is run in ONNX Runtime on real inputs and compared with PyTorch,
-elementwise ``|ort − torch| ≤ atol + rtol·|torch|`` (numpy's ``allclose``), by default
-``rtol=1e-3, atol=1e-4`` in float32. A mismatch raises :class:`ParityError`; it is never a warning.
+Parity: the exported graph is run in ONNX Runtime on real inputs and compared with PyTorch
+relative to each sample's output scale, ``|ort − torch| ≤ atol + rtol·max|torch of that sample|``,
+by default ``rtol=1e-3, atol=1e-4`` in float32. Float32 rounding grows with the size of the values
+(EfficientNet-B0 logits around 130 differ by 5.8e-4 between the two runtimes, 4.5e-6 of their
+scale), so an elementwise ``rtol·|torch|`` would call noise on near-zero logits a mismatch; an error
+that is a thousandth of the sample's largest output is not. The top-1 agreement on the parity
+inputs is reported beside it. A mismatch raises :class:`ParityError` with the outputs' error; it is
+never a warning.
 
 ``onnxruntime`` and ``onnxruntime-gpu`` install the same ``onnxruntime`` module and silently
 shadow each other, so a requested CUDA provider is verified with ``session.get_providers()``.
@@ -36,7 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -71,7 +76,8 @@ class Parity:
     rtol: float
     atol: float
     max_abs_diff: float
-    max_rel_diff: float  # max |ort − torch| / max(|torch|, atol)
+    max_rel_diff: float  # max over samples of max |ort − torch| / max |torch| (that sample's)
+    output_scale: float  # max |torch| over all outputs compared
     top1_agreement: float  # fraction of samples whose argmax agrees
     providers: tuple[str, ...]  # the providers ONNX Runtime actually used
     inputs: str  # where the inputs came from
@@ -321,16 +327,31 @@ def check_parity(model: nn.Module, model_bytes: bytes, inputs: torch.Tensor, *,
         ref = model.eval()(x).float().numpy()
     if got.shape != ref.shape:
         raise ParityError(f"ONNX Runtime returned shape {got.shape}, PyTorch {ref.shape}.")
-    diff = np.abs(got - ref)
-    bound = atol + rtol * np.abs(ref)
-    max_rel = float((diff / np.maximum(np.abs(ref), atol)).max())
-    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if ref.ndim == 2 else 1.0
-    par = Parity(len(x), rtol, atol, float(diff.max()), max_rel, agree,
-                 tuple(sess.get_providers()), source)
-    if not np.isfinite(got).all() or (diff > bound).any():
-        bad = int((diff > bound).sum())
-        raise ParityError(f"model.onnx does not match PyTorch: {bad} of {diff.size} outputs "
-                          f"differ by more than atol={atol} + rtol={rtol}·|torch| (largest "
-                          f"difference {par.max_abs_diff:.3g}) on {par.n} {source} inputs. "
+    par, bad = compare_outputs(got, ref, rtol, atol)
+    par = replace(par, providers=tuple(sess.get_providers()), inputs=source)
+    if bad:
+        raise ParityError(f"model.onnx does not match PyTorch on {par.n} {source} inputs: "
+                          f"{bad} of {par.n} samples differ by more than atol={atol} + "
+                          f"rtol={rtol}·(the sample's largest |output|); the worst differs by "
+                          f"{par.max_rel_diff:.3g} of its scale ({par.max_abs_diff:.3g} on "
+                          f"outputs up to {par.output_scale:.3g}), top-1 agreement "
+                          f"{100 * par.top1_agreement:.1f} %. This is more than float32 rounding. "
                           "Nothing was written. Re-run with --debug and report it.")
     return par
+
+
+def compare_outputs(got: np.ndarray, ref: np.ndarray, rtol: float,
+                    atol: float) -> tuple[Parity, int]:
+    """(parity figures, number of samples out of tolerance) of ONNX Runtime's ``got`` against
+    PyTorch's ``ref`` (first axis: samples), each sample judged relative to its own scale."""
+    n = len(ref)
+    diff = np.abs(got.astype(np.float64) - ref).reshape(n, -1)
+    scale = np.abs(ref).astype(np.float64).reshape(n, -1).max(axis=1)
+    finite = np.isfinite(got).reshape(n, -1).all(axis=1)
+    worst = np.where(finite, diff.max(axis=1), np.inf)
+    bad = int((worst > atol + rtol * scale).sum())
+    rel = worst / np.maximum(scale, np.finfo(np.float32).tiny)
+    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if ref.ndim == 2 else 1.0
+    par = Parity(n, rtol, atol, float(worst.max()), float(rel.max()), float(scale.max()), agree,
+                 (), "")
+    return par, bad

@@ -478,4 +478,4 @@ def khw(spec: LayerSpec) -> int:
 
 
 def in_positions(spec: LayerSpec) -> int:
-    return spec.in_hw[0] * spec.in_hw[1]
+    return spec.in_positions

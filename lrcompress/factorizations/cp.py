@@ -296,7 +296,7 @@ class CP4(_CP):
 
     def _conv_macs(self, spec, r):
         kh, kw = spec.kernel
-        mid = spec.out_hw[0] * spec.in_hw[1]  # after the vertical conv: H' × W
+        mid = spec.copies * spec.out_hw[0] * spec.in_hw[1]  # after the vertical conv: H' × W
         return (in_positions(spec) * spec.in_ch * r + mid * r * kh
                 + spec.out_positions * r * (kw + spec.out_ch))
 

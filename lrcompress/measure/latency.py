@@ -239,11 +239,7 @@ def slower_layer_warnings(layers: list[dict]) -> list[str]:
 
 
 def layer_input(spec, batch: int, gen: torch.Generator) -> torch.Tensor:
-    if spec.kind == "linear":
-        shape = (batch, spec.in_ch) if spec.tokens == 1 else (batch, spec.tokens, spec.in_ch)
-    else:
-        shape = (batch, spec.in_ch, *spec.in_hw)
-    return torch.randn(*shape, generator=gen)
+    return torch.randn(*spec.input_shape(batch), generator=gen)
 
 
 def layer_table(original: nn.Module, compressed: nn.Module, plan, cfg: LatencyConfig,

@@ -109,7 +109,7 @@ def layer_key(spec: LayerSpec) -> str:
     p = lambda t: "x".join(map(str, t))
     return (f"{spec.kind}|{spec.in_ch}>{spec.out_ch}|k{p(spec.kernel)}|s{p(spec.stride)}"
             f"|p{p(spec.padding)}|d{p(spec.dilation)}|g{spec.groups}|b{int(spec.bias)}"
-            f"|in{p(spec.in_hw)}")
+            f"|in{p(spec.in_hw)}" + (f"|c{spec.copies}" if spec.copies != 1 else ""))
 
 
 def candidate_key(spec: LayerSpec, cand: Candidate) -> str:

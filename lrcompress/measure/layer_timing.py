@@ -169,9 +169,7 @@ def compute_layers(module: nn.Module) -> list[nn.Module]:
 
 def input_shape(spec: LayerSpec, batch: int) -> tuple[int, ...]:
     """The layer's input shape at ``batch`` (linear: 2-D for one token, else 3-D)."""
-    if spec.kind == "linear":
-        return (batch, spec.in_ch) if spec.tokens == 1 else (batch, spec.tokens, spec.in_ch)
-    return (batch, spec.in_ch, *spec.in_hw)
+    return spec.input_shape(batch)
 
 
 def _conv_out(shape, m: nn.Conv2d) -> tuple[int, ...]:

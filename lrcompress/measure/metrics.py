@@ -57,6 +57,13 @@ def evaluate(model: nn.Module, loader, device="cpu", progress=None) -> Accuracy:
 @torch.no_grad()
 def independent_macs(model: nn.Module, input_size) -> int:
     """MACs per sample counted by torch's FlopCounterMode (not by lrcompress's cost model)."""
+    return independent_macs_by_module(model, input_size)[0]
+
+
+@torch.no_grad()
+def independent_macs_by_module(model: nn.Module, input_size) -> tuple[int, dict[str, int]]:
+    """FlopCounterMode's MACs per sample: the whole model's, and each module's by dotted name
+    (a module's count includes its submodules'; modules that do no counted work are absent)."""
     p = next(model.parameters())
     was = model.training
     model.eval()
@@ -65,7 +72,10 @@ def independent_macs(model: nn.Module, input_size) -> int:
             model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
     finally:
         model.train(was)
-    return fc.get_total_flops() // 2
+    root = type(model).__name__ + "."
+    by_module = {k[len(root):]: sum(v.values()) // 2 for k, v in fc.get_flop_counts().items()
+                 if k.startswith(root)}
+    return fc.get_total_flops() // 2, by_module
 
 
 def param_count(model: nn.Module) -> int:

@@ -116,16 +116,17 @@ def parse_arch(text: str) -> ArchSpec:
                     "List timm's with `python -c 'import timm; print(timm.list_models())'`.")
 
 
-def arch_from_stem(path: Path) -> ArchSpec:
-    """The architecture named by a checkpoint's file name, dropping _suffixes until one exists."""
+def archs_from_stem(path: Path) -> list[ArchSpec]:
+    """The architectures named by a checkpoint's file name, dropping _suffixes until a name
+    exists: one per source that has it (timm first)."""
     parts = re.split(r"([_\-])", path.stem)
     for end in range(len(parts), 0, -2):
         cand = "".join(parts[:end])
-        for src in SOURCES:
-            if _exists(src, cand):
-                if end < len(parts):
-                    log.info("architecture %s:%s inferred from file name %s", src, cand, path.name)
-                return ArchSpec(src, cand)
+        found = [ArchSpec(src, cand) for src in SOURCES if _exists(src, cand)]
+        if found:
+            if end < len(parts):
+                log.info("architecture %s inferred from file name %s", cand, path.name)
+            return found
     raise UserError(f"Cannot tell the architecture of {path.name} from its name. "
                     "Pass it with --arch, e.g. --arch timm:resnet18.")
 
@@ -192,8 +193,21 @@ def infer_io(arch: ArchSpec, sd: dict[str, torch.Tensor]) -> tuple[int | None, i
     return (int(nc) if nc is not None else None), (int(ic) if ic is not None else None)
 
 
-def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with a message that names missing/unexpected keys and shape mismatches."""
+def fits(arch: ArchSpec, sd: dict[str, torch.Tensor]) -> bool:
+    """Whether the state dict loads strictly into ``arch`` (built on the meta device, with the
+    classes and channels the state dict has)."""
+    try:
+        nc, ic = infer_io(arch, sd)
+        with torch.device("meta"):
+            model = build(arch, nc, ic)
+    except (UserError, KeyError, RuntimeError):
+        return False
+    return not state_dict_problems(model, sd)
+
+
+def state_dict_problems(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``sd`` from loading strictly into ``model`` (shape mismatches, missing and
+    unexpected keys), in words; empty when it fits."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -211,6 +225,12 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: 
         problems.append(f"{len(missing)} missing key(s): {few(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    return problems
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with a message that names missing/unexpected keys and shape mismatches."""
+    problems = state_dict_problems(model, sd)
     if problems:
         raise CheckpointError(
             f"The checkpoint does not fit {what}: " + "; ".join(problems) + ". "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -26,7 +26,10 @@ class LayerSpec:
 
     For a linear layer ``in_ch``/``out_ch`` are in/out features, the kernel is (1, 1), and
     ``in_hw == out_hw == (tokens, 1)`` where ``tokens`` is the number of vectors the layer is
-    applied to per sample (1 for a classifier, N for a ViT block).
+    applied to per sample (1 for a classifier, N for a ViT block; every leading dimension of its
+    input counts, so windows folded into the batch dimension count too). A conv applied to
+    several images per sample (windows or groups folded into the batch dimension) has
+    ``copies`` > 1: its positions and costs are ``copies`` times those of one ``in_hw`` map.
     """
 
     name: str
@@ -41,6 +44,7 @@ class LayerSpec:
     bias: bool = False
     in_hw: Pair = (1, 1)
     out_hw: Pair = (1, 1)
+    copies: int = 1  # conv only: maps per sample (leading dimensions folded into the batch)
     # Why the layer can never be factorized (non-standard forward, string padding, ...), or "".
     unsupported: str = ""
 
@@ -49,8 +53,20 @@ class LayerSpec:
         return self.in_hw[0] * self.in_hw[1]
 
     @property
+    def in_positions(self) -> int:
+        """Input positions per sample (all copies)."""
+        return self.copies * self.in_hw[0] * self.in_hw[1]
+
+    @property
     def out_positions(self) -> int:
-        return self.out_hw[0] * self.out_hw[1]
+        """Output positions per sample (all copies)."""
+        return self.copies * self.out_hw[0] * self.out_hw[1]
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        """The layer's input shape for ``batch`` samples (linear: 2-D for one token, else 3-D)."""
+        if self.kind == "linear":
+            return (batch, self.in_ch) if self.tokens == 1 else (batch, self.tokens, self.in_ch)
+        return (batch * self.copies, self.in_ch, *self.in_hw)
 
     @property
     def is_depthwise(self) -> bool:
@@ -89,12 +105,30 @@ def _unsupported_reason(module: nn.Module) -> str:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         return ""
-    if type(module).forward is not nn.Linear.forward:
+    if type(module).forward is not nn.Linear.forward and _qualname(module) not in PLAIN_LINEARS:
         return f"{type(module).__name__} has a custom forward"
     return ""
 
 
+# nn.Linear subclasses whose forward is F.linear(x, weight, bias) outside TorchScript, so a chain
+# of nn.Linear replaces them exactly (timm's, used by MobileNetV3's classifier).
+PLAIN_LINEARS = frozenset({"timm.layers.linear.Linear"})
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _leading(x: torch.Tensor, trailing: int) -> int:
+    """The product of ``x``'s dimensions before its last ``trailing`` ones (1 if none)."""
+    n = 1
+    for d in x.shape[:max(0, x.dim() - trailing)]:
+        n *= int(d)
+    return n
+
+
 def _spec_for(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerSpec:
+    """The spec of a layer from one call on a batch-1 input: every leading dimension counts."""
     if isinstance(module, nn.Conv2d):
         pad = module.padding if isinstance(module.padding, str) else _pair(module.padding)
         return LayerSpec(
@@ -110,12 +144,12 @@ def _spec_for(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
             bias=module.bias is not None,
             in_hw=(int(x.shape[-2]), int(x.shape[-1])),
             out_hw=(int(y.shape[-2]), int(y.shape[-1])),
+            copies=_leading(x, 3),
             unsupported=_unsupported_reason(module),
         )
-    # Linear: every leading dim except the batch is a "token" dim.
-    tokens = 1
-    for d in x.shape[1:-1]:
-        tokens *= int(d)
+    # Linear: the input is batch-1, so every leading dim (windows folded into the batch
+    # included) is a "token" dim.
+    tokens = _leading(x, 1)
     return LayerSpec(
         name=name,
         kind="linear",
@@ -126,6 +160,19 @@ def _spec_for(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
         out_hw=(tokens, 1),
         unsupported=_unsupported_reason(module),
     )
+
+
+def _merge_calls(first: LayerSpec | None, again: LayerSpec) -> LayerSpec:
+    """One spec for a layer called more than once: its positions add up (when the calls see
+    maps of one size; else the later call's spec stands, and the MACs check names the layer)."""
+    if first is None:
+        return again
+    if first.kind == "linear":
+        return replace(again, in_hw=(first.tokens + again.tokens, 1),
+                       out_hw=(first.tokens + again.tokens, 1))
+    if (first.in_hw, first.out_hw) == (again.in_hw, again.out_hw):
+        return replace(again, copies=first.copies + again.copies)
+    return again
 
 
 @torch.no_grad()
@@ -142,7 +189,7 @@ def find_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Laye
     def make_hook(name):
         def hook(mod, inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            specs[name] = _spec_for(name, mod, inputs[0], output)
+            specs[name] = _merge_calls(specs.get(name), _spec_for(name, mod, inputs[0], output))
 
         return hook
 
@@ -172,7 +219,7 @@ def find_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Laye
         if name in specs:
             s = specs[name]
             if name in shared:
-                s = LayerSpec(**{**s.to_dict(), "unsupported": "called more than once per forward"})
+                s = replace(s, unsupported="called more than once per forward")
             out.append(s)
     return out
 

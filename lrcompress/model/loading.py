@@ -17,10 +17,12 @@ from torch import nn
 
 from lrcompress.errors import CheckpointError
 from lrcompress.model.arch import (
+    ArchSpec,
     LoadedModel,
     ModelInfo,
-    arch_from_stem,
+    archs_from_stem,
     build,
+    fits,
     infer_io,
     io_layers,
     load_state_dict_strict,
@@ -62,7 +64,7 @@ def load_model(
     sd, meta = read_checkpoint(path, trust_pickle=trust_pickle)
     if PLAN_METADATA_KEY in meta:
         return load_compressed(path, sd, meta)
-    a = parse_arch(arch) if arch else arch_from_stem(path)
+    a = parse_arch(arch) if arch else arch_for_file(path, sd)
     nc_ck, ic_ck = infer_io(a, sd)
     checks = (("--num-classes", num_classes, nc_ck), ("--in-chans", in_chans, ic_ck))
     for opt, given, found in checks:
@@ -73,6 +75,24 @@ def load_model(
     load_state_dict_strict(model, sd, f"{a} (from {path.name})")
     nc, ic = _model_io(model)
     return LoadedModel(model.eval(), ModelInfo(str(a), nc, ic, str(path), **_recorded(meta, path)))
+
+
+def arch_for_file(path: Path, sd: dict) -> ArchSpec:
+    """The architecture a checkpoint's file name names, in the first source whose model the
+    weights fit (timm first); when both fit, a warning says which was built and how to get the
+    other. When none fits, the first, whose strict load then says what does not fit."""
+    cands = archs_from_stem(path)
+    fitting = [a for a in cands if fits(a, sd)] if len(cands) > 1 else cands
+    if not fitting:
+        return cands[0]
+    chosen = fitting[0]
+    if len(fitting) > 1:
+        log.warning("%s fits both %s (architecture guessed from the file name); building %s. "
+                    "For the other pass %s.", path.name, " and ".join(map(str, fitting)), chosen,
+                    ", ".join(f"--arch {a}" for a in fitting[1:]))
+    elif chosen != cands[0]:
+        log.info("%s: the weights fit %s, not %s", path.name, chosen, cands[0])
+    return chosen
 
 
 def _recorded(meta: dict, path: Path) -> dict:

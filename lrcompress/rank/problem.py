@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from lrcompress.errors import TargetError
-from lrcompress.factorizations import break_even_rank, get_factorization
+from lrcompress.factorizations import break_even_rank, get_factorization, is_matrix
 from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.model.layers import LayerSpec
 from lrcompress.model.plan import LayerPlan, Plan, Target
@@ -159,7 +159,9 @@ class RankProblem:
 
 
 def rank_grid(max_useful: int, multiple: int) -> list[int]:
-    """Ranks 1..max_useful on a ``multiple`` grid (all of 1..max_useful if the grid is empty)."""
+    """Ranks 1..max_useful on a ``multiple`` grid (all of 1..max_useful if the grid is empty:
+    a layer whose break-even rank is below the multiple, e.g. an SE block's 1×1 conv, is
+    narrower than one block at any rank, so the grid would only keep it dense)."""
     grid = list(range(multiple, max_useful + 1, multiple))
     return grid or list(range(1, max_useful + 1))
 
@@ -168,6 +170,8 @@ def layer_options(spec: LayerSpec, methods: list[str], multiple: int) -> list[Op
     """Options cheaper than dense (by MACs and params), ascending cost, dense last."""
     opts = []
     dm, dp = dense_macs(spec), dense_params(spec)
+    if is_matrix(spec):  # a linear layer or 1x1 conv: every method is the SVD split, say so
+        methods = ["svd"]
     for name in methods:
         fact = get_factorization(name)
         if fact.unsupported_reason(spec):

@@ -165,7 +165,7 @@ class MixedLayer(nn.Module):
         dh, dw = spec.dilation
         field = ((kh - 1) * dh + 1, (kw - 1) * dw + 1) if self.is_conv else (1, 1)
         self.probe_spec = replace(nobias, stride=(1, 1), padding=(0, 0), in_hw=field,
-                                  out_hw=(1, 1))
+                                  out_hw=(1, 1), copies=1)
         self.chains, self.probe_chains = [], []
         dense = math.prod(spec.weight_shape)
         recon_cost = out_cost = probe_cost = 0

@@ -79,10 +79,14 @@ def read_config(ctx, method: str, defaults: dict) -> dict:
 
 
 def single_method(problem: RankProblem, method: str) -> str:
-    """The one factorization the problem offers; UserError for multi-method (auto) problems."""
-    names = {o.factorization for lo in problem.layers for o in lo.options
-             if o.factorization != DENSE}
-    if len(names) != 1:
+    """The one factorization the problem offers (linear layers and 1×1 convs offer "svd"
+    under every --decomp); UserError for multi-method (auto) problems."""
+    per_layer = [{o.factorization for o in lo.options if o.factorization != DENSE}
+                 for lo in problem.layers]
+    names = set().union(*per_layer)
+    if len(names) > 1:
+        names.discard("svd")
+    if len(names) != 1 or any(len(n) > 1 for n in per_layer):
         raise UserError(f"--method {method} needs a single factorization: use --decomp svd, "
                         "tucker2, cp, cp4 or tt (--decomp auto needs --method rene).")
     return names.pop()

@@ -554,6 +554,14 @@ def remove_stale_plots(out: Path, files) -> None:
             (out / rel).unlink(missing_ok=True)
 
 
+def _scale_note(p: dict) -> str:
+    """`` on outputs up to S (a fraction F of the scale)``; "" for reports without the scale."""
+    if "output_scale" not in p:
+        return ""
+    return (f" on outputs up to {p['output_scale']:.3g} ({p['max_rel_diff']:.2g} of a sample's "
+            "scale)")
+
+
 def onnx_summary(o: dict) -> list[str]:
     """Two sentences on an exported graph and its ONNX Runtime parity (terminal and reports)."""
     p = o["parity"]
@@ -561,6 +569,7 @@ def onnx_summary(o: dict) -> list[str]:
     return [f"ONNX: {o['path']} ({_num(o['bytes'])}B, opset {o['opset']}, input "
             f"{o['input']['shape']}), {o['exporter']}; {o['checker']}. Operators: {ops}.",
             f"ONNX Runtime vs PyTorch on {p['n']} {p['inputs']}: max |diff| "
-            f"{p['max_abs_diff']:.3g} (tolerance atol {p['atol']} + rtol {p['rtol']}·|x|), "
+            f"{p['max_abs_diff']:.3g}{_scale_note(p)} (tolerance per sample: atol {p['atol']} + "
+            f"rtol {p['rtol']}·max|output|), "
             f"top-1 agreement {100 * p['top1_agreement']:.1f} %, providers "
             f"{', '.join(p['providers'])}."]
