@@ -305,10 +305,11 @@ def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCo
 
 
 def _check_rank_grid(layers: list[LayerOptions], multiple: int) -> None:
-    """Refuse a --rank-multiple no layer has a rank on (each layer would fall back to every
-    rank, so the flag would be silently ignored)."""
+    """Refuse a --rank-multiple above the default that no layer has a rank on (every layer
+    would fall back to all its ranks, so the flag would be silently ignored). The default, on
+    a model too narrow for it, keeps its documented per-layer fallback (rank_grid)."""
     ranks = [o.rank for lo in layers for o in lo.options if o.rank > 0]
-    if multiple > 1 and not any(r % multiple == 0 for r in ranks):
+    if multiple > DEFAULT_RANK_MULTIPLE and not any(r % multiple == 0 for r in ranks):
         top = max(ranks)
         raise UserError(f"--rank-multiple {multiple} is larger than every factorizable layer's "
                         f"useful rank (the largest that saves MACs is {top}), so no rank is on "
