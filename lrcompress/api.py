@@ -32,6 +32,7 @@ from lrcompress.commands.compress import (
     build_problem,
     calibration_batches,
     check_data_free,
+    check_given_plan,
     make_target,
     prepare_latency,
     resolve_device,
@@ -96,7 +97,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
                          overwrite=overwrite, latency=latency or LatencyConfig(), fit=fit)
     teacher, info, input_size, problem, device_ = _prepare(model, example_inputs, cfg)
     if plan is not None:
-        _check_plan(plan, info, input_size)
+        cfg = check_given_plan(plan, problem, cfg)
     loaders = _loaders(teacher, device_, input_size, calib, train, eval, input_key, label_key)
     data_free = synth is not None and calib is None and train is None
     if data_free:
@@ -286,13 +287,6 @@ def _loaders(teacher, device, input_size, calib, train, eval_, input_key, label_
     size = next((getattr(s, "batch_size", None) for s in (train, calib, eval_)
                  if getattr(s, "batch_size", None)), None)
     return Loaders(*parts, description="Python loaders", batch_size=size)
-
-
-def _check_plan(plan: Plan, info: ModelInfo, input_size) -> None:
-    if tuple(plan.input_size) != tuple(input_size) or plan.num_classes != info.num_classes:
-        raise UserError(f"The plan was made for input {tuple(plan.input_size)} and "
-                        f"{plan.num_classes} classes; this model has input {tuple(input_size)} "
-                        f"and {info.num_classes} classes.")
 
 
 def _fingerprint(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,

@@ -264,10 +264,11 @@ def parse_floats(value, name):
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--decomp", default="tt", show_default=True,
+@click.option("--decomp",
               type=click.Choice(["svd", "tucker2", "tucker", "cp", "cp4", "tt", "auto"]),
               help="Factorization: tt (3-core TT), tucker2, cp (CP-3), cp4 (Lebedev), svd, or "
-              "auto (the search picks one per layer; rene only).")
+              "auto (the search picks one per layer; rene only). Default: tt, or with --plan "
+              "the plan's (a different one is refused).")
 @click.option("--target-flops", type=float, help="Keep at most this fraction of the whole "
               "model's MACs, 0 < R < 1 (e.g. 0.3).")
 @click.option("--target-params", type=float, help="Keep at most this fraction of the "
@@ -455,8 +456,12 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
                         "latency target is latency-aware already.")
     if not 0 < calib_fraction < 1:
         raise UserError(f"--calib-fraction {calib_fraction} must be between 0 and 1.")
+    if out is not None and not out.strip():
+        raise UserError('-o "" names no folder: give the run folder, e.g. -o runs/r18 (or leave '
+                        "-o out for a default one under runs/).")
     cfg = CompressConfig(
-        target=target, decomp=decomp, method=method, rank_multiple=rank_multiple,
+        target=target, decomp=decomp or ("auto" if plan_path else "tt"), method=method,
+        rank_multiple=rank_multiple,
         include=tuple(include), exclude=tuple(exclude), seed=seed, device=device,
         calib_batches=calib_batches, bn_batches=bn_batches, fit=fit,
         data=DataConfig(batch_size=batch_size, workers=workers, calib_fraction=calib_fraction,

@@ -8,7 +8,10 @@ A spec names a source: ``fashionmnist:ROOT``, ``mnist:ROOT``, ``cifar10:ROOT``, 
 A flat image folder has no labels and no test split: every image serves both calibration and
 fine-tuning, labelled by the original model's top-1 (lrcompress.batches), and accuracy needs a
 labelled test set from elsewhere (``--eval-data``). Every image of a flat folder is opened before
-any work, so an unreadable one is named at once; in a class tree it is named when it is read.
+any work, so an unreadable one is named at once; in a class tree the first
+:data:`SAMPLE_PER_CLASS` images of every class folder (train/ and val/) are decoded before any
+work, and an unreadable image found later stops the run with exit code 2, naming the file (it is
+never skipped: the run would silently train and measure on other data than asked).
 
 Splits: a seeded ``calib_fraction`` of the official TRAINING set is held out as the calibration
 split that drives rank search; the rest is the train split; the test split is the official
@@ -110,6 +113,31 @@ def parse_data_spec(text: str) -> DataSpec:
     return DataSpec(kind, os.path.expanduser(rest))
 
 
+def files_digest(spec: DataSpec | str) -> dict | None:
+    """What a run's fingerprint records of the data's files: their count and a SHA-256 of every
+    file's path under the root, size and modification time (None for synthetic data, or a root
+    that does not exist: that is refused later, with its own message). Cheap next to reading
+    the data, and any file added, removed, replaced or edited changes it."""
+    if isinstance(spec, str):
+        spec = parse_data_spec(spec)
+    root = Path(spec.root) if spec.root else None
+    if root is None or not root.is_dir():
+        return None
+    h, count = hashlib.sha256(), 0
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(folder) / name
+            try:
+                st = p.stat()
+            except OSError:  # a dangling link: listed, it cannot be read either way
+                st = None
+            rel = p.relative_to(root).as_posix()
+            h.update(f"{rel}\0{st and st.st_size}\0{st and st.st_mtime_ns}\n".encode())
+            count += 1
+    return {"files": count, "sha256": h.hexdigest()}
+
+
 def native_input_size(spec: DataSpec | str) -> tuple[int, int, int] | None:
     """(C, H, W) the dataset's images come in: (1,28,28) (Fashion-)MNIST, (3,32,32) CIFAR."""
     if isinstance(spec, str):
@@ -138,6 +166,9 @@ class Preprocess:
             if len(getattr(self, name)) != c:
                 raise UserError(f"--{name} has {len(getattr(self, name))} values but the input "
                                 f"has {c} channel(s): give one value per channel.")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise UserError(f"--mean {self.mean} / --std {self.std} holds NaN or inf: give "
+                            "finite numbers, one per channel (e.g. --mean 0.5 --std 0.25).")
         if any(s <= 0 for s in self.std):
             raise UserError(f"--std {self.std} has a value <= 0: each std must be positive.")
         if self.interpolation not in INTERPOLATIONS:
@@ -522,8 +553,35 @@ class SplitDataset(Dataset):
 
 
 def _unreadable(path, e: Exception) -> UserError:
-    return UserError(f"Cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the "
-                     "file (it may be truncated or not an image).")
+    return UserError(f"Cannot read image {path}: {e} ({type(e).__name__}). Remove or replace the "
+                     "file (it may be truncated or not an image), then run again (with "
+                     "--overwrite if a run stopped on it: its data changed).")
+
+
+def open_rgb(path):
+    """The image at ``path``, decoded, as RGB; any failure is an unreadable-image UserError
+    (decoders raise many kinds of error on a damaged file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raised, the file is bad
+        raise _unreadable(path, e) from e
+
+
+# Images of every class folder (train/ and val/) decoded before any work: a damaged file among
+# them is named at once; one found later stops the run with exit 2, naming it.
+SAMPLE_PER_CLASS = 4
+
+
+def check_class_samples(samples: list[tuple[str, int]], per_class: int = SAMPLE_PER_CLASS):
+    """Decode the first ``per_class`` images of each class of an ImageFolder's ``samples``."""
+    seen: dict[int, int] = {}
+    for path, y in samples:
+        if seen.get(y, 0) < per_class:
+            seen[y] = seen.get(y, 0) + 1
+            open_rgb(path)
 
 
 class FolderSplit(Dataset):
@@ -536,12 +594,8 @@ class FolderSplit(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        row = int(self.indices[i])
-        try:
-            img, y = self.folder[row]
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a broken file
-            raise _unreadable(self.folder.samples[row][0], e) from e
-        return self.transform(img), y
+        path, y = self.folder.samples[int(self.indices[i])]
+        return self.transform(open_rgb(path)), y
 
 
 class FlatImages(Dataset):
@@ -555,14 +609,7 @@ class FlatImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[i]) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise _unreadable(self.files[i], e) from e
-        return self.transform(img)
+        return self.transform(open_rgb(self.files[i]))
 
 
 def flat_image_files(root: Path) -> list[Path]:
@@ -631,6 +678,8 @@ def _imagefolder_splits(root: Path, pre: Preprocess, cfg: DataConfig):
     if folders["train"].classes != folders["val"].classes:
         raise UserError(f"{root}/train and {root}/val have different class folders: "
                         f"{folders['train'].classes} vs {folders['val'].classes}.")
+    for folder in folders.values():
+        check_class_samples(folder.samples)
     tr_tf, ev_tf = _folder_transforms(pre, cfg.augment)
     train, calib, test = split_indices(len(folders["train"]), len(folders["val"]), cfg)
     return (FolderSplit(folders["train"], train, "train", tr_tf),

@@ -14,9 +14,27 @@ EXIT_INTERNAL = 3
 
 
 class LrcError(Exception):
-    """Base class of every error lrcompress raises on purpose."""
+    """Base class of every error lrcompress raises on purpose.
+
+    Raised in a DataLoader worker process (an unreadable image, say), torch re-raises it in the
+    main process built from its own report, a traceback ending in ``module.Class: message``;
+    the message is cut back to that last part, so the user sees the one paragraph.
+    """
 
     exit_code = EXIT_INTERNAL
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_from_worker(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _from_worker(message: str, cls: type) -> str:
+    """``message`` itself, or the original message inside torch's DataLoader worker report."""
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    if " in DataLoader worker process " not in message or marker not in message:
+        return message
+    return message.rsplit(marker, 1)[1].strip()
 
 
 class UserError(LrcError):

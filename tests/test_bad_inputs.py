@@ -49,6 +49,39 @@ Issue #18 items 1 and 2 (nothing of the user's is replaced; one writer per RUN/)
   a second writer of RUN/ ................... test_a_second_writer_is_refused_naming_the_holder
   a stale lock (its holder died) ............ test_a_stale_lock_is_taken_over
   two searches into one empty -o ............ test_two_searches_into_one_empty_folder
+
+Issue #18 (validated before RUN/ exists; no exit 3 on bad input):
+
+  --plan against the model .................. plan_other_in_chans, plan_other_num_classes,
+                                              plan_other_input_size, plan_other_architecture,
+                                              plan_with_another_input_size_flag,
+                                              plan_layer_shape_edited, plan_dense_cost_edited,
+                                              plan_unknown_layer, plan_unknown_factorization
+  plan ranks and layers ..................... plan_rank_zero, plan_rank_negative,
+                                              plan_rank_above_full_rank,
+                                              plan_rank_not_a_whole_number, plan_duplicated_layer
+  plan vs --decomp / target ................. plan_contradicts_decomp, plan_misses_the_target;
+                                              test_plan_brings_its_decomp_and_input_size
+  edited plan / data seen on re-run ......... test_fingerprint_records_plan_and_data_contents
+  --batch-size 1 with BatchNorm ............. batch_size_one_batchnorm,
+                                              batch_size_one_finetuning;
+                                              test_refused_input_leaves_nothing_so_the_fix_runs
+  tiny image folder ......................... tiny_image_folder
+  unreadable images ......................... image_folder_corrupt_image,
+                                              image_folder_truncated_image;
+                                              test_corrupt_image_found_later_is_exit_2_naming_it
+  devices ................................... device_meta, device_other_backend
+  numeric flags ............................. kd_temperature_zero, kd_temperature_nan, lr_inf,
+                                              weight_decay_negative, grad_clip_negative,
+                                              search_tol_nan, vbmf_weaken_nan, mean_nan,
+                                              std_inf, rank_multiple_above_every_rank
+  -o "" ..................................... test_output_empty_name_is_refused
+  damaged state/fingerprint.json ............ damaged_fingerprint, fingerprint_not_an_object;
+                                              test_damaged_run_folder_fix_works
+  meta / sparse tensors in a checkpoint ..... meta_tensor_checkpoint, sparse_tensor_checkpoint
+  int8 / complex weights .................... integer_weights, complex_weights;
+                                              test_half_precision_weights_still_load
+  architecture constructor errors ........... test_architecture_errors_are_exit_2
 """
 
 from __future__ import annotations
@@ -70,6 +103,9 @@ from click.testing import CliRunner
 
 from lrcompress.cli import main
 from lrcompress.model import checkpoint
+from lrcompress.model.costs import count_model
+from lrcompress.model.layers import find_layers
+from lrcompress.model.plan import LayerPlan, Plan, Target
 
 from .conftest import tiny_resnet
 from .test_data import fake_mnist
@@ -212,6 +248,95 @@ def _target_case(*target):
     return lambda env: (search(env.pt, target=target, env=env), [env.pt])
 
 
+# ------------------------------------------------------------ issue 18: validated before RUN/
+PLAN_LAYERS = ("layer1.0.conv2", "layer2.0.conv2", "layer4.0.conv2")
+
+
+def _plan_dict() -> dict:
+    """A valid plan for the test_resnet of ``resnet_ckpt`` at 1,32,32 (tt, rank 4 on three
+    layers: 0.76 of the MACs, so it meets --target-flops 0.9)."""
+    m, size = tiny_resnet(), (1, 32, 32)
+    specs = {s.name: s for s in find_layers(m, size)}
+    cost = count_model(m, list(specs.values()), size)
+    layers = tuple(LayerPlan(n, "tt", 4, specs[n]) for n in PLAN_LAYERS)
+    return Plan("timm:test_resnet", 10, 1, size, layers, cost.macs, cost.params,
+                Target("flops", 0.9), "uniform").to_dict()
+
+
+def _plan_file(env: Env, edit: Callable[[dict], object] = lambda d: None) -> Path:
+    d = _plan_dict()
+    edit(d)
+    return env.file("plan.json", json.dumps(d).encode())
+
+
+def _plan_case(edit: Callable[[dict], object] = lambda d: None, *extra, target="0.9"):
+    def build(env):
+        p = _plan_file(env, edit)
+        return search(env.pt, "--plan", p, *extra, target=("--target-flops", target),
+                      env=env), [env.pt, p]
+    return build
+
+
+def _set_layer(i: int, **values):
+    def edit(d):
+        d["layers"][i].update(values)
+    return edit
+
+
+def _image(path: Path, seed: int = 0) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    px = torch.randint(0, 256, (20, 20, 3), generator=torch.Generator().manual_seed(seed))
+    Image.fromarray(px.to(torch.uint8).numpy()).save(path)
+
+
+def _image_tree(root: Path, per_class: int, classes="ab", val: int = 2) -> Path:
+    for c in classes:
+        for i in range(per_class):
+            _image(root / "train" / c / f"{i}.png", i)
+        for i in range(val):
+            _image(root / "val" / c / f"{i}.png", 100 + i)
+    return root
+
+
+def _rgb_checkpoint(env: Env, classes: int = 2) -> Path:
+    return env.state_dict_file("test_resnet.pt", tiny_resnet(classes, in_chans=3).state_dict())
+
+
+def _folder_case(make: Callable[[Path], Path], *extra):
+    def build(env):
+        ck, root = _rgb_checkpoint(env), make(env.tmp / "images")
+        return ["search", ck, "--input-size", "3,32,32", "--data", f"imagefolder:{root}",
+                "--method", "uniform", "--batch-size", "4", "--target-flops", "0.5",
+                "--rank-multiple", "1", *extra, "-o", env.out], [ck, root]
+    return build
+
+
+def _corrupt_first(root: Path) -> Path:
+    _image_tree(root, 4)
+    (root / "train" / "b" / "0.png").write_bytes(b"not an image")
+    return root
+
+
+def _damaged_run(env: Env, text: bytes) -> None:
+    (env.out / "state").mkdir(parents=True)
+    (env.out / "state" / "fingerprint.json").write_bytes(text)
+
+
+def _flags(*flags):
+    """A search of the good checkpoint with these flags."""
+    return _ckpt_case(lambda e: e.pt, *flags)
+
+
+def _tensor_case(key: str, make: Callable[[torch.Tensor], torch.Tensor]):
+    def tensors(env):
+        sd = tiny_resnet().state_dict()
+        sd[key] = make(sd[key])
+        return env.state_dict_file("test_resnet.pt", sd)
+    return _ckpt_case(tensors)
+
+
 CASES = [
     Case("empty_pt", _ckpt_case(lambda e: e.file("test_resnet.pt", b"")),
          ("empty", "Re-save")),
@@ -324,6 +449,95 @@ CASES = [
         ["search", _tiny_resnet18(e), "--arch", TINY_ARCH, *SEARCH, "--target-flops", "0.5",
          "--decomp", "svd", "--include", "layer*", "-o", e.out], [e.tmp / "in" / "tiny.pt"]),
         ("No layer", "too small", "no svd rank saves MACs and params", "another --decomp")),
+    Case("plan_other_in_chans", _plan_case(lambda d: d.update(in_chans=3)),
+         ("another variant of timm:test_resnet", "in_chans 3 (the model has 1)")),
+    Case("plan_other_num_classes", _plan_case(lambda d: d.update(num_classes=5)),
+         ("another variant", "num_classes 5 (the model has 10)")),
+    Case("plan_other_input_size", _plan_case(lambda d: d.update(input_size=[1, 64, 64])),
+         ("made for input size 1,64,64", "this run uses 1,32,32", "--input-size")),
+    Case("plan_with_another_input_size_flag", lambda e: (
+        ["search", e.pt, "--plan", _plan_file(e), "--data", "synthetic:16", "--method",
+         "uniform", "--batch-size", "8", "--target-flops", "0.9", "--input-size", "1,40,40",
+         "-o", e.out], [e.pt, e.tmp / "in" / "plan.json"]),
+        ("made for input size 1,32,32", "uses 1,40,40", "Drop --input-size")),
+    Case("plan_other_architecture", _plan_case(lambda d: d.update(arch="timm:resnet18")),
+         ("made for timm:resnet18, not timm:test_resnet",)),
+    Case("plan_rank_zero", _plan_case(_set_layer(0, rank=0)),
+         ("'layer1.0.conv2' rank 0", "1 or more", "Fix the rank")),
+    Case("plan_rank_negative", _plan_case(_set_layer(1, rank=-3)),
+         ("'layer2.0.conv2' rank -3", "1 or more")),
+    Case("plan_rank_above_full_rank", _plan_case(_set_layer(0, rank=100000)),
+         ("rank 100000", "above the layer's full rank (32 with tt)")),
+    Case("plan_rank_not_a_whole_number", _plan_case(_set_layer(0, rank=2.5)),
+         ("rank 2.5, not a whole number",)),
+    Case("plan_duplicated_layer", _plan_case(lambda d: d["layers"].append(d["layers"][0])),
+         ("lists layer 'layer1.0.conv2' twice", "Remove the duplicate")),
+    Case("plan_unknown_layer", _plan_case(_set_layer(0, name="nope.conv")),
+         ("names layer 'nope.conv'", "lrcompress inspect")),
+    Case("plan_unknown_factorization", _plan_case(_set_layer(0, method="bogus")),
+         ("layer 'layer1.0.conv2'", "Unknown decomposition 'bogus'")),
+    Case("plan_layer_shape_edited", _plan_case(
+        lambda d: d["layers"][0]["spec"].update(in_ch=99)),
+        ("describes layer 'layer1.0.conv2' as conv2d 99->32", "model's is conv2d 32->32")),
+    Case("plan_dense_cost_edited", _plan_case(lambda d: d.update(base_macs=5)),
+         ("records the dense model at 5 MACs", "another model or edited")),
+    Case("plan_misses_the_target", _plan_case(target="0.5"),
+         ("keeps 0.7591 of the model's MACs", "--target-flops 0.5", "(--target-flops 0.9)")),
+    Case("plan_contradicts_decomp", _plan_case(lambda d: None, "--decomp", "svd"),
+         ("--decomp svd contradicts", "factorizes with tt", "Drop --decomp")),
+    Case("batch_size_one_batchnorm", _flags("--batch-size", "1"),
+        ("--batch-size 1", "BatchNorm re-estimation", "2 or more", "--bn-batches 0")),
+    Case("batch_size_one_finetuning",
+         _flags("--batch-size", "1", "--bn-batches", "0", "--max-steps", "2"),
+         ("--batch-size 1", "fine-tuning", "2 or more")),
+    Case("tiny_image_folder", _folder_case(lambda r: _image_tree(r, 6, classes="a")),
+         ("calib split holds only 1 sample", "--calib-fraction", "--bn-batches 0")),
+    Case("image_folder_corrupt_image", _folder_case(_corrupt_first, "--calib-fraction", "0.3"),
+         ("Cannot read image", "train/b/0.png", "Remove or replace")),
+    Case("image_folder_truncated_image", _folder_case(
+        lambda r: (_image_tree(r, 4), (r / "val" / "a" / "1.png").write_bytes(
+            (r / "val" / "a" / "1.png").read_bytes()[:60]))[0], "--calib-fraction", "0.3"),
+        ("Cannot read image", "val/a/1.png")),
+    Case("device_meta", _ckpt_case(lambda e: e.pt, "--device", "meta"),
+         ("--device meta is not supported", "no data", "cpu")),
+    Case("device_other_backend", _ckpt_case(lambda e: e.pt, "--device", "mps"),
+         ("--device mps is not supported", "auto, cpu, cuda")),
+    Case("kd_temperature_zero", _flags("--max-steps", "2", "--kd-temperature", "0"),
+        ("--kd-temperature 0.0 is out of range", "> 0")),
+    Case("kd_temperature_nan", _flags("--max-steps", "2", "--kd-temperature", "nan"),
+        ("--kd-temperature nan", "finite")),
+    Case("lr_inf", _flags("--max-steps", "2", "--lr", "inf"),
+         ("--lr inf is out of range", "finite")),
+    Case("weight_decay_negative", _flags("--max-steps", "2", "--weight-decay", "-1"),
+        ("--weight-decay -1.0", ">= 0")),
+    Case("grad_clip_negative", _flags("--max-steps", "2", "--grad-clip", "-1"),
+        ("--grad-clip -1.0", "0 turns clipping off")),
+    Case("search_tol_nan", _flags("--search-tol", "nan"), ("--search-tol nan",)),
+    Case("vbmf_weaken_nan", _flags("--vbmf-weaken", "nan"), ("--vbmf-weaken nan",)),
+    Case("mean_nan", _flags("--mean", "nan"),
+         ("NaN or inf", "finite numbers")),
+    Case("std_inf", _flags("--std", "inf"),
+         ("NaN or inf",)),
+    Case("rank_multiple_above_every_rank", _flags("--rank-multiple", "100000"),
+        ("--rank-multiple 100000 is larger than every", "largest that saves MACs is 95",
+         "--rank-multiple 16 or less")),
+    Case("damaged_fingerprint", lambda e: (
+        _damaged_run(e, b'{"arch": '), (search(e.pt, env=e), [e.pt]))[1],
+        ("damaged run folder", "fingerprint.json", "--overwrite", "another -o")),
+    Case("fingerprint_not_an_object", lambda e: (
+        _damaged_run(e, b"[1, 2]"), (search(e.pt, env=e), [e.pt]))[1],
+        ("damaged run folder", "a JSON list")),
+    Case("meta_tensor_checkpoint", _tensor_case(
+        "fc.weight", lambda t: torch.empty(t.shape, device="meta")),
+        ("'fc.weight' is a meta tensor", "not dense real-valued weights")),
+    Case("sparse_tensor_checkpoint", _tensor_case("fc.weight", lambda t: t.to_sparse()),
+         ("'fc.weight' is a sparse_coo tensor",)),
+    Case("complex_weights", _tensor_case(
+        "layer1.0.conv1.weight", lambda t: t.to(torch.complex64)),
+        ("is a complex64 tensor",)),
+    Case("integer_weights", _tensor_case(
+        "layer1.0.conv1.weight", lambda t: (t * 100).to(torch.int8)),
+        ("layer1.0.conv1.weight: int8 where the model keeps float32", "float weights")),
     pytest.param(
         Case("device_cuda_without_gpu", _ckpt_case(lambda e: e.pt, "--device", "cuda"),
              ("no CUDA GPU", "--device cpu")),
@@ -618,3 +832,127 @@ def test_the_corpus_covers_every_item_of_the_issue():
     assert len(tokens) > 40
     assert tokens <= names, f"listed but not defined: {sorted(tokens - names)}"
     assert {c for c in names if not c.startswith("test_")} <= tokens, "a case is not listed"
+
+
+# ----------------------------------------------------------------------- issue 18, by test
+def test_output_empty_name_is_refused(resnet_ckpt, tmp_path, monkeypatch):
+    """-o "" is not the current folder: refused, and nothing is written there."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", "")
+    assert code == 2 and '-o "" names no folder' in text, text
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_refused_input_leaves_nothing_so_the_fix_runs(resnet_ckpt, tmp_path):
+    """A refused --batch-size 1 writes nothing, so the fixed command (same -o) is not refused
+    as "a different command"."""
+    out = tmp_path / "run"
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5",
+                     "--batch-size", "1", "-o", out)
+    assert code == 2 and not out.exists(), text
+    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5",
+                     "--rank-multiple", "1", "-o", out)
+    assert code == 0, text
+    assert (out / "report.json").is_file()
+
+
+def test_damaged_run_folder_fix_works(resnet_ckpt, tmp_path):
+    """The fix the damaged-fingerprint message gives (--overwrite) then runs."""
+    out = tmp_path / "run"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "fingerprint.json").write_bytes(b"\xff\xfe")
+    args = ("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "--rank-multiple",
+            "1", "-o", out)
+    code, text = run(*args)
+    assert code == 2 and "damaged run folder" in text and "--overwrite" in text, text
+    code, text = run(*args, "--overwrite")
+    assert code == 0, text
+    assert json.loads((out / "state" / "fingerprint.json").read_text())["data_spec"]
+
+
+def test_plan_brings_its_decomp_and_input_size(resnet_ckpt, tmp_path):
+    """--plan without --decomp or --input-size: the plan's own (tt, 1,32,32) are used and the
+    report says so; the compressed model has exactly the plan's MACs."""
+    env = Env(tmp_path, resnet_ckpt["pt"], resnet_ckpt["safetensors"], tmp_path / "run")
+    plan = _plan_file(env)
+    code, text = run("search", env.pt, "--plan", plan, "--data", "synthetic:16", "--method",
+                     "uniform", "--batch-size", "8", "--target-flops", "0.9", "-o", env.out)
+    assert code == 0, text
+    report = json.loads((env.out / "report.json").read_text())
+    assert report["config"]["decomp"] == "tt"
+    written = json.loads((env.out / "plan.json").read_text())
+    assert written["input_size"] == [1, 32, 32]
+    assert [(x["name"], x["rank"]) for x in written["layers"]] == [(n, 4) for n in PLAN_LAYERS]
+    assert written["macs"] == Plan.from_dict(_plan_dict()).macs
+
+
+def test_fingerprint_records_plan_and_data_contents(tmp_path):
+    """An edited plan file or changed data changes the fingerprint (the path alone did not),
+    so a re-run never continues a run made from other contents."""
+    from lrcompress.commands.compress import CompressConfig
+    from lrcompress.commands.search import fingerprint
+
+    env = Env(tmp_path, tmp_path / "x.pt", tmp_path / "x.st", tmp_path / "run")
+    plan = _plan_file(env)
+    root = _image_tree(tmp_path / "images", 2)
+    cfg = CompressConfig(Target("flops", 0.9), plan_path=str(plan))
+    spec = f"imagefolder:{root}"
+
+    def fp():
+        return fingerprint("timm:test_resnet", spec, cfg, {"eval_spec": spec})
+
+    first = fp()
+    assert fp() == first  # stable when nothing changed
+    _plan_file(env, _set_layer(0, rank=8))
+    edited = fp()
+    assert edited["plan_sha256"] != first["plan_sha256"]
+    assert {k for k in first if first[k] != edited[k]} == {"plan_sha256"}
+    _image(root / "train" / "a" / "extra.png", 7)
+    changed = fp()
+    assert changed["data_files"]["files"] == first["data_files"]["files"] + 1
+    assert changed["data_files"]["sha256"] != edited["data_files"]["sha256"]
+    assert changed["eval_files"] == changed["data_files"]
+
+
+def test_corrupt_image_found_later_is_exit_2_naming_it(tmp_path):
+    """An unreadable image outside the sample decoded up front stops the run with exit 2
+    naming it, also from a DataLoader worker process (no traceback in the message)."""
+    env = Env(tmp_path, tmp_path / "x.pt", tmp_path / "x.st", tmp_path / "run")
+    root = _image_tree(tmp_path / "images", 10)
+    bad = root / "train" / "b" / "8.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    ck = _rgb_checkpoint(env)
+    code, text = run("search", ck, "--input-size", "3,32,32", "--data", f"imagefolder:{root}",
+                     "--method", "uniform", "--batch-size", "4", "--target-flops", "0.5",
+                     "--rank-multiple", "1", "--calib-fraction", "0.3", "--max-steps", "6",
+                     "--workers", "2", "-o", env.out)
+    assert code == 2, text
+    assert f"Cannot read image {bad}" in text and "--overwrite" in text, text
+    assert "Traceback" not in text and "DataLoader worker" not in text, text
+
+
+def test_half_precision_weights_still_load(tmp_path):
+    """float16 weights are floats: loaded (converted), unlike int8 / complex ones."""
+    p = tmp_path / "test_resnet.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v
+                for k, v in tiny_resnet().state_dict().items()}, p)
+    code, text = run("inspect", p, "--input-size", "1,32,32", "--json")
+    assert code == 0, text
+
+
+@pytest.mark.parametrize("arch, words", [
+    ("timm:test_resnet(channels=())", ("Cannot build timm:test_resnet", "IndexError",
+                                       "Check the arguments")),
+    ("timm:test_resnet(channels=(1,))", ("The model failed", "AttributeError",
+                                         "architecture's arguments")),
+    ("timm:test_resnet(drop_rate='x')", ("The model failed", "ValueError")),
+])
+def test_architecture_errors_are_exit_2(arch, words):
+    """A constructor (or the built model's forward) failing on the spec's arguments is bad
+    input naming the spec, not an internal error."""
+    code, text = run("inspect", arch)
+    assert code == 2, text
+    assert text.count("Error: ") == 1 and "Traceback" not in text, text
+    for w in words:
+        assert w in text, text

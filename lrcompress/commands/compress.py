@@ -38,7 +38,7 @@ from lrcompress.calib.synthesize import (
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.data import DataConfig
 from lrcompress.errors import LrcError, TargetError, UserError
-from lrcompress.factorizations import ALIASES, FACTORIZATIONS
+from lrcompress.factorizations import ALIASES, FACTORIZATIONS, get_factorization
 from lrcompress.measure.estimate import RunEstimate, forward_seconds
 from lrcompress.measure.latency_target import (
     LatencyConfig,
@@ -62,7 +62,7 @@ from lrcompress.model.input_stats import (
     kinds_for,
 )
 from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
-from lrcompress.model.plan import Plan, Target
+from lrcompress.model.plan import Plan, Target, check_fits
 from lrcompress.model.surgery import decompose_
 from lrcompress.model.weights import build_compressed, save_compressed
 from lrcompress.rank import SelectContext, get_estimator, get_method
@@ -75,6 +75,7 @@ from lrcompress.recover.finetune import FinetuneConfig, distill
 from lrcompress.recover.lorita import LoritaConfig, lorita_train
 from lrcompress.report.schema import build_report
 from lrcompress.report.write import render_reports, write_rendered
+from lrcompress.util.config import require
 from lrcompress.util.io import write_json, write_text
 from lrcompress.util.progress import Progress
 from lrcompress.util.resources import rebatch, retry_halving
@@ -151,6 +152,14 @@ class CompressConfig:
             raise UserError(f"fit={self.fit!r}: choose one of {', '.join(FITS)}.")
         if self.bn_batches < 0:
             raise UserError(f"--bn-batches {self.bn_batches} must be 0 (off) or more.")
+        weaken = self.method_config.get("vbmf", {}).get("weaken")
+        if weaken is not None:
+            require("--vbmf-weaken", weaken, at_least=0, why="and at most 1")
+            if weaken > 1:
+                raise UserError(f"--vbmf-weaken {weaken} must be in [0, 1].")
+        tolerance = self.method_config.get("bisect", {}).get("max_loss_increase")
+        if tolerance is not None:
+            require("--max-loss-increase", tolerance, above=0, why="in nats")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -233,15 +242,26 @@ class CompressResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here (others refused:
+    ``meta`` holds no data, and a backend torch was not built with cannot run)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"Unknown --device {name!r}: use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but no CUDA GPU is available here. "
                         "Use --device cpu (or auto).")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"Unknown --device {name!r}: use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s), numbered from 0. Use --device cuda:0 (or auto).")
+    if dev.type not in ("cpu", "cuda"):
+        why = (" (it holds tensor shapes, no data, so nothing can be computed)"
+               if dev.type == "meta" else "")
+        raise UserError(f"--device {name} is not supported{why}: use auto, cpu, cuda or "
+                        "cuda:N.")
+    return dev
 
 
 def make_target(flops=None, params=None, latency=None, speedup=None) -> Target:
@@ -281,6 +301,7 @@ def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCo
         raise UserError(f"No layer of {info.arch} can be factorized with --decomp {cfg.decomp} "
                         f"(reasons: {'; '.join(sorted(set(skipped.values())))}). Try another "
                         "--decomp or --include more layers (see `lrcompress inspect`).")
+    _check_rank_grid(layers, cfg.rank_multiple)
     problem = RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
                           info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
     if cfg.target.kind != "latency":  # a latency target is checked once measured
@@ -293,6 +314,68 @@ def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCo
                               f"off {cfg.rank_multiple}-channel blocks run slower on CPUs with "
                               "AVX-512).") from None
     return problem
+
+
+def _check_rank_grid(layers: list[LayerOptions], multiple: int) -> None:
+    """Refuse a --rank-multiple above the default that no layer has a rank on (every layer
+    would fall back to all its ranks, so the flag would be silently ignored). The default, on
+    a model too narrow for it, keeps its documented per-layer fallback (rank_grid)."""
+    ranks = [o.rank for lo in layers for o in lo.options if o.rank > 0]
+    if multiple > DEFAULT_RANK_MULTIPLE and not any(r % multiple == 0 for r in ranks):
+        top = max(ranks)
+        raise UserError(f"--rank-multiple {multiple} is larger than every factorizable layer's "
+                        f"useful rank (the largest that saves MACs is {top}), so no rank is on "
+                        f"that grid. Use --rank-multiple {min(DEFAULT_RANK_MULTIPLE, top)} or "
+                        "less (1 allows any rank).")
+
+
+def check_given_plan(plan: Plan, problem: RankProblem, cfg: CompressConfig,
+                     where: str = "the plan") -> CompressConfig:
+    """Before any work: refuse a given plan that does not fit the model (:func:`check_fits`),
+    contradicts ``cfg.decomp`` (``auto`` accepts any) or misses a MACs/params target. Returns
+    ``cfg`` with the plan's factorization as its ``decomp`` (``auto`` when it mixes several)."""
+    check_fits(plan, problem.specs, arch=problem.arch, num_classes=problem.num_classes,
+               in_chans=problem.in_chans, input_size=problem.input_size,
+               base_macs=problem.base_macs, base_params=problem.base_params, where=where)
+    used = sorted({get_factorization(lp.factorization).name for lp in plan.layers})
+    own = used[0] if len(used) == 1 else "auto"
+    if used and cfg.decomp not in ("auto", own):
+        raise UserError(f"--decomp {cfg.decomp} contradicts {where}, which factorizes "
+                        f"with {', '.join(used)}: a plan fixes every layer's factorization. "
+                        f"Drop --decomp, or pass --decomp {own}.")
+    t = cfg.target
+    if t.kind != "latency":
+        kept = plan.macs_ratio if t.kind == "flops" else plan.params_ratio
+        if kept > t.ratio + 1e-12:
+            made = (f" (--target-{plan.target.kind} {plan.target.ratio:g})"
+                    if plan.target is not None and plan.target != t else "")
+            raise TargetError(f"{where[:1].upper()}{where[1:]} keeps {kept:.4f} of the model's "
+                              f"{'MACs' if t.kind == 'flops' else 'parameters'}, more than "
+                              f"--target-{t.kind} {t.ratio:g}. Give the target the plan was made "
+                              f"for{made}, or a plan that meets it.")
+    return replace(cfg, decomp=own if used else cfg.decomp)
+
+
+def check_batchnorm_batches(model: nn.Module, cfg: CompressConfig, split_sizes: dict) -> None:
+    """Before any work: the stages that run ``model``'s BatchNorm layers in training mode
+    (re-estimation, LoRITa, fine-tuning) need batches of 2 or more samples. ``split_sizes``:
+    samples in the ``calib`` and ``train`` splits (a missing or None entry: not known)."""
+    if not has_batchnorm(model):
+        return
+    uses = [(use, split, off) for use, split, off, on in (
+        ("BatchNorm re-estimation", "calib", "--bn-batches 0", cfg.bn_batches > 0),
+        ("LoRITa pre-tuning", "train", "no --lorita", cfg.lorita.enabled),
+        ("fine-tuning", "train", "no fine-tuning", cfg.finetune.enabled)) if on]
+    bs = cfg.data.batch_size
+    for use, split, off in uses:
+        n = split_sizes.get(split)
+        if min(bs, bs if n is None else n) >= 2:
+            continue
+        what = (f"--batch-size {bs}" if bs < 2 else f"The {split} split holds only {n} sample")
+        fix = ("--batch-size 2 or more (32 or more gives steady statistics)" if bs < 2 else
+               "more images" + (" or a larger --calib-fraction" if split == "calib" else ""))
+        raise UserError(f"{what}: {use} runs the model's BatchNorm layers in training mode, "
+                        f"which needs batches of 2 or more samples. Use {fix}, or {off}.")
 
 
 def prepare_latency(problem: RankProblem, model: nn.Module, input_size,

@@ -104,7 +104,7 @@ class RunDir:
                             "an lrcompress run wrote). Choose another -o: a new or empty folder.")
         fp_file = out / STATE_DIR / FINGERPRINT_FILE
         if fp_file.exists() and not self.overwrite:
-            old = _read_json(fp_file)
+            old = _read_fingerprint(fp_file, out)
             if old == self.fingerprint:
                 if (out / REPORT_FILE).exists():
                     raise UserError(f"{out} already holds the finished result of this command. "
@@ -317,6 +317,21 @@ def _check_writable(out: Path) -> None:
     if why:
         raise UserError(f"Cannot write to {probe}: creating a file there failed ({why}). "
                         "Choose another -o.")
+
+
+def _read_fingerprint(fp_file: Path, out: Path) -> dict:
+    """The recorded fingerprint of the run in ``out``; a damaged one is refused with the fix."""
+    try:
+        old = json.loads(fp_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"{e} ({type(e).__name__})"
+    else:
+        if isinstance(old, dict):
+            return old
+        why = f"a JSON {type(old).__name__}, not an object"
+    raise UserError(f"{out} is a damaged run folder: {fp_file} cannot be read ({why}), so it is "
+                    "not known which command the run belongs to and it cannot be resumed. Pass "
+                    "--overwrite to start the run over there, or choose another -o.")
 
 
 def _holds_files(folder: Path) -> bool:

@@ -11,6 +11,7 @@ only on an ``eval_spec``'s test split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -25,13 +26,15 @@ from lrcompress.commands.compress import (
     Loaders,
     SynthConfig,
     build_problem,
+    check_batchnorm_batches,
     check_data_free,
+    check_given_plan,
     prepare_latency,
     resolve_device,
     run_stages,
 )
 from lrcompress.commands.run_dir import RunDir
-from lrcompress.data import build_loaders, parse_data_spec, resolve_preprocess
+from lrcompress.data import build_loaders, files_digest, parse_data_spec, resolve_preprocess
 from lrcompress.errors import UserError
 from lrcompress.model.loading import load_model
 from lrcompress.model.plan import Plan
@@ -42,7 +45,9 @@ SearchConfig = CompressConfig
 
 
 def fingerprint(model_spec: str, data_spec: str | None, cfg: CompressConfig, extra: dict) -> dict:
-    """What must be equal for a re-run to continue the previous one."""
+    """What must be equal for a re-run to continue the previous one: the settings, the
+    checkpoint file, the plan file's contents and the data's files (not just their names, so
+    an edited plan or changed data is never mistaken for the same run)."""
     d = cfg.resume_dict()
     path = Path(model_spec)
     if path.is_file():
@@ -52,8 +57,20 @@ def fingerprint(model_spec: str, data_spec: str | None, cfg: CompressConfig, ext
     else:
         d["checkpoint"] = {"spec": model_spec}
     d["data_spec"] = data_spec
+    if cfg.plan_path:
+        d["plan_sha256"] = _sha256(Path(cfg.plan_path))
     d.update(extra)
+    for key in ("data_spec", "eval_spec"):
+        if d.get(key):
+            d[key.replace("_spec", "_files")] = files_digest(d[key])
     return json.loads(json.dumps(d, default=list))
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:  # unreadable: refused when the plan is read, with its own message
+        return None
 
 
 def search(model_spec: str, data_spec: str | None, out_dir, cfg: CompressConfig, *, arch=None,
@@ -79,19 +96,18 @@ def search(model_spec: str, data_spec: str | None, out_dir, cfg: CompressConfig,
     torch.manual_seed(cfg.seed)
 
     progress.stage("loading model")
-    lm = load_model(model_spec, arch=arch, num_classes=num_classes, in_chans=in_chans,
-                    trust_pickle=trust_pickle)
-    if lm.plan is not None:
-        raise UserError(f"{model_spec} is already compressed by lrcompress. Search the original "
-                        "checkpoint instead.")
-    model, info = lm.model, lm.info
+    model, info = _load_original(model_spec, arch, num_classes, in_chans, trust_pickle)
+    given_plan = _read_plan(cfg)
     dspec, espec = (parse_data_spec(s) if s else None for s in (data_spec, eval_spec))
-    pre = resolve_preprocess(model, dspec or espec, input_size=cfg.input_size, mean=cfg.mean,
+    size = cfg.input_size or (given_plan.input_size if given_plan is not None else None)
+    pre = resolve_preprocess(model, dspec or espec, input_size=size, mean=cfg.mean,
                              std=cfg.std, in_chans=info.in_chans, recorded=info.recorded())
     problem = build_problem(model, info, pre.input_size, cfg)
-    given_plan = _read_plan(cfg, info.arch)
+    if given_plan is not None:
+        cfg = check_given_plan(given_plan, problem, cfg, f"--plan {cfg.plan_path}")
     if dspec is None:
         check_data_free(model, cfg, info.arch)
+        check_batchnorm_batches(model, cfg, {"calib": synth.samples, "train": synth.samples})
     loaders = _loaders(model, device, dspec, espec, pre, cfg, info.num_classes)
     loaders.description, loaders.eval_description = data_spec or "none (data-free)", eval_spec
     latency = prepare_latency(problem, model, tuple(pre.input_size), cfg, progress)
@@ -99,6 +115,16 @@ def search(model_spec: str, data_spec: str | None, out_dir, cfg: CompressConfig,
               given_plan, command, latency=latency, synth=synth, norm=(pre.mean, pre.std))
     job.times["load"] = time.perf_counter() - t
     return run_stages(job)
+
+
+def _load_original(model_spec: str, arch, num_classes, in_chans, trust_pickle):
+    """(model, info) of the uncompressed model to search (a compressed one is refused)."""
+    lm = load_model(model_spec, arch=arch, num_classes=num_classes, in_chans=in_chans,
+                    trust_pickle=trust_pickle)
+    if lm.plan is not None:
+        raise UserError(f"{model_spec} is already compressed by lrcompress. Search the original "
+                        "checkpoint instead.")
+    return lm.model, lm.info
 
 
 def _loaders(model, device, dspec, espec, pre, cfg: CompressConfig, num_classes) -> Loaders:
@@ -109,6 +135,8 @@ def _loaders(model, device, dspec, espec, pre, cfg: CompressConfig, num_classes)
     if dspec is not None:
         built = build_loaders(dspec, pre, cfg.data, num_classes=num_classes)
         calib, train, test = built.calib, built.train, built.test
+        check_batchnorm_batches(model, cfg, {"calib": len(calib.dataset),
+                                             "train": len(train.dataset)})
         if not built.labelled:
             label = top1_labeller(model, device)
             calib, train = (UserBatches(dl, what, input_shape=None, labeller=label)
@@ -131,13 +159,17 @@ def _input_paths(model_spec: str, *data_specs: str | None) -> list[Path]:
     return paths
 
 
-def _read_plan(cfg: CompressConfig, arch: str) -> Plan | None:
+def _read_plan(cfg: CompressConfig) -> Plan | None:
+    """The ``--plan`` file, parsed (checked against the model by check_given_plan)."""
     if not cfg.plan_path:
         return None
-    plan = Plan.from_json(Path(cfg.plan_path).read_text())
-    if plan.arch != arch:
-        raise UserError(f"--plan {cfg.plan_path} was made for {plan.arch}, not {arch}.")
-    return plan
+    path = Path(cfg.plan_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"Cannot read --plan {path}: {e}. Give a plan.json written by "
+                        "`lrcompress search`.") from e
+    return Plan.from_json(text)
 
 
 __all__ = ["SearchConfig", "build_problem", "fingerprint", "resolve_device", "search"]

@@ -26,6 +26,9 @@ from lrcompress.errors import CheckpointError, UserError
 log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "torchvision")
+# Checkpoint dtypes loaded into a model's float parameters and buffers (converted losslessly, or
+# from a lower precision the model was trained in); int, bool and float8 ones are refused.
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ModelInfo.arch prefix of a model built in Python (rebuilt with lrcompress.load(model=...)).
 CUSTOM_ARCH = "custom:"
 
@@ -148,8 +151,9 @@ def build(arch: ArchSpec, num_classes: int | None = None, in_chans: int | None =
         if in_chans not in (None, 3):
             _set_tv_in_chans(model, in_chans)
         return model
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise UserError(f"Cannot build {arch} with {kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a constructor's error is its arguments' fault
+        raise UserError(f"Cannot build {arch} with {kwargs}: {e} ({type(e).__name__}). Check the "
+                        f"arguments in {arch} (see the constructor's documentation).") from e
 
 
 def _set_tv_in_chans(model: nn.Module, in_chans: int) -> None:
@@ -217,7 +221,13 @@ def state_dict_problems(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[s
     def few(keys):
         return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
 
+    kinds = non_float_weights(own, sd)
     problems = []
+    if kinds:
+        rows = "; ".join(f"{k}: {str(f).removeprefix('torch.')} where the model keeps "
+                         f"{str(e).removeprefix('torch.')}" for k, e, f in kinds[:5])
+        problems.append(f"{len(kinds)} tensor(s) of a non-float type (quantised or converted "
+                        f"weights are not loaded as floats): {rows}")
     if shapes:
         rows = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in shapes[:5])
         problems.append(f"{len(shapes)} shape mismatch(es): {rows}")
@@ -228,15 +238,23 @@ def state_dict_problems(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[s
     return problems
 
 
+def non_float_weights(own: dict, sd: dict) -> list[tuple[str, torch.dtype, torch.dtype]]:
+    """``(key, model dtype, checkpoint dtype)`` where the model keeps floats and the checkpoint
+    holds another type (quantised, integer, complex)."""
+    return [(k, own[k].dtype, sd[k].dtype) for k in own
+            if k in sd and own[k].is_floating_point() and sd[k].dtype not in FLOAT_WEIGHTS]
+
+
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """load_state_dict with a message that names missing/unexpected keys and shape mismatches."""
     problems = state_dict_problems(model, sd)
     if problems:
-        raise CheckpointError(
-            f"The checkpoint does not fit {what}: " + "; ".join(problems) + ". "
-            "Check --arch (and --num-classes / --in-chans); the checkpoint may be for another "
-            "architecture or variant."
-        )
+        only_types = len(problems) == 1 and non_float_weights(model.state_dict(), sd)
+        fix = ("Save the model's float weights (e.g. model.float().state_dict(), dequantised)."
+               if only_types else "Check --arch (and --num-classes / --in-chans); the checkpoint "
+               "may be for another architecture or variant.")
+        raise CheckpointError(f"The checkpoint does not fit {what}: " + "; ".join(problems)
+                              + ". " + fix)
     model.load_state_dict(sd, strict=True)
 
 

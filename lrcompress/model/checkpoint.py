@@ -270,6 +270,22 @@ def extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_tensors(sd: dict[str, torch.Tensor], path) -> None:
+    """Only dense tensors with data, of real dtypes: a meta tensor (shapes only), a sparse,
+    nested or quantised one, or a complex one is not a set of weights lrcompress can use."""
+    for k, v in sd.items():
+        what = ("a meta tensor (a shape without data)" if v.is_meta else
+                f"a {str(v.layout).removeprefix('torch.')} tensor" if v.layout != torch.strided
+                else "a nested tensor" if v.is_nested
+                else f"a {str(v.dtype).removeprefix('torch.')} tensor" if v.is_complex()
+                or v.is_quantized else None)
+        if what is not None:
+            raise CheckpointError(
+                f"Checkpoint {path}: {k!r} is {what}, not dense real-valued weights. Save the "
+                "model's ordinary float state_dict (materialised, dense, not quantised) and "
+                "use that file.")
+
+
 def check_finite(sd: dict[str, torch.Tensor], path) -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -302,5 +318,6 @@ def read_checkpoint(path, trust_pickle: bool = False) -> tuple[dict[str, torch.T
         )
     if not sd:
         raise _fail(path, "it holds no tensors", "Save a non-empty state_dict.")
+    check_tensors(sd, path)
     check_finite(sd, path)
     return sd, meta

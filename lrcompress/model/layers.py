@@ -204,10 +204,11 @@ def find_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Laye
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
         model(x)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 - the model's own forward failed on this input
         raise UserError(
-            f"The model failed on an input of size {tuple(input_size)}: {e}. "
-            "Pass the size it expects with --input-size C,H,W."
+            f"The model failed on an input of size {tuple(input_size)}: {e} ({type(e).__name__})."
+            " Pass the size it expects with --input-size C,H,W, or check the architecture's "
+            "arguments."
         ) from e
     finally:
         for h in hooks:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from lrcompress._version import __version__
 from lrcompress.errors import UserError
-from lrcompress.factorizations import get_factorization
+from lrcompress.factorizations import get_factorization, is_int, is_matrix
 from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.model.layers import LayerSpec
 
@@ -44,7 +44,12 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
-        r = tuple(d["rank"]) if isinstance(d["rank"], list) else int(d["rank"])
+        raw = d["rank"]
+        parts = raw if isinstance(raw, list) else [raw]
+        if not parts or not all(is_int(x) for x in parts):
+            raise ValueError(f"layer {d['name']!r} has rank {raw!r}, not a whole number or a "
+                             "list of whole numbers")
+        r = tuple(raw) if isinstance(raw, list) else int(raw)
         return cls(d["name"], d["method"], r, LayerSpec.from_dict(d["spec"]))
 
 
@@ -148,3 +153,98 @@ class Plan:
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"The plan is missing or has a malformed field ({e}). "
                             "Use a plan.json written by `lrcompress search`.") from e
+
+
+# ------------------------------------------------------------------ a given plan against a model
+
+
+def check_fits(plan: Plan, specs: list[LayerSpec], *, arch: str, num_classes: int,
+               in_chans: int, input_size, base_macs: int, base_params: int,
+               where: str = "the plan") -> None:
+    """Refuse a plan that does not describe a compression of this model (UserError naming
+    the first problem and the fix): another architecture or variant (classes, input channels,
+    input size), other dense costs, a duplicated layer, a layer the model does not have or
+    that cannot be factorized, another layer shape, or a rank out of range."""
+    size, where = tuple(int(v) for v in input_size), _cap(where)
+    if plan.arch != arch:
+        raise UserError(f"{where} was made for {plan.arch}, not {arch}. Use a plan made for this "
+                        "architecture, or run the search without --plan.")
+    variant = [f"{what} {mine} (the model has {theirs})" for what, mine, theirs in (
+        ("num_classes", plan.num_classes, num_classes),
+        ("in_chans", plan.in_chans, in_chans)) if mine != theirs]
+    if variant:
+        raise UserError(f"{where} was made for another variant of {arch}: "
+                        f"{', '.join(variant)}. Use a plan made for this checkpoint, or run the "
+                        "search without --plan.")
+    if tuple(plan.input_size) != size:
+        c, h, w = plan.input_size
+        raise UserError(f"{where} was made for input size {c},{h},{w}, but this run uses "
+                        f"{','.join(map(str, size))}: layer shapes and costs depend on it. Drop "
+                        f"--input-size (a plan brings its own) or pass --input-size {c},{h},{w}, "
+                        "or run the search for the new size without --plan.")
+    if (plan.base_macs, plan.base_params) != (base_macs, base_params):
+        raise UserError(f"{where} records the dense model at {plan.base_macs} MACs and "
+                        f"{plan.base_params} params, but this model has {base_macs} and "
+                        f"{base_params}: it was made for another model or edited. Use the "
+                        "plan.json a search of this model wrote.")
+    seen: set[str] = set()
+    by_name = {s.name: s for s in specs}
+    for lp in plan.layers:
+        if lp.name in seen:
+            raise UserError(f"{where} lists layer {lp.name!r} twice; each layer may be "
+                            "factorized once. Remove the duplicate entry.")
+        seen.add(lp.name)
+        _check_layer(lp, by_name.get(lp.name), where)
+
+
+def _check_layer(lp: LayerPlan, spec: LayerSpec | None, where: str) -> None:
+    if spec is None:
+        raise UserError(f"{where} names layer {lp.name!r}, which the model has no conv or linear "
+                        "layer of (see `lrcompress inspect` for the layer names).")
+    try:
+        fact = get_factorization(lp.factorization)
+    except UserError as e:
+        raise UserError(f"{where}, layer {lp.name!r}: {e}") from None
+    reason = fact.unsupported_reason(spec)
+    if reason:
+        raise UserError(f"{where} factorizes {lp.name!r} with {fact.name}, which cannot "
+                        f"factorize it ({reason}). Remove that layer from the plan.")
+    if lp.spec != spec:
+        raise UserError(f"{where} describes layer {lp.name!r} as {_shape(lp.spec)}, but the "
+                        f"model's is {_shape(spec)}: the plan was made for another model or "
+                        "edited. Use the plan.json a search of this model wrote.")
+    problem = _rank_problem(fact, spec, lp.rank)
+    if problem:
+        raise UserError(f"{where} gives layer {lp.name!r} rank {_show(lp.rank)}: {problem}. "
+                        "Fix the rank in the plan, or run the search without --plan.")
+
+
+def _rank_problem(fact, spec: LayerSpec, rank) -> str:
+    """Why ``rank`` is not a rank ``fact`` can build for ``spec`` ("" when it is one)."""
+    parts = rank if isinstance(rank, tuple) else (rank,)
+    full = fact.max_rank(spec)
+    if not parts or not all(is_int(r) and r >= 1 for r in parts):
+        return "ranks are whole numbers, 1 or more"
+    try:
+        built = fact.rank_from(spec, rank)
+    except ValueError as e:
+        return str(e)
+    if isinstance(rank, tuple) and not is_matrix(spec):
+        ok = built == rank
+    else:
+        ok = max(parts) <= fact.scalar_rank(full)
+    return "" if ok else f"it is above the layer's full rank ({_show(full)} with {fact.name})"
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _show(rank) -> str:
+    return ",".join(map(str, rank)) if isinstance(rank, (tuple, list)) else str(rank)
+
+
+def _shape(spec: LayerSpec) -> str:
+    k = "x".join(map(str, spec.kernel))
+    return (f"{spec.kind} {spec.in_ch}->{spec.out_ch} (kernel {k}, stride "
+            f"{_show(spec.stride)}, groups {spec.groups}, output {_show(spec.out_hw)})")

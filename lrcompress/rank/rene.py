@@ -68,6 +68,7 @@ from lrcompress.model.costs import dense_macs
 from lrcompress.model.surgery import swap_modules
 from lrcompress.rank.problem import DENSE, LayerOptions, RankProblem
 from lrcompress.recover.losses import kd_loss
+from lrcompress.util.config import require
 from lrcompress.util.numerics import NonFiniteGuard, all_finite, first_nonfinite
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class ReneConfig:
     fit_candidates: bool = True
 
     def __post_init__(self):
+        require("--search-tol", self.stop_tol, at_least=0, why="0 runs every --search-iters")
         if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
             raise ValueError(f"bad ReneConfig {self}: iters>=1, warmup>=0, n_candidates>=2, "
                              "refine>=2")

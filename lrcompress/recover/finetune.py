@@ -49,6 +49,7 @@ from lrcompress.recover.losses import (
     orthogonality,
 )
 from lrcompress.util import distributed as dist_
+from lrcompress.util.config import require
 from lrcompress.util.io import atomic_path
 from lrcompress.util.numerics import (
     BufferSnapshot,
@@ -93,10 +94,16 @@ class FinetuneConfig:
             raise UserError(f"--orth {self.orth!r}: use dso or so.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"--precision {self.precision!r}: use auto, fp32, bf16 or fp16.")
-        if self.hoyer < 0:
-            raise UserError(f"--hoyer {self.hoyer} must be >= 0.")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr} must be positive.")
+        require("--lr", self.lr, above=0)
+        require("--kd-temperature", self.kd_temperature, above=0,
+                why="the logits are divided by it")
+        for flag, value in (("--hoyer", self.hoyer), ("--weight-decay", self.weight_decay),
+                            ("--diss-weight", self.lam), ("--kd", self.kd),
+                            ("--frobenius-decay", self.frobenius_decay),
+                            ("--orth-weight", self.orth_weight)):
+            require(flag, value, at_least=0, why="a loss weight; 0 turns it off")
+        if self.grad_clip is not None:
+            require("--grad-clip", self.grad_clip, above=0, why="0 turns clipping off")
 
     @property
     def enabled(self) -> bool:

@@ -33,6 +33,7 @@ from lrcompress.errors import UserError
 from lrcompress.model.surgery import set_module
 from lrcompress.recover.finetune import FinetuneConfig, distill
 from lrcompress.recover.losses import schatten_penalty
+from lrcompress.util.config import require
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class LoritaConfig:
                             "2 or more (the paper finds 3 usually enough), or 0 for off.")
         if self.steps < 1:
             raise UserError(f"--lorita-steps {self.steps} must be 1 or more.")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise UserError("--lorita-lr must be > 0 and --lorita-wd >= 0.")
+        require("--lorita-lr", self.lr, above=0)
+        require("--lorita-wd", self.weight_decay, at_least=0)
 
     @property
     def enabled(self) -> bool:

@@ -1,4 +1,5 @@
-"""Configs are frozen dataclasses; these two functions take them to JSON and back.
+"""Configs are frozen dataclasses; these two functions take them to JSON and back, and
+:func:`require` is the range check their ``__post_init__`` use for numbers.
 
 ``config_to_dict`` gives plain JSON values (tuples become lists, nested configs become dicts);
 ``config_from_dict`` rebuilds the dataclass, nested configs and tuples included, and refuses
@@ -8,10 +9,27 @@ unknown keys (a typo in a saved config should not be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 
 from lrcompress.errors import UserError
+
+
+def require(flag: str, value, *, above: float | None = None, at_least: float | None = None,
+            why: str = "") -> None:
+    """Refuse a setting that is not a finite number in range (NaN and ±inf never pass):
+    ``above`` is an open lower bound, ``at_least`` a closed one; ``why`` says what it is for."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and (above is None or value > above)
+          and (at_least is None or value >= at_least))
+    if ok:
+        return
+    bound = (f" > {above:g}" if above is not None else
+             f" >= {at_least:g}" if at_least is not None else "")
+    raise UserError(f"{flag} {value} is out of range: it must be a finite number{bound}"
+                    f"{f' ({why})' if why else ''}.")
 
 
 def config_to_dict(cfg) -> dict:
