@@ -177,13 +177,13 @@ def render_latency(lat: dict, con: Console | None = None) -> None:
             t.add_column(col, justify=just)
         for r in lat["layers"]:
             rank = "x".join(map(str, r["rank"])) if isinstance(r["rank"], list) else str(r["rank"])
-            t.add_row(r["name"], r["factorization"], rank, str(r["batch"]),
+            t.add_row(r["name"], r.get("chain", r["factorization"]), rank, str(r["batch"]),
                       f"{r['dense_ms']:.4f}", f"{r['factorized_ms']:.4f}", f"{r['speedup']:.2f}x",
                       f"{r['ideal_speedup']:.2f}x", "SLOWER" if r["slower"] else "")
         con.print(t)
-    if lat.get("warnings"):  # the library logged each one already
+    if lat.get("warnings"):  # the library logged the summary already
         con.print(f"{len(lat['warnings'])} factorized layer(s) slower than the dense layer they "
-                  "replaced (marked SLOWER; see the warnings above).")
+                  "replaced (marked SLOWER; the warning above names the slowest).")
     for n in lat.get("notes", []):
         con.print(f"Note: {n}")
 
