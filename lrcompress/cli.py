@@ -250,14 +250,18 @@ def inspect(model, arch, num_classes, in_chans, trust_pickle, input_size, includ
         raise UserError(f"--input-size has {size[0]} channels but the model takes "
                         f"{lm.info.in_chans}. Use --input-size "
                         f"{lm.info.in_chans},{size[1]},{size[2]}.")
+    wants_plan = target_flops is not None or target_params is not None
     if lm.plan is not None:
+        if wants_plan:
+            raise UserError(f"{model} is a compressed model: inspect shows its chains. Preview "
+                            "a plan on the original checkpoint instead (inspect ORIGINAL "
+                            "--target-flops R).")
         _inspect_run(lm, size, as_json)
         return
     from lrcompress.commands.compress import CompressConfig, make_target
     from lrcompress.commands.inspect import check_preview_method
     from lrcompress.model.plan import Target
 
-    wants_plan = target_flops is not None or target_params is not None
     if wants_plan:
         check_preview_method(method)
     target = (make_target(target_flops, target_params) if wants_plan

@@ -116,3 +116,5 @@ def test_inspect_run_shows_chains(run_dir, which):
         assert c["macs_after"] < c["macs_before"]
     code, text = run("inspect", target)
     assert code == 0 and "factorized layers" in text and "layers left dense" in text
+    assert_user_error(*run("inspect", target, "--target-flops", "0.3"), "compressed model",
+                      "original checkpoint")
