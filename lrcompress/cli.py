@@ -217,23 +217,38 @@ def _json_default(o):
 @model_options
 @click.option("--include", multiple=True, help="Only these layers (glob or re:REGEX); repeatable.")
 @click.option("--exclude", multiple=True, help="Never these layers (glob or re:REGEX); repeatable.")
+@click.option("--decomp", default="tt", show_default=True,
+              type=click.Choice(["svd", "tucker2", "tucker", "cp", "cp4", "tt", "auto"]),
+              help="Factorization search would use (for the reachable ratio and the preview).")
+@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Rank grid search would use.")
+@click.option("--target-flops", type=float, help="Preview the plan for this MACs ratio (ranks "
+              "per layer, MACs) without decomposing.")
+@click.option("--target-params", type=float, help="Preview the plan for this parameter ratio.")
+@click.option("--method", default="uniform", show_default=True,
+              type=click.Choice(["uniform", "energy", "vbmf", "lsvt", "gsvt", "isvt", "rene",
+                                 "sensitivity", "bisect"]),
+              help="Rank method of the preview: one that reads no data (uniform, energy, vbmf, "
+              "lsvt, gsvt); the others need calibration data, run `search` for them.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(model, arch, num_classes, in_chans, trust_pickle, input_size, include, exclude,
-            as_json):
+            decomp, rank_multiple, target_flops, target_params, method, as_json):
     """Per-layer census: shapes, MACs, params, and what factorizing could save.
 
     MODEL is a checkpoint (.safetensors, .pt/.pth/.bin), a RUN directory, or an architecture
-    name such as timm:resnet18 (random weights).
+    name such as timm:resnet18 (random weights). The smallest reachable ratio is computed by
+    search's own code for --decomp and --rank-multiple. A compressed model (a RUN or its
+    model.safetensors) is shown with its factorized chains as planned layers.
 
     \b
     Examples:
       lrcompress inspect timm:resnet18 --input-size 1,28,28
       lrcompress inspect resnet18.pt --input-size 1,28,28 --json
       lrcompress inspect resnet18.safetensors --include 'layer3.*'
+      lrcompress inspect resnet18.pt --target-flops 0.3 --method energy   # plan preview
+      lrcompress inspect runs/r18                                          # a compressed run
     """
     from lrcompress.model.arch import default_input_size
-    from lrcompress.model.census import census
-    from lrcompress.report.render import render_census
 
     lm = _load(model, arch, num_classes, in_chans, trust_pickle, input_size)
     size = input_size or lm.info.input_size or default_input_size(lm.model, lm.info.in_chans)
@@ -241,11 +256,56 @@ def inspect(model, arch, num_classes, in_chans, trust_pickle, input_size, includ
         raise UserError(f"--input-size has {size[0]} channels but the model takes "
                         f"{lm.info.in_chans}. Use --input-size "
                         f"{lm.info.in_chans},{size[1]},{size[2]}.")
-    c = census(lm.model, lm.info.arch, size, include, exclude)
+    wants_plan = target_flops is not None or target_params is not None
+    if lm.plan is not None:
+        if wants_plan:
+            raise UserError(f"{model} is a compressed model: inspect shows its chains. Preview "
+                            "a plan on the original checkpoint instead (inspect ORIGINAL "
+                            "--target-flops R).")
+        _inspect_run(lm, size, as_json)
+        return
+    from lrcompress.commands.compress import CompressConfig, make_target
+    from lrcompress.commands.inspect import check_preview_method
+    from lrcompress.model.plan import Target
+
+    if wants_plan:
+        check_preview_method(method)
+    target = (make_target(target_flops, target_params) if wants_plan
+              else Target("flops", 0.5))
+    cfg = CompressConfig(target, decomp=decomp, method=method, rank_multiple=rank_multiple,
+                         include=include, exclude=exclude)
+    _inspect_model(lm, size, cfg, wants_plan, as_json)
+
+
+def _inspect_model(lm, size, cfg, wants_plan, as_json):
+    from lrcompress.commands.inspect import model_dict, preview, reach
+    from lrcompress.model.census import census
+    from lrcompress.report.render import render_census, render_preview, render_reach
+
+    c = census(lm.model, lm.info.arch, size, cfg.include, cfg.exclude)
+    r = reach(lm.model, lm.info, size, cfg)
+    p = preview(lm.model, lm.info, size, cfg) if wants_plan else None
     if as_json:
-        _emit_json(c.to_dict())
-    else:
-        render_census(c)
+        _emit_json(model_dict(c, r, p))
+        return
+    render_census(c)
+    render_reach(r)
+    if p is not None:
+        render_preview(p)
+
+
+def _inspect_run(lm, size, as_json):
+    from lrcompress.commands.inspect import compressed_census, run_dict
+    from lrcompress.model.plan import Plan
+    from lrcompress.report.render import render_census, render_chains
+
+    plan = Plan.from_dict(lm.plan)
+    c, chains = compressed_census(lm.model, plan, size)
+    if as_json:
+        _emit_json(run_dict(c, plan, chains))
+        return
+    render_chains(plan, chains, c)
+    render_census(c, compressed=True)
 
 
 # ------------------------------------------------------------------ search

@@ -280,9 +280,10 @@ def make_target(flops=None, params=None, latency=None, speedup=None) -> Target:
     return Target(kind, value)
 
 
-def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
-                  specs: list[LayerSpec] | None = None) -> RankProblem:
-    """The rank problem: every eligible layer's options and the budget (checked reachable)."""
+def rank_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
+                 specs: list[LayerSpec] | None = None) -> RankProblem:
+    """The rank problem as ``search`` builds it, unchecked: it may have no layer, and its target
+    may be out of reach (``inspect`` reports the smallest reachable ratio from it)."""
     specs = find_layers(model, input_size) if specs is None else specs
     sel = make_selection(model, specs, cfg.include, cfg.exclude)
     cost = count_model(model, specs, input_size)
@@ -297,13 +298,19 @@ def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCo
             skipped[s.name] = reason
         else:
             layers.append(LayerOptions(s, opts))
-    if not layers:
+    return RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
+                       info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
+
+
+def build_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
+                  specs: list[LayerSpec] | None = None) -> RankProblem:
+    """The rank problem: every eligible layer's options and the budget (checked reachable)."""
+    problem = rank_problem(model, info, input_size, cfg, specs)
+    if not problem.layers:
         raise UserError(f"No layer of {info.arch} can be factorized with --decomp {cfg.decomp} "
-                        f"(reasons: {'; '.join(sorted(set(skipped.values())))}). Try another "
-                        "--decomp or --include more layers (see `lrcompress inspect`).")
-    _check_rank_grid(layers, cfg.rank_multiple)
-    problem = RankProblem(cfg.target, layers, cost.macs, cost.params, info.arch,
-                          info.num_classes, info.in_chans, tuple(input_size), skipped, specs)
+                        f"(reasons: {'; '.join(sorted(set(problem.skipped.values())))}). Try "
+                        "another --decomp or --include more layers (see `lrcompress inspect`).")
+    _check_rank_grid(problem.layers, cfg.rank_multiple)
     if cfg.target.kind != "latency":  # a latency target is checked once measured
         try:
             problem.check_feasible()
@@ -847,7 +854,8 @@ def re_estimates_bn(job: Job, model: nn.Module) -> bool:
 
 
 def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
-    """Re-estimate BatchNorm statistics after the factorized layers (None: not done)."""
+    """Re-estimate BatchNorm statistics after the factorized layers (None: not done, and not
+    announced, e.g. on a model without BatchNorm such as a ViT)."""
     if not re_estimates_bn(job, student):
         return None
     job.progress.stage("re-estimating BatchNorm statistics",
@@ -931,7 +939,7 @@ def _all_stages(job: Job) -> CompressResult:
     if bn_report is not None:
         acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
                                                 "evaluating after BatchNorm re-estimation")
-    if re_estimates_bn(job, student):
+    if bn_report is not None:
         times["bn_recalibration"] = time.perf_counter() - t
     ft_report = None
     if job.cfg.finetune.enabled:
@@ -994,7 +1002,7 @@ def timing_model(model: nn.Module, plan: Plan, seed: int = 0) -> nn.Module:
 
 
 __all__ = ["CompressConfig", "DEFAULT_RANK_MULTIPLE", "CompressResult", "Job", "Loaders",
-           "build_problem",
+           "build_problem", "rank_problem",
            "calibration_batches", "decompose_stage", "evaluate_stage", "run_stages",
            "select_ranks", "resolve_device", "DATA_METHODS", "MODEL_FILE", "SynthConfig",
            "check_data_free", "needs_data", "synthesize_stage"]

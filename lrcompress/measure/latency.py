@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lrcompress.errors import UserError
+from lrcompress.factorizations import is_matrix
 from lrcompress.model.costs import dense_macs
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ def compare(original: nn.Module, compressed: nn.Module, input_size, cfg: Latency
         with torch_threads(1):
             layers = layer_table(original, compressed, plan, cfg, progress)
     warnings = slower_layer_warnings(layers)
-    for w in warnings:
-        log.warning("%s", w)
+    summary = slower_summary(layers)
+    if summary:
+        log.warning("%s", summary)  # once, not a line per layer: the report has each one
     return {"config": cfg.to_dict(), "ideal_speedup": round(ideal_speedup, 4),
             "cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
             "runs": res["runs"], "layers": layers, "warnings": warnings, "notes": res["notes"]}
@@ -236,6 +238,27 @@ def slower_layer_warnings(layers: list[dict]) -> list[str]:
                    f"it replaced ({at}; ideal speed-up {r0['ideal_speedup']:.2f}x). Consider "
                    f"--exclude {name} or a larger --rank-multiple.")
     return out
+
+
+def slower_summary(layers: list[dict], worst: int = 3) -> str | None:
+    """One sentence on the factorized layers slower than their dense layer: how many, and the
+    ``worst`` few by speed-up (None when none is)."""
+    slowest: dict[str, dict] = {}
+    for r in layers:
+        if r["slower"] and (r["name"] not in slowest
+                            or r["speedup"] < slowest[r["name"]]["speedup"]):
+            slowest[r["name"]] = r
+    if not slowest:
+        return None
+    top = sorted(slowest.values(), key=lambda r: r["speedup"])[:worst]
+    what = ", ".join(
+        f"{r['name']} ({r.get('chain', r['factorization'])} rank "
+        f"{'x'.join(map(str, r['rank'])) if isinstance(r['rank'], list) else r['rank']}: "
+        f"{r['speedup']:.2f}x at batch {r['batch']})" for r in top)
+    total = len({r["name"] for r in layers})
+    return (f"{len(slowest)} of {total} factorized layers run slower than the dense layer they "
+            f"replaced (PyTorch eager, 1 CPU thread); the slowest: {what}. Consider --exclude "
+            "for them or a larger --rank-multiple; the per-layer table has every one.")
 
 
 def layer_input(spec, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -260,6 +283,7 @@ def layer_table(original: nn.Module, compressed: nn.Module, plan, cfg: LatencyCo
             d, f = st["dense"]["median_ms"], st["factorized"]["median_ms"]
             speedup = d / f if f > 0 else float("inf")
             rows.append({"name": lp.name, "factorization": lp.factorization,
+                         "chain": "svd" if is_matrix(lp.spec) else lp.factorization,
                          "rank": list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank,
                          "batch": b, "dense_ms": d, "factorized_ms": f,
                          "speedup": round(speedup, 4), "ideal_speedup": round(ideal, 4),

@@ -23,8 +23,9 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_census(c) -> None:
-    t = Table(title=f"{c.arch} at input {'x'.join(map(str, c.input_size))}", show_lines=False)
+def render_census(c, compressed: bool = False) -> None:
+    title = (f"{c.arch} (compressed): layers left dense" if compressed else c.arch)
+    t = Table(title=f"{title} at input {'x'.join(map(str, c.input_size))}", show_lines=False)
     for col, just in (("layer", "left"), ("kind", "left"), ("weight shape", "left"),
                       ("out", "left"), ("MACs", "right"), ("params", "right"),
                       ("% MACs", "right"), ("break-even rank (svd/tucker2/cp/tt)", "left"),
@@ -41,10 +42,67 @@ def render_census(c) -> None:
         f"Total: {human(c.total_macs)} MACs ({c.total_macs:,}), {human(c.total_params)} params "
         f"({c.total_params:,}); conv/linear {human(c.layer_macs)}, other matmuls "
         f"{human(c.other_macs)}.\n"
-        f"Factorizable: {sum(r.candidate for r in c.rows)} of {len(c.rows)} layers, "
-        f"{100 * c.candidate_macs / max(c.total_macs, 1):.1f}% of MACs; smallest reachable MACs "
-        f"ratio ≈ {c.min_reachable_macs_ratio:.3f}."
+        f"Factorizable{' further' if compressed else ''} by some factorization: "
+        f"{sum(r.candidate for r in c.rows)} of {len(c.rows)} layers, "
+        f"{100 * c.candidate_macs / max(c.total_macs, 1):.1f}% of MACs."
     )
+
+
+def render_reach(r) -> None:
+    """What search reaches (commands.inspect.Reach), in search's own terms."""
+    finer = ("" if r.finer_macs_ratio is None else
+             f" With --rank-multiple 8: {r.finer_macs_ratio:.3f}.")
+    console().print(
+        f"search --decomp {r.decomp} --rank-multiple {r.rank_multiple} factorizes "
+        f"{r.factorizable} layers; smallest reachable MACs ratio {r.macs_ratio:.3f} "
+        f"(parameters {r.params_ratio:.3f}): every factorizable layer at its smallest rank on "
+        f"the grid, the rest dense; a lower --target-flops is refused.{finer} The MACs outside "
+        f"the factorizable layers alone are {r.untouchable_macs_ratio:.3f} of the total.",
+        highlight=False)
+
+
+def _rank_text(r) -> str:
+    return "x".join(map(str, r)) if isinstance(r, (list, tuple)) else str(r)
+
+
+def _chain_table(title: str, rows: list[dict]) -> Table:
+    t = Table(title=title)
+    for col, just in (("layer", "left"), ("factorization", "left"), ("rank", "right"),
+                      ("of full", "right"), ("break-even", "right"), ("MACs before", "right"),
+                      ("MACs after", "right"), ("params before", "right"),
+                      ("params after", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        if r["factorization"] == "dense":
+            continue
+        share = max(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
+        t.add_row(r["name"], r.get("chain", r["factorization"]), _rank_text(r["rank"]),
+                  f"{100 * share / max(r['full_rank'], 1):.0f}%", str(r["break_even_rank"]),
+                  human(r["macs_before"]), human(r["macs_after"]), human(r["params_before"]),
+                  human(r["params_after"]))
+    return t
+
+
+def render_preview(p) -> None:
+    """A plan preview (commands.inspect.Preview): ranks per layer and the totals."""
+    plan, con = p.plan, console()
+    con.print(_chain_table(f"Plan preview: {plan.rank_method}, {plan.target.kind} ≤ "
+                           f"{plan.target.ratio} (not decomposed)", p.rows))
+    con.print(f"Plan: {len(plan.layers)} layers factorized; MACs {human(plan.macs)} = "
+              f"{plan.macs_ratio:.3f} of {human(plan.base_macs)}, params {human(plan.params)} = "
+              f"{plan.params_ratio:.3f} of {human(plan.base_params)} (census arithmetic; "
+              "search re-counts the built model with FlopCounterMode).", highlight=False)
+
+
+def render_chains(plan, rows: list[dict], c) -> None:
+    """A compressed model's factorized chains, one row per planned layer."""
+    con = console()
+    con.print(_chain_table(f"{plan.arch}: {len(plan.layers)} factorized layers "
+                           f"({plan.rank_method or 'plan'})", rows))
+    con.print(f"Compressed: MACs {human(c.total_macs)} counted = "
+              f"{c.total_macs / max(plan.base_macs, 1):.3f} of the original "
+              f"{human(plan.base_macs)}; params {human(plan.params)} = "
+              f"{plan.params_ratio:.3f} of {human(plan.base_params)}.", highlight=False)
 
 
 def render_search(report: dict) -> None:
@@ -119,13 +177,13 @@ def render_latency(lat: dict, con: Console | None = None) -> None:
             t.add_column(col, justify=just)
         for r in lat["layers"]:
             rank = "x".join(map(str, r["rank"])) if isinstance(r["rank"], list) else str(r["rank"])
-            t.add_row(r["name"], r["factorization"], rank, str(r["batch"]),
+            t.add_row(r["name"], r.get("chain", r["factorization"]), rank, str(r["batch"]),
                       f"{r['dense_ms']:.4f}", f"{r['factorized_ms']:.4f}", f"{r['speedup']:.2f}x",
                       f"{r['ideal_speedup']:.2f}x", "SLOWER" if r["slower"] else "")
         con.print(t)
-    if lat.get("warnings"):  # the library logged each one already
+    if lat.get("warnings"):  # the library logged the summary already
         con.print(f"{len(lat['warnings'])} factorized layer(s) slower than the dense layer they "
-                  "replaced (marked SLOWER; see the warnings above).")
+                  "replaced (marked SLOWER; the warning above names the slowest).")
     for n in lat.get("notes", []):
         con.print(f"Note: {n}")
 

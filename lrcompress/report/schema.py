@@ -19,6 +19,7 @@ from lrcompress._version import __version__
 from lrcompress.batches import sample_count
 from lrcompress.data import test_set_digest
 from lrcompress.errors import UserError
+from lrcompress.factorizations import break_even_rank, get_factorization, is_matrix
 from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.util.run_files import REPORT_FILE
 
@@ -45,7 +46,9 @@ SECTIONS = {
     "lorita": "LoRITa pre-tuning summary, or None",
     "latency": "latency target / --latency-aware: engine, candidate table, attempts (measured "
                "ratio, spread, MACs ratio), met; or None",
-    "layers": "a row per conv/linear layer: factorization, rank, costs, reconstruction error",
+    "layers": "a row per conv/linear layer: factorization, rank, costs, reconstruction error; "
+              "factorized layers also chain (the chain built: svd for linear and 1×1 layers), "
+              "full_rank and break_even_rank",
     "fit": "fit='activation': per layer the fit used and the relative output error on the "
            "calibration inputs of it and of the weight fit; None for the weight fit",
     "skipped": "layer -> why it was not factorized",
@@ -113,7 +116,10 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
 
 
 def layer_rows(plan, specs, errs: dict, retries: dict | None = None) -> list[dict]:
-    """A row per conv/linear layer: what it became and what that costs."""
+    """A row per conv/linear layer: what it became and what that costs. ``chain`` is the chain
+    actually built (linear layers and 1×1 convs are an SVD pair whatever the factorization);
+    ``full_rank`` and ``break_even_rank`` (the largest rank that still saves MACs) put the rank
+    in scale."""
     planned = {lp.name: lp for lp in plan.layers}
     rows = []
     for s in specs:
@@ -126,8 +132,17 @@ def layer_rows(plan, specs, errs: dict, retries: dict | None = None) -> list[dic
             "params_before": dense_params(s), "params_after": lp.params if lp else dense_params(s),
             "rel_error": errs.get(s.name),
             "decomposition_retries": (retries or {}).get(s.name, 0),
+            **(rank_scale(lp) if lp else {"chain": "dense"}),
         })
     return rows
+
+
+def rank_scale(lp) -> dict:
+    """The chain a planned layer is built as, its full rank and its break-even rank."""
+    fact = get_factorization(lp.factorization)
+    return {"chain": "svd" if is_matrix(lp.spec) else fact.name,
+            "full_rank": fact.scalar_rank(fact.max_rank(lp.spec)),
+            "break_even_rank": break_even_rank(fact, lp.spec)}
 
 
 def library_versions() -> dict:

@@ -17,6 +17,7 @@ import io
 import re
 from pathlib import Path
 
+from lrcompress.measure.latency import slower_summary
 from lrcompress.report.schema import data_notes, final_accuracy, has_accuracy
 from lrcompress.util.io import atomic_path
 
@@ -35,34 +36,91 @@ def _figure(w=10.0, h=3.6):
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    # bbox "tight": long rotated layer names are never clipped at the bottom edge
+    fig.savefig(buf, format="png", metadata={"Software": None}, bbox_inches="tight",
+                pad_inches=0.08)
     return buf.getvalue()
 
 
-def _layer_axis(ax, names):
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_xlim(-0.6, len(names) - 0.4)
+# Past this many layers a vertical layer axis is unreadable: bars turn horizontal, names on the
+# y axis, and the figure grows with the layer count.
+VERTICAL_LAYERS_MAX = 40
+
+
+def _layer_bars(names: list[str], series: list[tuple[str, list[float], str]], ylabel: str,
+                title: str, marks: tuple[str, list[float | None]] | None = None):
+    """Grouped bars per layer (one per series), optionally a marker per layer (``marks``);
+    vertical up to VERTICAL_LAYERS_MAX layers, horizontal (layers top to bottom) past it.
+    Returns (figure, value axis)."""
+    n, k = len(names), len(series)
+    horizontal = n > VERTICAL_LAYERS_MAX
+    fig = _figure(h=max(3.6, 0.17 * n + 1.4)) if horizontal else _figure()
+    ax = fig.add_subplot()
+    bw = 0.8 / k
+    for j, (label, vals, color) in enumerate(series):
+        pos = [i + (j - (k - 1) / 2) * bw for i in range(n)]
+        if horizontal:
+            ax.barh(pos, vals, bw, label=label, color=color)
+        else:
+            ax.bar(pos, vals, bw, label=label, color=color)
+    if marks is not None:
+        pts = [(i, v) for i, v in enumerate(marks[1]) if v is not None]
+        where, vals = [i for i, _ in pts], [v for _, v in pts]
+        if horizontal:
+            ax.plot(vals, where, "|", ms=9, mew=2, color="#c0392b", label=marks[0])
+        else:
+            ax.plot(where, vals, "_", ms=9, mew=2, color="#c0392b", label=marks[0])
+    if horizontal:
+        ax.set_yticks(range(n))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_ylim(n - 0.4, -0.6)  # first layer on top
+        ax.set_xlabel(ylabel)
+    else:
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if k > 1 or marks is not None:
+        ax.legend(fontsize=8, ncol=k + (marks is not None),
+                  loc="lower right" if horizontal else "upper left")
+    return fig, ax
+
+
+def chain_label(row: dict) -> str:
+    """The chain a report row's layer was built as: linear layers and 1×1 convs are an SVD pair
+    whatever the factorization asked for (rows of older reports carry no ``chain``)."""
+    if row.get("chain"):
+        return row["chain"]
+    f = row.get("factorization", "dense")
+    shape = row.get("shape") or []
+    if f != "dense" and (row.get("kind") == "linear" or list(shape[2:]) == [1, 1]):
+        return "svd"
+    return f
+
+
+def _scalar(rank) -> int:
+    return max(rank) if isinstance(rank, list) else rank
 
 
 def plot_ranks(report: dict) -> bytes | None:
+    """Each factorized layer's rank as a share of its full rank, with its break-even rank (the
+    largest rank that still saves MACs) marked; absolute ranks for reports without them."""
     rows = [r for r in report.get("layers", []) if r["factorization"] != "dense"]
     if not rows:
         return None
-    ranks = [r["rank"] if isinstance(r["rank"], list) else [r["rank"]] for r in rows]
-    width = max(len(k) for k in ranks)
-    fig = _figure()
-    ax = fig.add_subplot()
-    bw = 0.8 / width
-    for j in range(width):
-        xs = [i + (j - (width - 1) / 2) * bw for i, k in enumerate(ranks) if j < len(k)]
-        ys = [k[j] for k in ranks if j < len(k)]
-        ax.bar(xs, ys, bw, label=f"rank {j + 1}" if width > 1 else "rank")
-    _layer_axis(ax, [f"{r['name']} ({r['factorization']})" for r in rows])
-    ax.set_ylabel("rank")
-    ax.set_title("Ranks per factorized layer")
-    if width > 1:
-        ax.legend(fontsize=8)
+    names = [f"{r['name']} ({chain_label(r)})" for r in rows]
+    if all(r.get("full_rank") for r in rows):
+        share = [100 * _scalar(r["rank"]) / r["full_rank"] for r in rows]
+        even = [100 * r["break_even_rank"] / r["full_rank"] if r.get("break_even_rank")
+                else None for r in rows]
+        fig, ax = _layer_bars(names, [("rank", share, "#2f6fb3")], "rank (% of full rank)",
+                              "Ranks per factorized layer, as a share of full rank",
+                              ("break-even rank", even))
+        (ax.set_xlim if len(rows) > VERTICAL_LAYERS_MAX else ax.set_ylim)(0, 118)
+    else:
+        fig, _ = _layer_bars(names, [("rank", [_scalar(r["rank"]) for r in rows], "#2f6fb3")],
+                             "rank", "Ranks per factorized layer")
     return _png(fig)
 
 
@@ -70,17 +128,10 @@ def plot_macs(report: dict) -> bytes | None:
     rows = report.get("layers", [])
     if not rows:
         return None
-    fig = _figure()
-    ax = fig.add_subplot()
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["macs_before"] / 1e6 for r in rows], 0.4, label="before",
-           color="#9aa5b1")
-    ax.bar([x + 0.2 for x in xs], [r["macs_after"] / 1e6 for r in rows], 0.4, label="after",
-           color="#2f6fb3")
-    _layer_axis(ax, [r["name"] for r in rows])
-    ax.set_ylabel("MACs (millions)")
-    ax.set_title("MACs per layer, before and after")
-    ax.legend(fontsize=8)
+    fig, _ = _layer_bars([r["name"] for r in rows],
+                         [("before", [r["macs_before"] / 1e6 for r in rows], "#9aa5b1"),
+                          ("after", [r["macs_after"] / 1e6 for r in rows], "#2f6fb3")],
+                         "MACs (millions)", "MACs per layer, before and after")
     return _png(fig)
 
 
@@ -134,20 +185,47 @@ def _run_label(report: dict) -> str:
     return f"{c.get('decomp')}/{c.get('method')} {t.get('kind')}≤{t.get('ratio')}"
 
 
+# An accuracy axis spans at least this many points, so that a 0.2-point difference does not
+# fill the plot and look like a cliff.
+MIN_ACCURACY_SPAN = 10.0
+
+
+def accuracy_limits(values: list[float], min_span: float = MIN_ACCURACY_SPAN
+                    ) -> tuple[float, float]:
+    """y limits (top-1 %) that hold every value with a margin, span at least ``min_span``
+    points and stay within [0, 100]."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    lo, hi = mid - 0.6 * span, mid + 0.6 * span
+    if lo < 0:
+        lo, hi = 0.0, min(100.0, hi - lo)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
 def plot_accuracy(report: dict, others=()) -> bytes | None:
     if not has_accuracy(report):
         return None
     fig = _figure(w=7, h=4)
     ax = fig.add_subplot()
     tot = report["totals"]
-    ax.plot([tot["macs_before"] / 1e6], [report["accuracy"]["original"]["top1"]], "s",
-            color="black", label="original")
+    orig = report["accuracy"]["original"]["top1"]
+    ax.axhline(orig, color="black", ls="--", lw=1, zorder=1)
+    ax.plot([tot["macs_before"] / 1e6], [orig], "s", color="black",
+            label=f"original ({orig:.2f} %)")
+    values = [orig]
     for rep in [report, *others]:
         for name, macs, top1 in _acc_points(rep, _run_label(rep)):
             ax.plot([macs / 1e6], [top1], "^" if "fine" in name else "o", label=name)
+            values.append(top1)
+    ax.set_ylim(*accuracy_limits(values))
+    ax.set_xlim(0, 1.08 * max([tot["macs_before"]] + [o["totals"]["macs_before"]
+                                                       for o in others]) / 1e6)
     ax.set_xlabel("MACs per sample (millions)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("Accuracy vs MACs")
+    ax.set_title("Accuracy vs MACs (dashed: the original)")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -198,7 +276,8 @@ def _rank(r) -> str:
 
 
 def build_blocks(report: dict, others=()) -> list[tuple]:
-    """The report as ("h1"|"h2"|"p"|"ul"|"table"|"img", ...) blocks."""
+    """The report as ("h1"|"h2"|"p"|"ul"|"table"|"img"|"details", ...) blocks (a details block
+    is (summary, [blocks]), shown collapsed)."""
     b: list[tuple] = []
     m, tot = report["model"], report["totals"]
     acc = report["accuracy"]
@@ -243,7 +322,7 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
     b.append(("h2", "Layers"))
     b.append(("table", ["layer", "kind", "weight", "factorization", "rank", "MACs before",
                         "MACs after", "params before", "params after", "rel. error"],
-              [[r["name"], r["kind"], "×".join(map(str, r["shape"])), r["factorization"],
+              [[r["name"], r["kind"], "×".join(map(str, r["shape"])), chain_label(r),
                 _rank(r["rank"]), _num(r["macs_before"]), _num(r["macs_after"]),
                 _num(r["params_before"]), _num(r["params_after"]),
                 "-" if r.get("rel_error") is None else f"{r['rel_error']:.4f}"]
@@ -345,17 +424,13 @@ def _export_blocks(report: dict) -> list[tuple]:
                     str(r["batch"]), f"{r['median_ms']['original']:.3f}",
                     f"{r['median_ms']['compressed']:.3f}", f"{r['speedup']:.2f}×",
                     f"{100 * r['achieved_over_ideal']:.0f} %"] for r in lat["runs"]]))
-        if lat.get("warnings") or lat.get("notes"):
-            b.append(("ul", [f"Warning: {w}" for w in lat.get("warnings", [])]
-                      + list(lat.get("notes", []))))
         if lat.get("layers"):
-            b.append(("h2", "Per-layer latency (PyTorch eager, 1 CPU thread)"))
-            b.append(("table", ["layer", "factorization", "rank", "batch", "dense ms",
-                                "factorized ms", "speed-up", "ideal", ""],
-                      [[r["name"], r["factorization"], _rank(r["rank"]), str(r["batch"]),
-                        f"{r['dense_ms']:.4f}", f"{r['factorized_ms']:.4f}",
-                        f"{r['speedup']:.2f}×", f"{r['ideal_speedup']:.2f}×",
-                        "SLOWER" if r["slower"] else ""] for r in lat["layers"]]))
+            b.append(("details", "Per-layer latency (PyTorch eager, 1 CPU thread)",
+                      [_layer_latency_table(report, lat["layers"])]))
+        slower = slower_summary(lat.get("layers") or [])
+        if slower or lat.get("notes"):
+            b.append(("ul", ([f"Warning: {slower}"] if slower else [])
+                      + list(lat.get("notes", []))))
     items = []
     if ex.get("onnx"):
         items += onnx_summary(ex["onnx"])
@@ -368,6 +443,16 @@ def _export_blocks(report: dict) -> list[tuple]:
     if ex.get("int8"):
         b += _int8_blocks(ex["int8"])
     return b
+
+
+def _layer_latency_table(report: dict, layers: list[dict]) -> tuple:
+    labels = {r["name"]: chain_label(r) for r in report.get("layers", [])}
+    return ("table", ["layer", "factorization", "rank", "batch", "dense ms", "factorized ms",
+                      "speed-up", "ideal", ""],
+            [[r["name"], r.get("chain") or labels.get(r["name"], r["factorization"]),
+              _rank(r["rank"]), str(r["batch"]), f"{r['dense_ms']:.4f}",
+              f"{r['factorized_ms']:.4f}", f"{r['speedup']:.2f}×", f"{r['ideal_speedup']:.2f}×",
+              "SLOWER" if r["slower"] else ""] for r in layers])
 
 
 INT8_MODELS = (("original", "original FP32"), ("compressed", "compressed FP32"),
@@ -463,6 +548,9 @@ def to_markdown(blocks) -> str:
             out.append("\n".join(lines) + "\n")
         elif kind == "img":
             out.append(f"![{blk[1][:-4]}]({PLOT_DIR}/{blk[1]})\n")
+        elif kind == "details":  # collapsed: GitHub and most viewers render it folded
+            out.append(f"<details><summary>{html.escape(blk[1])}</summary>\n\n"
+                       + to_markdown(blk[2]) + "\n</details>\n")
     return "\n".join(out)
 
 
@@ -477,6 +565,7 @@ th{background:#f0f4f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fafbfc}
 img{max-width:100%;display:block;margin:.8em 0;border:1px solid #e4e7eb}
 li{margin:.2em 0}td.bad{color:#c0392b;font-weight:600}
+details{margin:.6em 0}summary{cursor:pointer;color:#2f6fb3}
 """
 
 
@@ -489,11 +578,9 @@ def _css_class(cell) -> str:
     return ' class="n"' if _NUMERIC.match(str(cell)) else ""
 
 
-def to_html(blocks) -> str:
+def _html_body(blocks) -> list[str]:
     e = html.escape
-    title = next((blk[1] for blk in blocks if blk[0] == "h1"), "lrcompress report")
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    out = []
     for blk in blocks:
         kind = blk[0]
         if kind in ("h1", "h2", "p"):
@@ -511,6 +598,19 @@ def to_html(blocks) -> str:
         elif kind == "img":
             data = base64.b64encode(blk[2]).decode("ascii")
             out.append(f'<img alt="{e(blk[1][:-4])}" src="data:image/png;base64,{data}">')
+        elif kind == "details":
+            out.append(f"<details><summary>{e(blk[1])}</summary>")
+            out += _html_body(blk[2])
+            out.append("</details>")
+    return out
+
+
+def to_html(blocks) -> str:
+    e = html.escape
+    title = next((blk[1] for blk in blocks if blk[0] == "h1"), "lrcompress report")
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    out += _html_body(blocks)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
