@@ -490,7 +490,7 @@ CASES = [
     Case("batch_size_one_finetuning",
          _flags("--batch-size", "1", "--bn-batches", "0", "--max-steps", "2"),
          ("--batch-size 1", "fine-tuning", "2 or more")),
-    Case("tiny_image_folder", _folder_case(lambda r: _image_tree(r, 6, classes="a")),
+    Case("tiny_image_folder", _folder_case(lambda r: _image_tree(r, 3)),
          ("calib split holds only 1 sample", "--calib-fraction", "--bn-batches 0")),
     Case("image_folder_corrupt_image", _folder_case(_corrupt_first, "--calib-fraction", "0.3"),
          ("Cannot read image", "train/b/0.png", "Remove or replace")),
