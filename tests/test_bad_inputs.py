@@ -45,7 +45,7 @@ Issue #18 items 1 and 2 (nothing of the user's is replaced; one writer per RUN/)
   --overwrite removes only the run's files .. test_overwrite_replaces_results_only,
                                               test_overwrite_on_a_run_from_before_manifests
   --overwrite would remove an input ......... test_overwrite_never_removes_an_input
-  -o "" ..................................... test_empty_output_path_is_refused
+  -o "" ..................................... test_output_empty_name_is_refused
   a second writer of RUN/ ................... test_a_second_writer_is_refused_naming_the_holder
   a stale lock (its holder died) ............ test_a_stale_lock_is_taken_over
   two searches into one empty -o ............ test_two_searches_into_one_empty_folder
@@ -320,7 +320,10 @@ def _corrupt_first(root: Path) -> Path:
 
 
 def _damaged_run(env: Env, text: bytes) -> None:
+    """A run folder (its manifest says so) whose recorded fingerprint is damaged."""
     (env.out / "state").mkdir(parents=True)
+    (env.out / "state" / "manifest.json").write_text(
+        json.dumps({"written_by": "lrcompress", "files": []}))
     (env.out / "state" / "fingerprint.json").write_bytes(text)
 
 
@@ -727,15 +730,6 @@ def test_overwrite_never_removes_an_input(resnet_ckpt, tmp_path):
         assert _digest(out) == before
 
 
-def test_empty_output_path_is_refused(resnet_ckpt, tmp_path, monkeypatch):
-    """-o "" used to mean the current folder; now it is bad input, and nothing is written."""
-    monkeypatch.chdir(tmp_path)
-    code, text = run("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "-o", "")
-    assert code == 2 and '-o "" is an empty path' in text, text
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in resnet_ckpt["dir"].iterdir())  # nothing new in the current folder
-
-
 # ------------------------------------------------------------------ one writer per RUN/
 _HOLD = """
 import sys, time
@@ -860,8 +854,7 @@ def test_refused_input_leaves_nothing_so_the_fix_runs(resnet_ckpt, tmp_path):
 def test_damaged_run_folder_fix_works(resnet_ckpt, tmp_path):
     """The fix the damaged-fingerprint message gives (--overwrite) then runs."""
     out = tmp_path / "run"
-    (out / "state").mkdir(parents=True)
-    (out / "state" / "fingerprint.json").write_bytes(b"\xff\xfe")
+    _damaged_run(Env(tmp_path, resnet_ckpt["pt"], resnet_ckpt["safetensors"], out), b"\xff\xfe")
     args = ("search", resnet_ckpt["pt"], *SEARCH, "--target-flops", "0.5", "--rank-multiple",
             "1", "-o", out)
     code, text = run(*args)
