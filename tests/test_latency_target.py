@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lrcompress
-import lrcompress.commands.compress as stages
+import lrcompress.commands.latency_stage as stages
 from lrcompress.factorizations import get_factorization
 from lrcompress.measure.latency_table import LatencyTable
 from lrcompress.measure.latency_target import (

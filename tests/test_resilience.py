@@ -21,6 +21,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import lrcompress.commands.compress as stages
+import lrcompress.commands.decompose as decompose_stage
+import lrcompress.commands.selection as selection
 import lrcompress.recover.finetune as ft
 from lrcompress.cli import main
 from lrcompress.rank.selection_state import (
@@ -142,8 +144,8 @@ def test_a_kill_at_any_rename_leaves_only_complete_files(ref, tmp_path, monkeypa
 
 # ------------------------------------------------------------------------ interrupted runs
 STAGES = {  # stage -> (what to wrap, call that is killed)
-    "rank_search": (stages, "get_method", 1),
-    "decomposition": (stages, "decompose_", 1),
+    "rank_search": (selection, "get_method", 1),
+    "decomposition": (decompose_stage, "decompose_", 1),
     "eval_decomposed": (stages, "evaluate", 2),
     "fine_tuning": (ft, "evaluate", 2),  # the end of epoch 2 of 2, before its state is saved
 }
@@ -161,9 +163,10 @@ def test_a_killed_stage_resumes_without_redoing_finished_ones(stage, ref, tmp_pa
     assert "Interrupted" in text and "re-run the same command to resume" in text, text
     assert "Traceback" not in text
     monkeypatch.setattr(mod, name, real)
-    counters = {n: Counter(getattr(stages, n)) for n in ("get_method", "decompose_")}
+    owners = {"get_method": selection, "decompose_": decompose_stage}
+    counters = {n: Counter(getattr(m, n)) for n, m in owners.items()}
     for n, c in counters.items():
-        monkeypatch.setattr(stages, n, c)
+        monkeypatch.setattr(owners[n], n, c)
     code, text = cli(*args)
     assert code == 0, text
     redone = {n: c.calls for n, c in counters.items()}
@@ -205,7 +208,7 @@ def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monke
     """The contract rene can use: ctx.state is under RUN/state, survives a kill, is handed back
     to the re-run of the same command, and is deleted once the plan is saved."""
     seen = []
-    real = stages.get_method
+    real = selection.get_method
 
     def method_with_checkpoints(name):
         select = real(name)
@@ -220,7 +223,7 @@ def test_the_rank_search_can_resume_inside_its_loop(resnet_ckpt, tmp_path, monke
 
         return run
 
-    monkeypatch.setattr(stages, "get_method", method_with_checkpoints)
+    monkeypatch.setattr(selection, "get_method", method_with_checkpoints)
     out = tmp_path / "r"
     assert cli("search", resnet_ckpt["pt"], *BASE, "-o", out)[0] == 130
     assert (out / "state" / "search-uniform.pt").exists()
@@ -271,7 +274,7 @@ def test_out_of_memory_advice_then_auto_batch_halving(resnet_ckpt, tmp_path, mon
     larger than 2: without --auto-batch a clear message and exit 2; the same command with
     --auto-batch resumes and halves 8 -> 4 -> 2 in both stages, and the report says so."""
     check = _oom_above(2)
-    real_method, real_diss = stages.get_method, ft.diss_loss
+    real_method, real_diss = selection.get_method, ft.diss_loss
 
     def method(name):
         def run(ctx):
@@ -283,7 +286,7 @@ def test_out_of_memory_advice_then_auto_batch_halving(resnet_ckpt, tmp_path, mon
         check(next(iter(s_taps.out.values())).shape[0])
         return real_diss(student, plan, teacher_w, s_taps, t_taps, reduction)
 
-    monkeypatch.setattr(stages, "get_method", method)
+    monkeypatch.setattr(selection, "get_method", method)
     monkeypatch.setattr(ft, "diss_loss", diss)
     args = ["search", resnet_ckpt["pt"], *BASE, "--max-steps", "2", "-o", tmp_path / "r"]
     code, text = cli(*args)
