@@ -33,16 +33,17 @@ FMNIST = "fashionmnist:/usr/share/datasets/fashion-mnist"
 
 
 def run_one(ckpt: Path, arch: str, target: float, decomp: str, fit_candidates: bool,
-            out: Path, test_subset: int, seed: int) -> dict:
+            out: Path, test_subset: int, seed: int, rene: ReneConfig) -> dict:
     cfg = SearchConfig(target=Target("flops", target), decomp=decomp, method="rene",
                        seed=seed, device="cpu", input_size=(1, 28, 28), fit="activation",
                        data=DataConfig(batch_size=128, seed=seed, test_subset=test_subset),
-                       rene=replace(ReneConfig(), fit_candidates=fit_candidates))
+                       rene=replace(rene, fit_candidates=fit_candidates))
     t = time.perf_counter()
     res = search(str(ckpt), FMNIST, out, cfg, arch=arch, progress=Progress())
     rep = res.report
     acc = rep["accuracy"]
     return {"target": target, "decomp": decomp, "fit_candidates": fit_candidates,
+            "iters": rene.iters, "warmup": rene.warmup,
             "decomposed": acc.get("decomposed", {}).get("top1"),
             "after_bn": (acc.get("bn_recalibrated") or {}).get("top1"),
             "original": acc.get("original", {}).get("top1"),
@@ -58,24 +59,35 @@ def main(argv=None) -> int:
     ap.add_argument("--decomps", default="tt")
     ap.add_argument("--test-subset", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iters", type=int, default=ReneConfig().iters,
+                    help="rene iterations per narrowing step (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=ReneConfig().warmup,
+                    help="rene weight-only iterations first (default: %(default)s)")
+    ap.add_argument("--arms", default="on,off",
+                    help="fit_candidates values to run: on, off or on,off (default: %(default)s)")
     ap.add_argument("--checkpoints", type=Path, default=HERE.parent / "examples/fashion_mnist/out")
     ap.add_argument("--work-dir", type=Path, default=HERE / "runs/candidate_fit")
     ap.add_argument("--out", type=Path, default=HERE / "results/candidate_fit.json")
     a = ap.parse_args(argv)
     rows = json.loads(a.out.read_text()) if a.out.exists() else []
-    done = {(r["model"], r["target"], r["decomp"], r["fit_candidates"]) for r in rows}
+    rene = ReneConfig(iters=a.iters, warmup=a.warmup)
+    key = ("model", "target", "decomp", "fit_candidates", "iters", "warmup")
+    default = {"iters": ReneConfig().iters, "warmup": ReneConfig().warmup}
+    done = {tuple({**default, **r}[k] for k in key) for r in rows}
+    arms = [{"on": True, "off": False}[x] for x in a.arms.split(",")]
     for name in a.models.split(","):
         spec = MODELS[name]
         for target in map(float, a.targets.split(",")):
             for decomp in a.decomps.split(","):
-                for fc in (True, False):
-                    if (name, target, decomp, fc) in done:
+                for fc in arms:
+                    if (name, target, decomp, fc, a.iters, a.warmup) in done:
                         continue
-                    out = a.work_dir / f"{name}-{decomp}-{target}-{'act' if fc else 'w'}"
+                    out = a.work_dir / (f"{name}-{decomp}-{target}-{'act' if fc else 'w'}"
+                                        f"-{a.warmup}+{a.iters}")
                     row = {"model": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime()),
                            **run_one(a.checkpoints / spec.checkpoint, spec.arch, target,
-                                     decomp, fc, out, a.test_subset, a.seed)}
+                                     decomp, fc, out, a.test_subset, a.seed, rene)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     a.out.parent.mkdir(parents=True, exist_ok=True)
