@@ -122,7 +122,6 @@ def model_dict(c: Census, r: Reach, p: Preview | None) -> dict:
 def run_dict(c: Census, plan: Plan, chains: list[dict]) -> dict:
     """``inspect --json`` of a compressed model: its chains, and the census of the rest."""
     d = c.to_dict()
-    d.pop("min_reachable_macs_ratio")
     return {**d, "compressed": True, "base_macs": plan.base_macs,
             "base_params": plan.base_params, "macs_ratio": plan.macs_ratio,
             "params_ratio": plan.params_ratio, "chains": chains}

@@ -47,13 +47,14 @@ class Census:
     rows: list[LayerRow]
 
     @property
-    def min_reachable_macs_ratio(self) -> float:
-        """MACs that no factorization can touch, over the total (a lower bound on any target)."""
+    def untouchable_macs_ratio(self) -> float:
+        """MACs that no factorization can touch, over the total: a lower bound on any target,
+        not the smallest reachable ratio (that depends on the rank grid: ``inspect``'s reach)."""
         return 1.0 - self.candidate_macs / self.total_macs if self.total_macs else 1.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["min_reachable_macs_ratio"] = self.min_reachable_macs_ratio
+        d["untouchable_macs_ratio"] = self.untouchable_macs_ratio
         return d
 
 
