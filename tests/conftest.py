@@ -50,6 +50,14 @@ def resnet_ckpt(tmp_path):
     return {"model": m, "pt": pt, "safetensors": st, "dir": tmp_path}
 
 
+@pytest.fixture(scope="module")
+def module_ckpt(tmp_path_factory):
+    """A test_resnet state_dict (.pt) shared by one test module's fixtures (runs built once)."""
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pt"
+    torch.save(tiny_resnet().state_dict(), path)
+    return path
+
+
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per
 # process make torch dramatically slower (seen: 100x); one thread keeps the suite fast and stable.
 torch.set_num_threads(1)

@@ -7,23 +7,19 @@ import json
 import math
 
 import pytest
-import torch
 
 from lrcompress.commands.compress import CompressConfig, build_problem
 from lrcompress.model.loading import load_model
 from lrcompress.model.plan import Target
 
-from .conftest import tiny_resnet
 from .test_cli import assert_user_error, run, run_json
 
 SIZE = ("--input-size", "1,32,32")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inspect") / "test_resnet.pt"
-    torch.save(tiny_resnet().state_dict(), path)
-    return path
+def ckpt(module_ckpt):
+    return module_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,6 @@ from lrcompress.errors import UserError
 from lrcompress.measure.latency import LatencyConfig
 from lrcompress.model.plan import Plan, Target
 
-from .conftest import tiny_resnet
-
 FAST_LAT = LatencyConfig(repeats=2, warmup=1, batches=(1, 8), threads=(1,), torch=False,
                          per_layer=False)
 
@@ -53,10 +51,8 @@ def _search(ckpt, out, data="synthetic:64", synth=None):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("int8") / "test_resnet.pt"
-    torch.save(tiny_resnet().state_dict(), path)
-    return path
+def ckpt(module_ckpt):
+    return module_ckpt
 
 
 @pytest.fixture(scope="module")
