@@ -105,7 +105,7 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     elif synth is not None:
         raise UserError("synth=... synthesises inputs when there is no data: leave it out when "
                         "passing calib= or train=.")
-    if cfg.fit == "activation" and calib is None and not data_free:
+    if cfg.fit in ("activation", "sequential") and calib is None and not data_free:
         raise UserError("fit='activation' fits the factors to the layers' outputs on "
                         "calibration inputs: pass calib=... (a few hundred inputs), or use "
                         "fit='weight'.")

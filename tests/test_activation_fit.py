@@ -142,14 +142,10 @@ def test_activation_chains_are_plain_chains_and_export(method):
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
 
 
-def test_auto_fit_is_the_activation_fit_whenever_calibration_inputs_exist():
+def test_explicit_fits_are_kept_with_or_without_calibration_inputs():
     from lrcompress.commands.compress import CompressConfig, fit_of
     from lrcompress.model.plan import Target
 
-    auto = CompressConfig(target=Target("flops", 0.5))
-    assert auto.fit == "auto"
-    assert fit_of(auto, has_calib=True) == "activation"
-    assert fit_of(auto, has_calib=False) == "weight"
-    for explicit in ("weight", "activation"):
+    for explicit in ("weight", "activation", "sequential"):
         cfg = CompressConfig(target=Target("flops", 0.5), fit=explicit)
         assert fit_of(cfg, has_calib=True) == fit_of(cfg, has_calib=False) == explicit

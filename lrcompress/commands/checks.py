@@ -132,8 +132,8 @@ def check_batchnorm_batches(model: nn.Module, cfg: CompressConfig, split_sizes: 
 
 def check_data_free(model: nn.Module, cfg: CompressConfig, arch: str) -> None:
     """Before any work: refuse what data-free mode cannot do for ``model``."""
-    if cfg.fit == "activation" and not has_batchnorm(model):
-        raise UserError(f"--fit activation fits the factors to the layers' outputs on "
+    if cfg.fit in ("activation", "sequential") and not has_batchnorm(model):
+        raise UserError(f"--fit {cfg.fit} fits the factors to the layers' outputs on "
                         f"calibration inputs, but no data was given and {arch} has no BatchNorm "
                         "layer to synthesise inputs from (random inputs would only fit noise). "
                         "Give a few hundred unlabelled real images (--data imagefolder:DIR, a "

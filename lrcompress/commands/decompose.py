@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 from torch import nn
 
@@ -19,7 +20,9 @@ from lrcompress.commands.job import (
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.input_stats import (
     collect_input_stats,
+    collect_paired_stats,
     fit_report,
+    needs,
 )
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
@@ -39,20 +42,50 @@ def decompose_stage(job: Job, source: nn.Module, plan: Plan, fresh: bool = False
         dec = run.read_state_json("decomposed.json")
         out = Decomposed(student, dec["rel_error"], dec["retries"], dec.get("fit"))
     else:
-        stats = batches = None
-        if fit_of(job.cfg, job.loaders.calib is not None) == "activation":
-            batches = calibration_batches(job)
-            stats, fit_skipped = collect_input_stats(source, batches, plan)
-        job.progress.stage("decomposing", total=len(plan.layers))
-        student = copy.deepcopy(source).cpu()
-        res = decompose_(student, plan, progress=lambda _n: job.progress.advance(), stats=stats)
+        fit = fit_of(job.cfg, job.loaders.calib is not None)
+        batches = calibration_batches(job) if fit != "weight" else None
+        if fit == "sequential":
+            student, res, fit_skipped = sequential_decompose(job, source, plan, batches)
+        else:
+            stats = fit_skipped = None
+            if fit == "activation":
+                stats, fit_skipped = collect_input_stats(source, batches, plan)
+            job.progress.stage("decomposing", total=len(plan.layers))
+            student = copy.deepcopy(source).cpu()
+            res = decompose_(student, plan, progress=lambda _n: job.progress.advance(),
+                             stats=stats)
         out = Decomposed(student, {r.name: r.rel_error for r in res},
                          {r.name: r.retries for r in res if r.retries})
-        if stats is not None:
-            out.fit = fit_report(source, student, plan, batches, res, fit_skipped)
+        if fit != "weight":
+            out.fit = fit_report(source, student, plan, batches, res, fit_skipped, kind=fit)
         if run.writes:  # decomposed.safetensors last: its presence means the stage is complete
             write_json(run.state("decomposed.json"),
                        {"rel_error": out.rel_errors, "retries": out.retries, "fit": out.fit})
             save_compressed(student, plan, run.state("decomposed.safetensors"))
     out.student.to(job.device).eval()
     return out
+
+
+def sequential_decompose(job: Job, source: nn.Module, plan: Plan, batches: list):
+    """The sequential activation fit: layer by layer in the plan's order, each fitted on the
+    inputs the already-compressed layers before it produce, toward the original's output
+    (``factorizations.corrected_weight``). One forward of the original and one of the student
+    per layer and batch, each stopped at the layer. Returns ``(student, results, skipped)``."""
+    job.progress.stage("decomposing (sequential fit)", total=len(plan.layers))
+    device = next(source.parameters()).device
+    student = copy.deepcopy(source).to(device)
+    want = needs(plan)
+    results, skipped = [], {}
+    for lp in plan.layers:
+        stats = None
+        if lp.name in want:
+            stats, note = collect_paired_stats(source, student, batches, lp.name, lp.spec,
+                                               want[lp.name])
+            if note:
+                skipped[lp.name] = note
+        else:
+            skipped[lp.name] = f"{lp.factorization} of a k×k conv has no activation fit"
+        results += decompose_(student, replace(plan, layers=[lp]),
+                              stats=None if stats is None else {lp.name: stats})
+        job.progress.advance()
+    return student.cpu(), results, skipped

@@ -131,7 +131,7 @@ def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
     """The input statistics rene fits its candidates with under the activation fit (one pass
     over the calibration batches, every eligible layer), or None (weight-fitted candidates)."""
     if (cfg.method != "rene" or not cfg.rene.fit_candidates or not batches
-            or fit_of(cfg, True) != "activation"):
+            or fit_of(cfg, True) == "weight"):
         return None
     want = {lo.spec.name: kinds_for(lo.spec, {o.factorization for o in lo.options})
             for lo in problem.layers}

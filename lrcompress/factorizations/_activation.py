@@ -42,6 +42,9 @@ class LayerStats:
     channel: torch.Tensor | None = None
     rows: int = 0
     damping: float = DAMPING
+    # Sequential fit: ``E[p p̃ᵀ]`` of the *original* model's patch p and this model's p̃ (then
+    # ``patch`` is p̃'s moment): the fit targets the original's output, W p, from p̃.
+    cross: torch.Tensor | None = None
 
 
 def damped_cholesky(sigma: torch.Tensor, damping: float) -> torch.Tensor | None:
@@ -167,3 +170,24 @@ def whitener(stats: LayerStats | None, taps: int) -> Whitener | None:
         chol = damped_cholesky(stats.channel, stats.damping)
         return None if chol is None else Whitener(chol, taps)
     return None
+
+
+def corrected_weight(w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """The weight to fit when the layer's input is p̃ (the already-compressed layers' output)
+    but its output should stay the original's W p: ``W* = W (C + λI)(Σ̃ + λI)⁻¹`` with
+    ``C = E[p p̃ᵀ]``, ``Σ̃ = E[p̃ p̃ᵀ]``. Then ``‖(W* − Ŵ)(Σ̃ + λI)^½‖²`` equals
+    ``E‖W p − Ŵ p̃‖² + λ‖W − Ŵ‖²`` up to a constant: the usual activation fit of ``W*`` solves
+    the sequential problem, regularised toward W (so ``p̃ = p`` gives ``W* = W`` exactly)."""
+    if stats.cross is None or stats.patch is None:
+        return w
+    sig = stats.patch.to(dtype=torch.float64, device=w.device)
+    lam = stats.damping * sig.diagonal().mean()
+    if not torch.isfinite(lam) or lam <= 0:
+        return w
+    eye = torch.eye(sig.shape[0], dtype=sig.dtype, device=sig.device)
+    m = w.reshape(w.shape[0], -1).to(torch.float64)
+    rhs = m @ (stats.cross.to(sig) + lam * eye)
+    chol, info = torch.linalg.cholesky_ex(sig + lam * eye)
+    if int(info) != 0:
+        return w
+    return torch.cholesky_solve(rhs.T, chol).T.reshape(w.shape).to(w.dtype)

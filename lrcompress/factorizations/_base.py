@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lrcompress.errors import UserError
+from lrcompress.factorizations._activation import corrected_weight
 from lrcompress.model.layers import LayerSpec
 
 Rank = int | tuple[int, ...]
@@ -378,6 +379,7 @@ class Factorization:
         with single_threaded(w.device):
             out = None
             if stats is not None:
+                w = corrected_weight(w, stats)
                 out = (self._matrix_activation_many(w, spec, rs, stats) if is_matrix(spec)
                        else self._conv_activation_many(w, spec, rs, opts, stats))
                 note(fit="weight" if out is None else "activation")

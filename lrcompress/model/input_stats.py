@@ -168,7 +168,7 @@ def output_errors(model: nn.Module, batches, chains: dict[str, dict[str, nn.Modu
 
 
 def fit_report(source: nn.Module, student: nn.Module, plan: Plan, batches, results,
-               skipped: dict[str, str]) -> dict:
+               skipped: dict[str, str], kind: str = "activation") -> dict:
     """The decompose stage's report of an activation-aware fit: per layer the fit used and the
     relative output error on the calibration inputs of that fit and of the weight fit."""
     from lrcompress.factorizations import get_factorization
@@ -182,8 +182,76 @@ def fit_report(source: nn.Module, student: nn.Module, plan: Plan, batches, resul
     fitted = {lp.name: student.get_submodule(lp.name) for lp in plan.layers}
     errs = output_errors(source, batches, {"fitted": fitted, "weight": weight_chains})
     used = {r.name: r.fit for r in results}
-    return {"kind": "activation", "damping": DAMPING, "max_bytes": MAX_BYTES,
+    return {"kind": kind, "damping": DAMPING, "max_bytes": MAX_BYTES,
             "layers": {n: {"fit": used.get(n, "weight"), "output_error": e["fitted"],
                            "output_error_weight_fit": e["weight"],
                            **({"note": skipped[n]} if n in skipped else {})}
                        for n, e in errs.items()}}
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the hooked layer's input is captured (nothing after it is
+    needed)."""
+
+
+@torch.no_grad()
+def collect_paired_stats(original: nn.Module, current: nn.Module, batches, name: str, spec,
+                         kinds: tuple[str, ...], *, max_bytes: int = MAX_BYTES,
+                         damping: float = DAMPING) -> tuple[LayerStats | None, str | None]:
+    """The sequential fit's statistics of layer ``name``: the second moments ``kinds`` of its
+    input in ``current`` (the model whose earlier layers are already compressed) and, when the
+    patch moment fits ``max_bytes``, the cross moment ``E[p p̃ᵀ]`` with its input ``p`` in
+    ``original`` on the same batch. Each forward stops at the layer. Returns ``(stats, note)``,
+    ``note`` saying what was left out."""
+    keep = [k for k in kinds if _dim(spec, k) ** 2 * 8 <= max_bytes]
+    note = None if keep == list(kinds) else (
+        f"{', '.join(k for k in kinds if k not in keep)} second moment over the "
+        f"{max_bytes / 2**20:.0f} MiB budget")
+    if not keep:
+        return None, note
+    device = next(current.parameters()).device
+    mod, ref = current.get_submodule(name), original.get_submodule(name)
+    acc = {k: torch.zeros(_dim(spec, k), _dim(spec, k), dtype=torch.float64, device=device)
+           for k in keep}
+    n = dict.fromkeys(keep, 0)
+    cross = (torch.zeros_like(acc["patch"]) if "patch" in keep else None)
+    for x, _ in batches:
+        x = x.to(device)
+        inp = _layer_input(current, name, x)
+        mine = {k: _rows(inp, mod, k).to(torch.float64) for k in keep}
+        for k in keep:
+            acc[k].addmm_(mine[k].T, mine[k])
+            n[k] += mine[k].shape[0]
+        if cross is not None:
+            theirs = _rows(_layer_input(original, name, x), ref, "patch").to(torch.float64)
+            cross.addmm_(theirs.T, mine["patch"])
+    st = LayerStats(damping=damping)
+    for k in keep:
+        setattr(st, k, (acc[k] / max(n[k], 1)).cpu())
+    if cross is not None:
+        st.cross = (cross / max(n["patch"], 1)).cpu()
+    st.rows = max(n.values())
+    return st, note
+
+
+def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``model``'s layer ``name`` on ``x`` (the forward stops there)."""
+    got = []
+
+    def hook(_mod, args):
+        got.append(args[0].detach())
+        raise _Captured
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not got:
+        raise RuntimeError(f"layer {name!r} was not called in the forward pass")
+    return got[0]

@@ -1,0 +1,126 @@
+"""The sequential fit (fit="sequential", the default with calibration inputs): each layer fitted on
+the inputs the already-compressed layers produce, toward the original model's output."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from lrcompress.factorizations import get_factorization
+from lrcompress.factorizations._activation import LayerStats, corrected_weight
+from lrcompress.model.input_stats import collect_input_stats, collect_paired_stats
+from lrcompress.model.plan import LayerPlan, Plan
+from lrcompress.model.surgery import decompose_
+from tests.test_factorizations import linear_spec
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / (2 * d)
+
+
+def test_corrected_weight_is_w_when_the_inputs_did_not_change():
+    """p̃ = p (C = Σ): W* = W to 1e-10, so the first layer's fit is the plain activation fit."""
+    sig = _spd(12, 0)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    st = LayerStats(patch=sig, cross=sig.clone())
+    assert torch.allclose(corrected_weight(w, st), w, atol=1e-10, rtol=0)
+    assert corrected_weight(w, LayerStats(patch=sig)) is w  # no cross moment: unchanged
+
+
+def test_corrected_weight_solves_the_regularised_sequential_problem():
+    """W* minimises E‖W p − Ŵ p̃‖² + λ‖W − Ŵ‖² over every Ŵ: its gradient is 0 (1e-9
+    relative) and random perturbations only raise the objective."""
+    g = torch.Generator().manual_seed(1)
+    n, d, t = 400, 10, 6
+    p = torch.randn(n, d, generator=g, dtype=torch.float64)
+    pt = p + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)  # upstream error
+    w = torch.randn(t, d, generator=g, dtype=torch.float64)
+    st = LayerStats(patch=pt.T @ pt / n, cross=p.T @ pt / n, damping=1e-2)
+    lam = st.damping * st.patch.diagonal().mean()
+    ws = corrected_weight(w, st)
+
+    def objective(m):
+        return float(((p @ w.T - pt @ m.T) ** 2).sum() / n + lam * ((w - m) ** 2).sum())
+
+    grad = 2 * (ws @ st.patch - w @ st.cross) + 2 * lam * (ws - w)
+    assert grad.norm() <= 1e-9 * w.norm() * st.patch.norm()
+    best = objective(ws)
+    for _ in range(10):
+        assert best <= objective(ws + 1e-3 * torch.randn(ws.shape, generator=g,
+                                                          dtype=torch.float64))
+
+
+def _mlp_and_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12)).double().eval()
+    g = torch.Generator().manual_seed(2)
+    basis = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    batches = [(torch.randn(64, 6, generator=g, dtype=torch.float64) @ basis
+                + 0.05 * torch.randn(64, 16, generator=g, dtype=torch.float64), None)
+               for _ in range(4)]
+    plan = Plan("custom", 12, 1, (16, 1, 1),
+                (LayerPlan("0", "svd", 4, linear_spec(24, 16, name="0")),
+                 LayerPlan("2", "svd", 4, linear_spec(12, 24, name="2"))),
+                base_macs=16 * 24 + 24 * 12, base_params=0)
+    return model, batches, plan
+
+
+def test_second_layer_fit_is_optimal_for_the_original_output():
+    """After the first layer is compressed, the sequential fit of the second is the best rank-4
+    fit of the original's second-layer output from the compressed first layer's output: its
+    regularised objective is no larger (1e-9) than that of the plain activation fit, which
+    targets the original input, and strictly smaller here."""
+    model, batches, plan = _mlp_and_batches()
+    orig_stats, _ = collect_input_stats(model, batches, plan)
+    student = copy.deepcopy(model)
+    decompose_(student, replace(plan, layers=plan.layers[:1]), stats={"0": orig_stats["0"]})
+    lp = plan.layers[1]
+    st, note = collect_paired_stats(model, student, batches, lp.name, lp.spec, ("patch",))
+    assert note is None and st.cross is not None
+    svd, w = get_factorization("svd"), model[2].weight.detach()
+    seq = svd.reconstruct(svd.decompose(w, lp.spec, 4, stats=st), lp.spec)
+    act = svd.reconstruct(svd.decompose(w, lp.spec, 4, stats=orig_stats["2"]), lp.spec)
+    p = torch.cat([torch.relu(model[0](x)) for x, _ in batches]).detach()
+    pt = torch.cat([torch.relu(student[0](x)) for x, _ in batches]).detach()
+    lam = st.damping * st.patch.diagonal().mean()
+
+    def objective(m):
+        return float(((p @ w.T - pt @ m.T) ** 2).sum() / p.shape[0] + lam * ((w - m) ** 2).sum())
+
+    assert objective(seq) <= objective(act) + 1e-9
+    assert objective(seq) < 0.99 * objective(act)
+
+
+def test_paired_statistics_match_a_direct_computation():
+    """Σ̃ and C = E[p p̃ᵀ] from the hooks equal the moments computed from the layers' inputs
+    directly (float64, 1e-12), and the forward stops at the layer (the layers after it never
+    run)."""
+    model, batches, plan = _mlp_and_batches()
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        student[0].weight.mul_(0.9)
+    calls = []
+    student[2].register_forward_hook(lambda *a: calls.append(1))
+    st, _ = collect_paired_stats(model, student, batches, "2", plan.layers[1].spec, ("patch",))
+    p = torch.cat([torch.relu(model[0](x)) for x, _ in batches]).detach()
+    pt = torch.cat([torch.relu(student[0](x)) for x, _ in batches]).detach()
+    assert torch.allclose(st.patch, pt.T @ pt / len(p), atol=1e-12, rtol=0)
+    assert torch.allclose(st.cross, p.T @ pt / len(p), atol=1e-12, rtol=0)
+    assert calls == []
+
+
+def test_auto_fit_is_sequential_with_calibration_inputs():
+    from lrcompress.commands.compress import CompressConfig, fit_of
+    from lrcompress.model.plan import Target
+
+    auto = CompressConfig(target=Target("flops", 0.5))
+    assert fit_of(auto, has_calib=True) == "sequential"
+    assert fit_of(auto, has_calib=False) == "weight"
+    with pytest.raises(Exception, match="choose one of"):
+        CompressConfig(target=Target("flops", 0.5), fit="greedy")
