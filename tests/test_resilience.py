@@ -169,11 +169,12 @@ def test_a_killed_stage_resumes_without_redoing_finished_ones(stage, ref, tmp_pa
         monkeypatch.setattr(owners[n], n, c)
     code, text = cli(*args)
     assert code == 0, text
-    redone = {n: c.calls for n, c in counters.items()}
-    expected = {"rank_search": {"get_method": 1, "decompose_": 1},
-                "decomposition": {"get_method": 0, "decompose_": 1},
-                "eval_decomposed": {"get_method": 0, "decompose_": 0},
-                "fine_tuning": {"get_method": 0, "decompose_": 0}}[stage]
+    # Whether each stage ran again (the sequential fit calls decompose_ once per layer).
+    redone = {n: c.calls > 0 for n, c in counters.items()}
+    expected = {"rank_search": {"get_method": True, "decompose_": True},
+                "decomposition": {"get_method": False, "decompose_": True},
+                "eval_decomposed": {"get_method": False, "decompose_": False},
+                "fine_tuning": {"get_method": False, "decompose_": False}}[stage]
     assert redone == expected
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["resumed"] is True
