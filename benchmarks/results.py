@@ -109,8 +109,9 @@ def model_section(prof: str, rows: dict, ref: dict | None, model: str) -> list[s
     meta = (ref or {}).get("meta") or {}
     out.append(f"Original: **{orig:.2f} %** top-1 on the {n} test images used here"
                + (f" ({100 * meta['test_top1']:.2f} % on all 10k; trained by "
-                  f"`train_reference.py`, {meta.get('recipe')} recipe, "
-                  f"{meta.get('wall_time_s')} s)" if meta.get("test_top1") else "")
+                  f"`train_reference.py`, {meta.get('recipe')} recipe"
+                  + (f", {meta['epochs']} epoch(s)" if meta.get("epochs") else "")
+                  + f", {meta.get('wall_time_s')} s)" if meta.get("test_top1") else "")
                + f"; {any_row['macs']['original'] / 1e6:.2f} M MACs, "
                f"{any_row['params']['original'] / 1e6:.2f} M params.")
     eq = sorted({f"`{r['decomp']}` = `{r['same_as'].split('__')[2]}`" for r in rows.values()
