@@ -35,6 +35,16 @@ class ModelSpec:
 MODELS = {
     "resnet18": ModelSpec("resnet18", "timm:resnet18", "resnet18_fmnist.pt"),
     "mobilenetv2": ModelSpec("mobilenetv2", "timm:mobilenetv2_100", "mobilenetv2_fmnist.pt"),
+    # ViT-Tiny on 4x4 patches: 49 tokens + the class token at 28x28 (train_reference.py's
+    # vit_tiny_patch4_28). About 3x resnet18's training time per step on one CPU thread, so its
+    # reference gets one epoch of the CPU recipe (AdamW, the recipe's choice for ViTs).
+    "vit_tiny": ModelSpec("vit_tiny", "timm:vit_tiny_patch16_224(img_size=28,patch_size=4)",
+                          "vit_tiny_fmnist.pt", train_args=("--epochs", "1")),
+    # ConvNeXt downsamples by 32, and 28x28 reaches 1x1 before its last stage; output_stride=16
+    # dilates the last stage instead (feature maps 7, 3, 1, 1). Trained with AdamW, as ConvNeXt
+    # is (SGD at lr 0.1 is the recipe's choice for the CNNs above).
+    "convnext_atto": ModelSpec("convnext_atto", "timm:convnext_atto(output_stride=16)",
+                               "convnext_atto_fmnist.pt", train_args=("--opt", "adamw")),
 }
 
 

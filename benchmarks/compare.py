@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     paths = ap.add_argument_group("where")
     paths.add_argument("--data", default=FMNIST, help="data spec (default: %(default)s)")
     paths.add_argument("--checkpoints", type=Path, default=REPO / "examples/fashion_mnist/out",
-                       help="reference checkpoints: resnet18_fmnist.pt, mobilenetv2_fmnist.pt "
+                       help="reference checkpoints: MODEL_fmnist.pt (see benchmarks/_profiles.py) "
                        "(default: %(default)s)")
     paths.add_argument("--work-dir", type=Path,
                        help="RUN dirs, caches, logs (default: benchmarks/runs/PROFILE)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -63,11 +64,22 @@ def _f(v, fmt=".2f", none="–"):
 def _cell_top1(r: dict | None) -> str:
     if r is None:
         return "not run"
-    if r["status"] in ("failed", "infeasible"):
-        return r["status"]
+    if r["status"] != "ok":
+        return _cell_not_ok(r)
     t = r["top1"]
     bn = "" if t.get("bn_recalibrated") is None else f" → {_f(t['bn_recalibrated'])}"
     return f"{_f(t['before_ft'])}{bn} → **{_f(t['after_ft'])}**"
+
+
+def _cell_not_ok(r: dict) -> str:
+    """A row without figures: failed, out of reach (with the smallest MACs ratio the search
+    reported), or the same model as a decomposition that was not run."""
+    if r["status"] == "equivalent":
+        return f"same as {r['same_as'].split('__')[2]}, not run"
+    if r["status"] == "infeasible":
+        m = re.search(r"keeps (\d+\.\d+) of its MACs", r.get("error") or "")
+        return "not reachable" + (f" (smallest ranks keep {m[1]})" if m else "")
+    return r["status"]
 
 
 def _cell_cost(r: dict | None, threads: int, batches) -> str:
@@ -109,8 +121,9 @@ def model_section(prof: str, rows: dict, ref: dict | None, model: str) -> list[s
     meta = (ref or {}).get("meta") or {}
     out.append(f"Original: **{orig:.2f} %** top-1 on the {n} test images used here"
                + (f" ({100 * meta['test_top1']:.2f} % on all 10k; trained by "
-                  f"`train_reference.py`, {meta.get('recipe')} recipe, "
-                  f"{meta.get('wall_time_s')} s)" if meta.get("test_top1") else "")
+                  f"`train_reference.py`, {meta.get('recipe')} recipe"
+                  + (f", {meta['epochs']} epoch(s)" if meta.get("epochs") else "")
+                  + f", {meta.get('wall_time_s')} s)" if meta.get("test_top1") else "")
                + f"; {any_row['macs']['original'] / 1e6:.2f} M MACs, "
                f"{any_row['params']['original'] / 1e6:.2f} M params.")
     eq = sorted({f"`{r['decomp']}` = `{r['same_as'].split('__')[2]}`" for r in rows.values()
@@ -343,6 +356,18 @@ def missing_rows(rows: dict) -> tuple[list[str], int]:
     return [w for w in want if w not in rows], len(want)
 
 
+def _machines(rows: dict) -> str:
+    """The machines the rows ran on, with how many rows each (rows of one table may come from
+    runs on different machines)."""
+    count: dict[str, int] = defaultdict(int)
+    for r in rows.values():
+        m = r["machine"]
+        count[f"{m['cpu']}, {m['cores']} cores, " + (m.get("gpu") or "no GPU")] += 1
+    if len(count) == 1:
+        return next(iter(count))
+    return "; ".join(f"{k} ({n} rows)" for k, n in sorted(count.items()))
+
+
 def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Path:
     data = load_results(results_root)
     plot_dir = plot_dir or out_md.parent
@@ -367,8 +392,7 @@ def render(results_root: Path, out_md: Path, plot_dir: Path | None = None) -> Pa
         commits = sorted({r["commit"] for r in rows.values()})
         walls = sum(r.get("row_wall_s") or 0 for r in rows.values())
         lines += [f"## {PROFILE_TITLES.get(prof, prof)}", "",
-                  f"Machine: {mach['cpu']}, {mach['cores']} cores"
-                  + (f", {mach['gpu']}" if mach.get("gpu") else ", no GPU")
+                  f"Machine: {_machines(rows)}"
                   + f"; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}. "
                   f"Dates {dates[0]} … {dates[-1]}; lrcompress commit(s) {', '.join(commits)}; "
                   f"{len(rows)} rows, {walls / 60:.1f} min of row wall time.", "",

@@ -64,7 +64,7 @@ from lrcompress.util.io import atomic_path, write_json  # noqa: E402
 
 log = logging.getLogger("tp_baseline")
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features",
-               "out_features")
+               "out_features", "num_heads", "head_dim", "attn_dim", "normalized_shape")
 META_KEY = "tp_baseline.shapes"
 
 
@@ -86,18 +86,47 @@ def classifier_name(model: nn.Module) -> str:
     return head
 
 
+def attention_heads(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """The multi-head attention blocks of ``model`` (timm's ``Attention``: a fused ``qkv``
+    Linear and integer ``num_heads`` / ``head_dim``), keyed by their qkv layer."""
+    return {m.qkv: m for m in model.modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int)
+            and isinstance(getattr(m, "head_dim", None), int)}
+
+
+def _sync_attention(attn: dict[nn.Module, nn.Module], num_heads: dict) -> None:
+    """After pruning, an attention block's head count and head width follow its qkv layer (the
+    fused and the eager paths then scale logits alike, by the new head width)."""
+    for qkv, m in attn.items():
+        m.num_heads = num_heads[qkv]
+        m.head_dim = qkv.out_features // (3 * m.num_heads)
+        _set_head_dim(m, m.head_dim)
+
+
+def _set_head_dim(m: nn.Module, head_dim: int) -> None:
+    if hasattr(m, "attn_dim"):
+        m.attn_dim = m.num_heads * head_dim
+    if isinstance(getattr(m, "scale", None), float):
+        m.scale = head_dim ** -0.5
+
+
 def prune_once(model: nn.Module, input_size, ratio: float, *, importance: str = "l2",
                scope: str = "global", round_to: int | None = 8) -> nn.Module:
     """A pruned copy of ``model``: every prunable channel group cut by ``ratio`` (local scope) or
-    the least important groups of the whole model (global scope)."""
+    the least important groups of the whole model (global scope). In attention blocks the
+    width of every head is pruned alike (Torch-Pruning's ``num_heads``), and the token width
+    (embedding, class token, position embedding) with the rest of its group."""
     tp = _import_tp()
     m = copy.deepcopy(model).cpu().eval()
     imp = tp.importance.GroupMagnitudeImportance(p=2 if importance == "l2" else 1)
+    attn = attention_heads(m)
     pruner = tp.pruner.BasePruner(
         m, torch.randn(1, *input_size), importance=imp, pruning_ratio=ratio,
         global_pruning=scope == "global", ignored_layers=[m.get_submodule(classifier_name(m))],
-        round_to=round_to)
+        round_to=round_to, num_heads={qkv: a.num_heads for qkv, a in attn.items()})
     pruner.step()
+    _sync_attention(attn, pruner.num_heads)
     return m
 
 
@@ -155,10 +184,20 @@ def best_macs_close(macs: int, budget: float, rel: float = 0.002) -> bool:
 def _shapes(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
-        attrs = {a: getattr(m, a) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None), int)}
+        attrs = {a: _shape_value(getattr(m, a, None)) for a in SHAPE_ATTRS}
+        attrs = {a: v for a, v in attrs.items() if v is not None}
         if attrs:
             out[name] = attrs
     return out
+
+
+def _shape_value(v):
+    """An int, or a tuple of ints as a list (LayerNorm's normalized_shape); else None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
+        return list(v)
+    return None
 
 
 def save_pruned(model: nn.Module, arch: str, num_classes: int, in_chans: int, path) -> Path:
@@ -191,7 +230,9 @@ def load_pruned(path) -> nn.Module:
     for name, attrs in json.loads(meta[META_KEY]).items():
         mod = model.get_submodule(name)
         for a, v in attrs.items():
-            setattr(mod, a, v)
+            setattr(mod, a, tuple(v) if isinstance(v, list) else v)
+        if "head_dim" in attrs:
+            _set_head_dim(mod, attrs["head_dim"])
     for key, t in sd.items():
         mod_name, _, pname = key.rpartition(".")
         mod = model.get_submodule(mod_name)

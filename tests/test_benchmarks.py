@@ -259,3 +259,32 @@ def test_equal_latency_table_is_rendered(tmp_path):
             "--targets 0.5,0.3 --latency-batch 1,64 --eq-method rene --eq-decomp tucker2 "
             "--eq-rounds 3") in text
     assert f"- `r18__torch-pruning__0.5` (the Torch-Pruning row)\n  - `{tp_cmd}`" in text
+
+
+@pytest.mark.skipif(not HAVE_TP, reason="torch-pruning (the bench extra) is not installed")
+def test_torch_pruning_prunes_a_vit_head_by_head(tmp_path):
+    """A two-block ViT pruned to half its MACs: every head keeps the same width, the attention
+    blocks agree with their qkv layer, and the saved model reloads to the same outputs."""
+    from benchmarks.tp_baseline import attention_heads, load_pruned, prune_to_macs, save_pruned
+    from lrcompress.model.arch import build, parse_arch
+
+    arch = "timm:vit_tiny_patch16_224(img_size=28,patch_size=4,depth=2)"
+    torch.manual_seed(0)
+    model = build(parse_arch(arch), 10, 1).eval()
+    pruned, info = prune_to_macs(model, (1, 28, 28), 0.5)
+    assert 0.5 - TOL <= info["macs_ratio"] <= 0.5
+    blocks = list(attention_heads(pruned).values())
+    assert len(blocks) == 2
+    for a in blocks:
+        assert a.qkv.out_features == 3 * a.num_heads * a.head_dim
+        assert a.proj.in_features == a.num_heads * a.head_dim
+        assert a.scale == pytest.approx(a.head_dim ** -0.5, rel=1e-9)
+    assert any(a.head_dim < 64 for a in blocks)  # heads were narrowed, not left whole
+    x = torch.randn(3, 1, 28, 28)
+    save_pruned(pruned, arch, 10, 1, tmp_path / "vit.safetensors")
+    reloaded = load_pruned(tmp_path / "vit.safetensors")
+    with torch.no_grad():
+        assert torch.equal(pruned(x), reloaded(x))
+        for a in attention_heads(reloaded).values():
+            a.fused_attn = False  # the eager path uses a.scale; it must match the fused one
+        assert torch.allclose(pruned(x), reloaded(x), atol=1e-5)
