@@ -73,8 +73,9 @@ def test_custom_model_example_end_to_end(tmp_path):
 def test_compress_meets_the_target_and_reloads_identically(tmp_path):
     result = run(finetune=lrcompress.FinetuneConfig(max_steps=2), train=data(seed=2))
     assert independent_macs(result.model, (1, 16, 16)) <= 0.5 * independent_macs(net(), (1, 16, 16))
-    assert set(result.report["accuracy"]) == {"original", "decomposed", "bn_recalibrated",
-                                              "finetuned"}
+    applied = result.report["bn_recalibration"]["applied"]  # when it lowered the calib loss
+    assert set(result.report["accuracy"]) == {"original", "decomposed", "finetuned"} | (
+        {"bn_recalibrated"} if applied else set())
     path = lrcompress.save(result, tmp_path / "m.safetensors")
     x = torch.randn(4, 1, 16, 16)
     for how in (Net, lambda: Net(), Net()):

@@ -94,8 +94,18 @@ def _cfg(**kw):
                         data=DataConfig(batch_size=16, test_subset=32), **kw)
 
 
-def test_pipeline_ships_the_re_estimated_statistics(resnet_ckpt, tmp_path):
+def _calib_losses(monkeypatch, *values):
+    """The calibration losses bn_stage sees, in order (before, after re-estimation): the
+    decision is tested apart from what a random tiny model's loss happens to do."""
+    import lrcompress.commands.compress as stages
+
+    it = iter(values)
+    monkeypatch.setattr(stages, "calib_loss", lambda *a, **k: next(it))
+
+
+def test_pipeline_ships_the_re_estimated_statistics(resnet_ckpt, tmp_path, monkeypatch):
     orig = resnet_ckpt["model"]
+    _calib_losses(monkeypatch, 1.0, 0.5)
     res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "on", _cfg(bn_batches=3))
     bn = res.report["bn_recalibration"]
     assert bn["batches"] == 3 and bn["samples"] == 48 and bn["layers"] > 0 and bn["kept"] >= 1
@@ -115,3 +125,20 @@ def test_pipeline_ships_the_re_estimated_statistics(resnet_ckpt, tmp_path):
     assert "bn_recalibrated" not in off.report["accuracy"]
     kept = dict(load(tmp_path / "off").named_buffers())
     assert all(torch.equal(before[k], kept[k]) for k in before if k.endswith("running_var"))
+
+
+def test_re_estimation_that_raises_the_calibration_loss_is_not_applied(resnet_ckpt, tmp_path,
+                                                                       monkeypatch):
+    """When the re-estimated statistics make the calibration loss worse, the decomposed model's
+    statistics are restored exactly (the original's: decomposition leaves BatchNorm alone), the
+    report says so with both losses, and no "after re-estimation" accuracy is claimed."""
+    _calib_losses(monkeypatch, 0.5, 1.0)
+    res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "r", _cfg(bn_batches=3))
+    bn = res.report["bn_recalibration"]
+    assert bn["applied"] is False and (bn["calib_loss_before"], bn["calib_loss_after"]) == (0.5, 1)
+    assert "bn_recalibrated" not in res.report["accuracy"]
+    assert "statistics were kept instead" in (tmp_path / "r" / "report.md").read_text()
+    before = dict(resnet_ckpt["model"].named_buffers())
+    shipped = dict(load(tmp_path / "r").named_buffers())
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], shipped[k]) for k in stats)

@@ -19,6 +19,7 @@ import copy
 import logging
 import time
 
+import torch
 from torch import nn
 
 from lrcompress.batches import sample_count
@@ -62,7 +63,8 @@ from lrcompress.measure.metrics import Accuracy, evaluate, independent_macs, par
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.plan import Plan
 from lrcompress.model.weights import save_compressed
-from lrcompress.recover.bn import recalibrate_bn
+from lrcompress.rank.signals import calib_loss
+from lrcompress.recover.bn import batchnorms, recalibrate_bn
 from lrcompress.recover.finetune import distill
 from lrcompress.recover.lorita import lorita_train
 from lrcompress.report.schema import build_report
@@ -144,11 +146,26 @@ def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
     announced, e.g. on a model without BatchNorm such as a ViT)."""
     if not re_estimates_bn(job, student):
         return None
+    batches = calibration_batches(job)
+    with torch.no_grad():
+        before = calib_loss(student, batches, job.device)
+    saved = {n: copy.deepcopy(bn.state_dict()) for n, bn in batchnorms(student).items()}
     job.progress.stage("re-estimating BatchNorm statistics",
                        total=samples_of(job, job.cfg.bn_batches))
     rec = recalibrate_bn(student, [lp.name for lp in plan.layers], job.loaders.calib,
                          job.device, job.cfg.bn_batches, progress=job.progress.advance)
-    return None if rec is None else rec.to_dict()
+    if rec is None:
+        return None
+    with torch.no_grad():
+        after = calib_loss(student, batches, job.device)
+    applied = after <= before
+    if not applied:  # the fit already matches the original's statistics better
+        for n, bn in batchnorms(student).items():
+            bn.load_state_dict(saved[n])
+        job.progress.info(f"BatchNorm re-estimation raised the calibration loss ({before:.4f} "
+                          f"→ {after:.4f}): the decomposed model's statistics are kept.")
+    return {**rec.to_dict(), "applied": applied, "calib_loss_before": before,
+            "calib_loss_after": after}
 
 
 def finetune_stage(job: Job, student: nn.Module, plan: Plan) -> dict:
@@ -219,7 +236,7 @@ def _all_stages(job: Job) -> CompressResult:
                                "decomposed", "evaluating the decomposed model")
     t = time.perf_counter()
     bn_report = bn_stage(job, student, plan)
-    if bn_report is not None:
+    if bn_report is not None and bn_report["applied"]:
         acc["bn_recalibrated"] = evaluate_stage(job, student, "bn_recalibrated",
                                                 "evaluating after BatchNorm re-estimation")
     if bn_report is not None:

@@ -314,7 +314,11 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
         b.append(("p", f"bn_recalibrated: after decomposition the running statistics of the "
                        f"{bn['layers']} BatchNorm layers after the first factorized layer were "
                        f"re-measured on {bn['samples']} calibration samples ({bn['batches']} "
-                       f"batches; no gradient step); {bn['kept']} layers before it kept theirs."))
+                       f"batches; no gradient step); {bn['kept']} layers before it kept theirs."
+                       + ("" if bn.get("applied", True) else
+                          f" It raised the calibration loss ({bn['calib_loss_before']:.4f} → "
+                          f"{bn['calib_loss_after']:.4f}), so the decomposed model's statistics "
+                          "were kept instead.")))
     b.append(("h2", "Plots"))
     for name, png in _plots(report, others).items():
         b.append(("img", name, png))
