@@ -125,9 +125,11 @@ def test_synth_makes_the_api_data_free():
                  finetune=lrcompress.FinetuneConfig(max_steps=1))
     free = result.report["data_free"]
     assert free["method"] == "batchnorm statistics" and free["batchnorm_layers"] == 2
-    assert free["used_for"] == ["the rene rank search", "the activation fit",
-                                "BatchNorm re-estimation", "fine-tuning"]
-    assert result.report["bn_recalibration"]["samples"] == 16  # on the synthesised inputs
+    assert free["used_for"] == ["the rene rank search", "the activation fit", "fine-tuning"]
+    assert result.report["bn_recalibration"] is None  # not on synthetic inputs after this fit
+    weight = run(calib=None, method="uniform", fit="weight", synth=synth)
+    assert weight.report["data_free"]["used_for"] == ["BatchNorm re-estimation"]
+    assert weight.report["bn_recalibration"]["samples"] == 16  # on the synthesised inputs
     assert result.report["accuracy"]["finetuned"]["n"] == 64
     with pytest.raises(lrcompress.UserError, match="leave it out"):
         run(synth=synth)  # calib given as well

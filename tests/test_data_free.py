@@ -97,8 +97,8 @@ def test_headline_command_runs_without_data_and_output(headline):
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["model"]["input_size"] == [1, 32, 32]  # from the checkpoint's metadata
     assert rep["data_free"]["method"] == "batchnorm statistics"
-    assert rep["data_free"]["used_for"] == ["the rene rank search", "BatchNorm re-estimation"]
-    assert rep["bn_recalibration"]["samples"] == 16  # re-estimated on the synthesised inputs
+    assert rep["data_free"]["used_for"] == ["the rene rank search", "the sequential fit"]
+    assert rep["bn_recalibration"] is None  # not on synthesised inputs after an output fit
     assert rep["accuracy"] == {} and rep["data"]["test_samples"] is None
     assert rep["totals"]["macs_ratio"] <= 0.5 + 1e-9
     assert "not measured" in headline["out"]
@@ -147,7 +147,7 @@ def test_eval_data_gives_accuracy(tmp_path):
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["accuracy"]["original"]["n"] == 32 and "finetuned" in rep["accuracy"]
     assert rep["data"]["eval_spec"] == "synthetic:32"
-    assert rep["data_free"]["used_for"] == ["BatchNorm re-estimation", "fine-tuning"]
+    assert rep["data_free"]["used_for"] == ["the sequential fit", "fine-tuning"]
 
 
 def test_gate_refuses_accuracy_budgets_on_a_run_without_accuracy(headline):

@@ -244,16 +244,17 @@ DATA_METHODS = ("rene", "sensitivity", "bisect")
 
 def needs_data(cfg: CompressConfig, plan_given: bool = False,
                batchnorm: bool = False) -> list[str]:
-    """The stages of a job that read calibration or training inputs (``batchnorm``: the model
-    has BatchNorm layers to re-estimate)."""
+    """The stages of a data-free job that read the synthesised inputs (``batchnorm``: the model
+    has BatchNorm layers to re-estimate; see :func:`re_estimates_bn` for when it does)."""
     uses = []
+    fit = fit_of(cfg, has_calib=True)  # synthesised inputs are calibration inputs
     if cfg.method in DATA_METHODS and not plan_given:
         uses.append(f"the {cfg.method} rank search")
-    if cfg.fit in ("activation", "sequential"):
-        uses.append(f"the {cfg.fit} fit")
+    if fit != "weight":
+        uses.append(f"the {fit} fit")
     if cfg.lorita.enabled:
         uses.append("LoRITa pre-tuning")
-    if cfg.bn_batches and batchnorm:
+    if cfg.bn_batches and batchnorm and fit == "weight":
         uses.append("BatchNorm re-estimation")
     if cfg.finetune.enabled:
         uses.append("fine-tuning")
@@ -272,7 +273,11 @@ def calibration_batches(job: Job) -> list:
 
 def re_estimates_bn(job: Job, model: nn.Module) -> bool:
     """Whether the job re-estimates BatchNorm statistics: asked for, calibration inputs to do
-    it with, and BatchNorm layers in the model (a ViT has none: no stage, no timing)."""
+    it with, and BatchNorm layers in the model (a ViT has none: no stage, no timing). Not on
+    synthesised inputs after an output-aware fit: measured there it cost 0.3–0.65 points
+    (benchmarks/RESULTS_datafree.md); it still follows the weight fit (+6 points there)."""
+    if job.synth is not None and fit_of(job.cfg, has_calib=True) != "weight":
+        return False
     return bool(job.cfg.bn_batches) and job.loaders.calib is not None and bool(batchnorms(model))
 
 
