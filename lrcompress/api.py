@@ -81,8 +81,10 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     ``target_latency=R`` (or ``target_speedup=S``, R = 1/S): the compressed model's *measured*
     latency at most R × the original's on ``latency``'s engine (default ONNX Runtime CPU, one
     thread, batch 1); ``LatencyConfig(aware=True)`` with a MACs/params target drops candidates
-    that are slow for their cost and reports the measured speed-up. ``fit="activation"`` fits
-    the factors to the layers' outputs on ``calib`` instead of to the weights.
+    that are slow for their cost and reports the measured speed-up. ``fit="auto"`` (with
+    ``calib``: ``"sequential"``) fits each layer, in order, to the original's outputs from the
+    inputs the already-compressed layers produce; ``"activation"`` fits every layer on the
+    original's inputs; ``"weight"`` fits the weights.
 
     ``synth=SynthConfig()`` with no ``calib`` and no ``train``: data-free, the calibration and
     training inputs are synthesised from the model's BatchNorm statistics (in the example's
