@@ -3,6 +3,7 @@ same Σ-norm (the search compares the factors that will ship)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lrcompress.rank.rene as rene
@@ -99,3 +100,34 @@ def test_search_records_which_fit_its_candidates_had(resnet_ckpt):
     assert search_stats(ctx.model, ctx.problem, ctx.batches, off) is None
     assert search_stats(ctx.model, ctx.problem, ctx.batches, replace(cfg, fit="weight")) is None
     assert search_stats(ctx.model, ctx.problem, [], cfg) is None
+
+
+def test_error_curves_under_the_activation_fit_are_output_errors(resnet_ckpt):
+    """With statistics, a layer's error curve is the activation fit's relative output error
+    ‖(W − Ŵ)L‖/‖WL‖ (rtol 1e-9 against a direct computation), below the weight fit's output
+    error at every anchor rank; the cache keeps both kinds apart (a weight-fit call after it
+    gets the weight errors)."""
+    from lrcompress.rank.signals import batches_key, error_curves
+
+    ctx, _ = _ctx(resnet_ckpt)
+    cache = Cache(None)
+    key = batches_key(ctx.batches)
+    act = error_curves(ctx.model, ctx.problem, cache, stats=ctx.stats, stats_key=key)
+    plain = error_curves(ctx.model, ctx.problem, cache)
+    i, lo = next((i, lo) for i, lo in enumerate(ctx.problem.layers) if lo.spec.kernel == (3, 3))
+    j = next(j for j, o in enumerate(lo.options) if o.factorization == "tt")
+    tt, st = get_factorization("tt"), ctx.stats[lo.spec.name]
+    w = ctx.model.get_submodule(lo.spec.name).weight.detach().double()
+    white = whitener(st, 9).to(torch.float64, "cpu")
+
+    def out_err(rec):
+        return float(white.right((w - rec).reshape(w.shape[0], -1)).norm()
+                     / white.right(w.reshape(w.shape[0], -1)).norm())
+
+    rank = lo.options[j].rank
+    fitted = tt.reconstruct(tt.decompose(w, lo.spec, rank, stats=st), lo.spec)
+    weight_fit = tt.reconstruct(tt.decompose(w, lo.spec, rank), lo.spec)
+    assert act[i][j] == pytest.approx(out_err(fitted), rel=1e-9)
+    assert act[i][j] <= out_err(weight_fit) + 1e-12
+    assert plain[i][j] == pytest.approx(float((w - weight_fit).norm() / w.norm()), rel=1e-9)
+    assert act[i][j] != pytest.approx(plain[i][j])

@@ -128,10 +128,12 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
 
 def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
                  progress: Progress | None = None) -> dict | None:
-    """The input statistics rene fits its candidates with under the activation fit (one pass
-    over the calibration batches, every eligible layer), or None (weight-fitted candidates)."""
-    if (cfg.method != "rene" or not cfg.rene.fit_candidates or not batches
-            or fit_of(cfg, True) == "weight"):
+    """The input statistics the data-reading rank methods score their options with under an
+    output-aware fit (one pass over the calibration batches, every eligible layer): rene's
+    candidates, the sensitivity and bisect error curves and sensitivities. None: weight fits
+    (the weight fit, no batches, or rene with ``fit_candidates`` off)."""
+    if (cfg.method not in DATA_METHODS or not batches or fit_of(cfg, True) == "weight"
+            or (cfg.method == "rene" and not cfg.rene.fit_candidates)):
         return None
     want = {lo.spec.name: kinds_for(lo.spec, {o.factorization for o in lo.options})
             for lo in problem.layers}
@@ -139,7 +141,7 @@ def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
     if not want:
         return None
     if progress is not None:
-        progress.stage("input statistics for the activation-fitted candidates")
+        progress.stage("input statistics for the activation-fitted options")
     stats, _ = collect_layer_stats(model, batches, {lo.spec.name: lo.spec
                                                     for lo in problem.layers}, want)
     return stats

@@ -58,12 +58,19 @@ def spectrum_scores(layers: list[LayerSpectrum]) -> list[list[float]]:
 
 
 def _loss_model_scores(ctx, choice, batches) -> list[list[float]]:
-    from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
+    from lrcompress.rank.signals import (
+        batches_key,
+        error_curves,
+        loss_model_scores,
+        sensitivities,
+    )
 
     ref = [j if lo.options[j].factorization != DENSE else len(lo.options) - 2
            for lo, j in zip(ctx.problem.layers, choice)]
-    errs = error_curves(ctx.model, ctx.problem, ctx.cache)
-    sens = sensitivities(ctx.model, ctx.problem, ref, batches, ctx.device, ctx.cache)
+    errs = error_curves(ctx.model, ctx.problem, ctx.cache, stats=ctx.stats,
+                        stats_key=batches_key(ctx.batches))
+    sens = sensitivities(ctx.model, ctx.problem, ref, batches, ctx.device, ctx.cache,
+                         stats=ctx.stats)
     return [strictly_increasing(row) for row in loss_model_scores(errs, sens, ref)]
 
 

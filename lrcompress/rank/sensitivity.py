@@ -16,18 +16,18 @@ from __future__ import annotations
 
 from lrcompress.errors import UserError
 from lrcompress.rank.problem import allocate
-from lrcompress.rank.signals import error_curves, loss_model_scores, sensitivities
+from lrcompress.rank.signals import batches_key, error_curves, loss_model_scores, sensitivities
 
 KEYS = {"calib_batches"}
 
 
-def truncation_scores(ctx, errs, n_batches: int = 4, progress=None):
+def truncation_scores(ctx, errs, n_batches: int = 4, progress=None, stats: dict | None = None):
     """(scores, sensitivities): each layer's calibration-loss response when it alone is cut to
     its smallest useful rank, turned by the loss model into minus the predicted loss increase of
     every option (``scores[i][j]``). `rene` starts its logits from these scores."""
     ref = [0] * len(ctx.problem.layers)
     sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:n_batches], ctx.device,
-                         ctx.cache, progress=progress)
+                         ctx.cache, progress=progress, stats=stats)
     return loss_model_scores(errs, sens, ref), sens
 
 
@@ -40,8 +40,10 @@ def select(ctx) -> tuple:
     n = int(cfg.get("calib_batches", 4))
     problem = ctx.problem
     problem.check_feasible()
-    errs = error_curves(ctx.model, problem, ctx.cache)
-    scores, sens = truncation_scores(ctx, errs, n, progress=lambda _n: ctx.tick())
+    errs = error_curves(ctx.model, problem, ctx.cache, stats=ctx.stats,
+                        stats_key=batches_key(ctx.batches))
+    scores, sens = truncation_scores(ctx, errs, n, progress=lambda _n: ctx.tick(),
+                                     stats=ctx.stats)
     choice = allocate(problem, scores)
     trace = {"sensitivity": {lo.spec.name: s for lo, s in zip(problem.layers, sens)},
              "calib_batches": min(n, len(ctx.batches))}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompress.factorizations import get_factorization, relative_error
+from lrcompress.factorizations import get_factorization, relative_error, whitener
 from lrcompress.rank.problem import DENSE, RankProblem
 from lrcompress.util.io import write_json
 
@@ -82,14 +82,21 @@ def _interp(r: int, xs: torch.Tensor, ys: torch.Tensor) -> float:
 
 @torch.no_grad()
 def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=None,
-                 max_anchors: int = 24, **opts) -> list[list[float]]:
+                 max_anchors: int = 24, stats: dict | None = None, stats_key: str = "",
+                 **opts) -> list[list[float]]:
     """Relative errors of every option; at most ``max_anchors`` decompositions per layer and
     factorization, the ranks between them linearly interpolated (errors fall smoothly with
-    rank; CP at many ranks would otherwise dominate the run time)."""
+    rank; CP at many ranks would otherwise dominate the run time).
+
+    ``stats`` (``{layer: LayerStats}``, the activation fit's input statistics; ``stats_key`` a
+    digest of the batches they came from): where a layer has them, its options are the
+    activation fits and the error is the relative output error ‖(W − Ŵ)L‖/‖WL‖."""
     curves = []
     for lo in problem.layers:
         w = model.get_submodule(lo.spec.name).weight.detach()
-        wkey = weight_key(w)
+        st = (stats or {}).get(lo.spec.name)
+        white = None if st is None else whitener(st, _taps(lo.spec))
+        wkey = weight_key(w) + ("" if white is None else f"/act/{stats_key}")
         by_method = defaultdict(list)
         for j, o in enumerate(lo.options):
             if o.factorization != DENSE:
@@ -104,9 +111,12 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
             todo = [r for r in anchors if str(r) not in cached]
             if todo:
                 fact = get_factorization(method)
-                for r, fs in zip(todo, fact.decompose_many(w64, lo.spec, todo, **opts)):
+                fits = fact.decompose_many(w64, lo.spec, todo,
+                                           stats=st if white is not None else None, **opts)
+                for r, fs in zip(todo, fits):
                     rec = fact.reconstruct(fs, lo.spec)
-                    cached[str(r)] = relative_error(w64, rec)
+                    cached[str(r)] = (relative_error(w64, rec) if white is None
+                                      else _output_error(w64, rec, white))
                 cache.put(key, cached)
             xs = torch.tensor(anchors, dtype=torch.float64)
             ys = torch.tensor([cached[str(r)] for r in anchors], dtype=torch.float64)
@@ -116,6 +126,18 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
         if progress is not None:
             progress(lo.spec.name)
     return curves
+
+
+def _taps(spec) -> int:
+    return spec.kernel[0] * spec.kernel[1] if spec.kind == "conv2d" else 1
+
+
+def _output_error(w: torch.Tensor, rec: torch.Tensor, white) -> float:
+    """‖(W − Ŵ)L‖ / ‖WL‖ (the relative output error on the calibration inputs)."""
+    white = white.to(torch.float64, w.device)
+    num = white.right((w - rec).reshape(w.shape[0], -1)).norm()
+    den = white.right(w.reshape(w.shape[0], -1)).norm()
+    return float(num / den) if den > 0 else 0.0
 
 
 def calib_loss(model, batches, device) -> float:
@@ -128,8 +150,9 @@ def calib_loss(model, batches, device) -> float:
 
 @torch.no_grad()
 def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batches, device,
-                  cache: Cache, progress=None) -> list[float]:
-    """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6)."""
+                  cache: Cache, progress=None, stats: dict | None = None) -> list[float]:
+    """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6);
+    with ``stats``, the option is the layer's activation fit."""
     from lrcompress.model.surgery import swap_modules
 
     model.eval()
@@ -140,12 +163,14 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     for lo, j, wkey in zip(problem.layers, ref, wkeys):
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
-        key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{wkey}/{data}"
+        st = (stats or {}).get(lo.spec.name)
+        fit = "" if st is None else "/act"
+        key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{wkey}/{data}{fit}"
         val = cache.get(key)
         if val is None:
             ref_loss = base.value()  # of the unmodified model: before the swap
             chain = get_factorization(o.factorization).from_weight(mod.weight, mod.bias, lo.spec,
-                                                                   o.rank)
+                                                                   o.rank, stats=st)
             with swap_modules(model, {lo.spec.name: chain}):
                 val = calib_loss(model, batches, device) - ref_loss
             cache.put(key, val)
