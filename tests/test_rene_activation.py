@@ -15,6 +15,7 @@ from lrcompress.model.plan import Target
 from lrcompress.rank import SelectContext
 from lrcompress.rank.rene import CandidateFactors, ReneConfig
 from lrcompress.rank.signals import Cache
+from tests.test_factorizations import conv_spec
 
 
 def _spd(d: int, seed: int) -> torch.Tensor:
@@ -28,14 +29,14 @@ def test_whitener_applies_the_kronecker_factor_and_samples_its_covariance():
     """Channel moment only: ``m L`` equals ``m (L_c ⊗ I_k)`` (float64, 1e-12), and the samples'
     covariance is ``L Lᵀ`` within 5 % relative Frobenius error (40 000 samples)."""
     c, k = 5, 9
-    w = whitener(LayerStats(channel=_spd(c, 0), damping=1e-3), k)
+    w = whitener(LayerStats(channel=_spd(c, 0), damping=1e-3), conv_spec(7, c, 3))
     kron = torch.kron(w.chol.contiguous(), torch.eye(k, dtype=torch.float64))
     m = torch.randn(7, c * k, dtype=torch.float64)
     assert torch.allclose(w.right(m), m @ kron, atol=1e-12, rtol=0)
     z = w.sample(40_000, torch.Generator().manual_seed(1))
     cov, want = z.T @ z / z.shape[0], kron @ kron.T
     assert (cov - want).norm() / want.norm() < 0.05
-    full = whitener(LayerStats(patch=_spd(c * k, 2), damping=1e-3), k)
+    full = whitener(LayerStats(patch=_spd(c * k, 2), damping=1e-3), conv_spec(7, c, 3))
     assert full.taps == 1 and torch.allclose(full.chol @ full.chol.T,
                                              _spd(c * k, 2) + 1e-3 * _spd(c * k, 2).diagonal()
                                              .mean() * torch.eye(c * k, dtype=torch.float64))
@@ -118,7 +119,7 @@ def test_error_curves_under_the_activation_fit_are_output_errors(resnet_ckpt):
     j = next(j for j, o in enumerate(lo.options) if o.factorization == "tt")
     tt, st = get_factorization("tt"), ctx.stats[lo.spec.name]
     w = ctx.model.get_submodule(lo.spec.name).weight.detach().double()
-    white = whitener(st, 9).to(torch.float64, "cpu")
+    white = whitener(st, lo.spec).to(torch.float64, "cpu")
 
     def out_err(rec):
         return float(white.right((w - rec).reshape(w.shape[0], -1)).norm()

@@ -158,11 +158,13 @@ class Whitener:
         return torch.einsum("cd,ndk->nck", chol, g.reshape(n, -1, self.taps)).reshape(n, -1)
 
 
-def whitener(stats: LayerStats | None, taps: int) -> Whitener | None:
-    """The layer's :class:`Whitener` from its statistics (the patch moment when measured, else the
-    channel moment for ``taps`` > 1), or None when they cannot weight anything."""
+def whitener(stats: LayerStats | None, spec) -> Whitener | None:
+    """The :class:`Whitener` of the layer ``spec`` (a LayerSpec) from its statistics: the patch
+    moment when measured, else the channel moment of a k×k conv; None when they cannot weight
+    anything."""
     if stats is None:
         return None
+    taps = spec.kernel[0] * spec.kernel[1]  # (1, 1) for linear layers
     chol = None if stats.patch is None else damped_cholesky(stats.patch, stats.damping)
     if chol is not None:
         return Whitener(chol, 1)

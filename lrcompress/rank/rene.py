@@ -431,8 +431,7 @@ class CandidateFactors:
 
     def whitener(self, lo: LayerOptions) -> Whitener | None:
         """The Σ-norm the layer's candidates were fitted under (None: the weight fit's norm)."""
-        return whitener(self.stats.get(lo.spec.name), lo.spec.kernel[0] * lo.spec.kernel[1]
-                        if lo.spec.kind == "conv2d" else 1)
+        return whitener(self.stats.get(lo.spec.name), lo.spec)
 
     @staticmethod
     def _key(lo: LayerOptions, j: int) -> tuple[str, str, int]:

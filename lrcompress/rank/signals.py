@@ -95,7 +95,7 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
     for lo in problem.layers:
         w = model.get_submodule(lo.spec.name).weight.detach()
         st = (stats or {}).get(lo.spec.name)
-        white = None if st is None else whitener(st, _taps(lo.spec))
+        white = whitener(st, lo.spec)
         wkey = weight_key(w) + ("" if white is None else f"/act/{stats_key}")
         by_method = defaultdict(list)
         for j, o in enumerate(lo.options):
@@ -126,10 +126,6 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
         if progress is not None:
             progress(lo.spec.name)
     return curves
-
-
-def _taps(spec) -> int:
-    return spec.kernel[0] * spec.kernel[1] if spec.kind == "conv2d" else 1
 
 
 def _output_error(w: torch.Tensor, rec: torch.Tensor, white) -> float:
