@@ -23,6 +23,7 @@ from lrcompress.model.input_stats import (
     collect_paired_stats,
     fit_report,
     needs,
+    no_fit_note,
 )
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
@@ -84,7 +85,7 @@ def sequential_decompose(job: Job, source: nn.Module, plan: Plan, batches: list)
             if note:
                 skipped[lp.name] = note
         else:
-            skipped[lp.name] = f"{lp.factorization} of a k×k conv has no activation fit"
+            skipped[lp.name] = no_fit_note(lp.factorization)
         results += decompose_(student, replace(plan, layers=[lp]),
                               stats=None if stats is None else {lp.name: stats})
         job.progress.advance()

@@ -47,6 +47,16 @@ def needs(plan: Plan) -> dict[str, tuple[str, ...]]:
     return {n: k for n, k in out.items() if k}
 
 
+def no_fit_note(factorization: str) -> str:
+    """Why a planned layer keeps the weight fit: its method has no activation fit."""
+    return f"{factorization} of a k×k conv has no activation fit (weight fit)"
+
+
+def _over_budget(spec, kind: str, max_bytes: int) -> bool:
+    """Whether the ``kind`` second moment of ``spec``'s input (float64) exceeds ``max_bytes``."""
+    return _dim(spec, kind) ** 2 * 8 > max_bytes
+
+
 def _dim(spec, kind: str) -> int:
     if kind == "channel" or spec.kind == "linear":
         return spec.in_ch
@@ -87,8 +97,8 @@ def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int
     :class:`LayerStats` per planned layer that got any statistics, and per layer a reason for
     what was left out (over ``max_bytes``, or a method with no activation fit)."""
     want = needs(plan)
-    skipped = {lp.name: f"{lp.factorization} of a k×k conv has no activation fit (weight fit)"
-               for lp in plan.layers if lp.name not in want}
+    skipped = {lp.name: no_fit_note(lp.factorization) for lp in plan.layers
+               if lp.name not in want}
     stats, over = collect_layer_stats(model, batches, {lp.name: lp.spec for lp in plan.layers},
                                       want, max_bytes=max_bytes, damping=damping)
     return stats, {**skipped, **over}
@@ -107,8 +117,8 @@ def collect_layer_stats(model: nn.Module, batches, specs: dict, want: dict[str, 
     for name, kinds in want.items():
         keep = []
         for kind in kinds:
-            d = _dim(specs[name], kind)
-            if d * d * 8 > max_bytes:
+            if _over_budget(specs[name], kind, max_bytes):
+                d = _dim(specs[name], kind)
                 then = ("core fitted as if the taps were uncorrelated" if keep
                         else "weight fit")
                 skipped[name] = (f"{kind} second moment {d}×{d} is over the "
@@ -203,7 +213,7 @@ def collect_paired_stats(original: nn.Module, current: nn.Module, batches, name:
     patch moment fits ``max_bytes``, the cross moment ``E[p p̃ᵀ]`` with its input ``p`` in
     ``original`` on the same batch. Each forward stops at the layer. Returns ``(stats, note)``,
     ``note`` saying what was left out."""
-    keep = [k for k in kinds if _dim(spec, k) ** 2 * 8 <= max_bytes]
+    keep = [k for k in kinds if not _over_budget(spec, k, max_bytes)]
     note = None if keep == list(kinds) else (
         f"{', '.join(k for k in kinds if k not in keep)} second moment over the "
         f"{max_bytes / 2**20:.0f} MiB budget")
