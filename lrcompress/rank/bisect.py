@@ -67,10 +67,10 @@ def _loss_model_scores(ctx, choice, batches) -> list[list[float]]:
 
     ref = [j if lo.options[j].factorization != DENSE else len(lo.options) - 2
            for lo, j in zip(ctx.problem.layers, choice)]
-    errs = error_curves(ctx.model, ctx.problem, ctx.cache, stats=ctx.stats,
-                        stats_key=batches_key(ctx.batches))
+    key = batches_key(ctx.batches)  # the batches the statistics came from
+    errs = error_curves(ctx.model, ctx.problem, ctx.cache, stats=ctx.stats, stats_key=key)
     sens = sensitivities(ctx.model, ctx.problem, ref, batches, ctx.device, ctx.cache,
-                         stats=ctx.stats)
+                         stats=ctx.stats, stats_key=key)
     return [strictly_increasing(row) for row in loss_model_scores(errs, sens, ref)]
 
 

@@ -27,7 +27,8 @@ def truncation_scores(ctx, errs, n_batches: int = 4, progress=None, stats: dict 
     every option (``scores[i][j]``). `rene` starts its logits from these scores."""
     ref = [0] * len(ctx.problem.layers)
     sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:n_batches], ctx.device,
-                         ctx.cache, progress=progress, stats=stats)
+                         ctx.cache, progress=progress, stats=stats,
+                         stats_key=batches_key(ctx.batches))
     return loss_model_scores(errs, sens, ref), sens
 
 

@@ -146,9 +146,11 @@ def calib_loss(model, batches, device) -> float:
 
 @torch.no_grad()
 def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batches, device,
-                  cache: Cache, progress=None, stats: dict | None = None) -> list[float]:
+                  cache: Cache, progress=None, stats: dict | None = None,
+                  stats_key: str = "") -> list[float]:
     """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6);
-    with ``stats``, the option is the layer's activation fit."""
+    with ``stats`` (from the batches ``stats_key`` digests), the option is the layer's
+    activation fit."""
     from lrcompress.model.surgery import swap_modules
 
     model.eval()
@@ -160,7 +162,7 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
         st = (stats or {}).get(lo.spec.name)
-        fit = "" if st is None else "/act"
+        fit = "" if st is None else f"/act/{stats_key}"
         key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{wkey}/{data}{fit}"
         val = cache.get(key)
         if val is None:
