@@ -179,6 +179,10 @@ STAGES = (("load", ("load",)), ("rank search / pruning", ("rank_selection", "pru
           ("save + export", ("save", "export", "save_export")))
 
 
+def _times(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}×"
+
+
 def search_speed_lines(search: dict | None) -> list[str]:
     """The rank-selection time before/after table (``tool/search_speed.json``): rank selection
     as a multiple of one evaluation of the original on the test set, with the plan's top-1."""
@@ -193,7 +197,7 @@ def search_speed_lines(search: dict | None) -> list[str]:
         ratio = [None if e is None or v is None else v / e for v, e in zip(sel, ev)]
         out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {_f(sel[0], '.0f')} "
                    f"({_f(sel[1], '.0f')}) | {_f(ev[0], '.1f')} ({_f(ev[1], '.1f')}) | "
-                   f"{_f(ratio[0], '.0f')}× ({_f(ratio[1], '.0f')}×) | "
+                   f"{_f(ratio[0], '.0f')}× ({_times(ratio[1])}) | "
                    f"{_f(r.get('bn_top1'), '.2f')} | {r.get('alpha_iters', '–')} |")
     out += ["", "Commands:", ""] + [f"- {k}: `{c}`" for k, c in search["commands"].items()]
     return out

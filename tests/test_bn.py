@@ -142,3 +142,39 @@ def test_re_estimation_that_raises_the_calibration_loss_is_not_applied(resnet_ck
     shipped = dict(load(tmp_path / "r").named_buffers())
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(before[k], shipped[k]) for k in stats)
+
+
+def test_re_estimation_is_judged_on_batches_it_did_not_read(resnet_ckpt, tmp_path, monkeypatch):
+    """With more calibration batches than re-estimation reads, the before/after losses come from
+    the batches after them (none of theirs), and the report says so; with too few, from the
+    same batches, and the report says that instead."""
+    import itertools
+
+    import lrcompress.commands.compress as stages
+
+    judged, read = [], []
+    real_loss, real_rec = stages.calib_loss, stages.recalibrate_bn
+
+    def loss_spy(model, batches, device):
+        judged.append([x for x, _ in batches])
+        return real_loss(model, batches, device)
+
+    def rec_spy(model, changed, loader, device, max_batches, **kw):
+        read.extend(x for x, _ in itertools.islice(loader, max_batches))
+        return real_rec(model, changed, loader, device, max_batches, **kw)
+
+    monkeypatch.setattr(stages, "calib_loss", loss_spy)
+    monkeypatch.setattr(stages, "recalibrate_bn", rec_spy)
+    res = search(str(resnet_ckpt["pt"]), "synthetic:1024", tmp_path / "h", _cfg(bn_batches=2))
+    bn = res.report["bn_recalibration"]
+    assert bn["judged_on"] == "held-out calibration batches" and bn["judged_batches"] == 2
+    assert len(read) == 2 and len(judged[-1]) == 2
+    assert not any(torch.equal(a, b) for a in judged[-1] for b in read)
+    assert "held-out calibration batches" in (tmp_path / "h" / "report.md").read_text()
+
+    judged.clear()
+    read.clear()
+    res = search(str(resnet_ckpt["pt"]), "synthetic:64", tmp_path / "s", _cfg(bn_batches=16))
+    bn = res.report["bn_recalibration"]
+    assert bn["judged_on"] == "the re-estimation's batches"
+    assert any(torch.equal(a, b) for a in judged[-1] for b in read)

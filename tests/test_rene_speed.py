@@ -21,7 +21,7 @@ from lrcompress.rank.rene import CandidateFactors, ReneConfig, narrow
 from lrcompress.rank.signals import Cache
 from lrcompress.util.progress import Eta, TextProgress
 
-CFG = ReneConfig(iters=8, warmup=2)
+CFG = ReneConfig(iters=8, warmup=2, weight_steps=True)  # the weight-step paths
 
 
 def _ctx(resnet_ckpt, cfg: ReneConfig = CFG, decomp: str = "tt", n_batches: int = 2):
@@ -131,11 +131,12 @@ class FakeClock:
         return self.t
 
 
-def test_estimate_is_within_a_factor_of_two_of_the_run(resnet_ckpt, monkeypatch):
+@pytest.mark.parametrize("weight_steps", [True, False])
+def test_estimate_is_within_a_factor_of_two_of_the_run(resnet_ckpt, monkeypatch, weight_steps):
     clock = FakeClock()
     monkeypatch.setattr(rene, "clock", clock)
     try:
-        cfg = replace(CFG, iters=20, warmup=4)
+        cfg = replace(CFG, iters=20, warmup=4, weight_steps=weight_steps)
         ctx = _ctx(resnet_ckpt, cfg, n_batches=4)
         rows = rene.estimate(ctx)
         est = RunEstimate()
@@ -195,3 +196,72 @@ def test_weight_floor_leaves_improbable_candidates_out(resnet_ckpt):
         mx.zero_grad(set_to_none=True)
         mx.weight_loss(p, torch.Generator().manual_seed(0), floor).backward()
         assert [all(f.grad is not None for f in b) for b in mx.branches] == has_grad
+
+
+def test_without_weight_steps_the_candidates_keep_their_fitted_factors(resnet_ckpt):
+    """weight_steps=False: no weight step and no warm-up; every candidate's factors stay those
+    of its decomposition (bit for bit), the mixed layer's output is still the p-weighted mixture
+    of the candidates' outputs (tolerance 1e-5 relative), and the step runs only α iterations."""
+    cfg = replace(CFG, weight_steps=False)
+    ctx = _ctx(resnet_ckpt, cfg)
+    lo = max(ctx.problem.layers, key=lambda lo: len(lo.options))
+    cands = [j for j, o in enumerate(lo.options) if o.factorization == "tt"][:3]
+    fresh = CandidateFactors(ctx.model).get(lo, cands)
+    seen = {}
+    real_optimise = rene._optimise
+
+    def spy(ctx_, problem, mixed, cfg_, kind, teacher=None):
+        hist = real_optimise(ctx_, problem, mixed, cfg_, kind, teacher)
+        mx = mixed[lo.spec.name]
+        seen.setdefault("factors", {j: [t.detach().clone() for t in b]
+                                    for (j, _, _), b in zip(mx.cands, mx.branches)})
+        seen.setdefault("hist", hist)
+        return hist
+
+    rene._optimise = spy
+    try:
+        choice, trace = rene.softmax_search(ctx, cfg)
+    finally:
+        rene._optimise = real_optimise
+    assert seen["hist"]["alpha_iters"] == cfg.iters and seen["hist"]["recon"] == []
+    assert "warmup" not in seen["hist"]["seconds"]
+    for j, fs in seen["factors"].items():
+        if j in fresh and fresh[j]:
+            assert all(torch.equal(a, b) for a, b in zip(fs, fresh[j]))
+    assert len(choice) == len(ctx.problem.layers)
+
+    base = ctx.model.get_submodule(lo.spec.name)
+    mx = rene.MixedLayer(base, lo.spec, [(j, "tt", lo.options[j].rank) for j in cands],
+                         [fresh[j] for j in cands], batch=8, probes=4)
+    mx.frozen = True
+    with torch.no_grad():
+        mx.alpha.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(2, lo.spec.in_ch, *lo.spec.in_hw)
+    got = mx(x)
+    p = mx.probs().detach()
+    want = sum(pk * torch.nn.functional.conv2d(x, w, None, **mx.conv_args)
+               for pk, w in zip(p, mx.recon()))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.detach().abs().max()))
+
+
+def test_sequential_fit_estimate_costs_every_fitted_layer_from_one_probe(resnet_ckpt,
+                                                                         monkeypatch):
+    """The sequential fit's row: one unit per layer with an activation fit; with a clock that
+    advances 1 per reading (the probe's statistics and decomposition each take 1) and 0.5 s
+    per forward, each layer costs its forwards + its share of the probe's statistics (by
+    moment work) + its share of the probe's solve (by width³) — exactly (tolerance 1e-9)."""
+    import lrcompress.commands.decompose as dec
+    from lrcompress.model.input_stats import kinds_for, moment_cost
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(dec, "clock", lambda: float(next(ticks)))
+    ctx = _ctx(resnet_ckpt)
+    row = dec.sequential_fit_estimate(ctx.model, ctx.problem, ctx.batches, 0.5)
+    costs = [moment_cost(lo.spec, kinds_for(lo.spec, {o.factorization for o in lo.options}))
+             for lo in ctx.problem.layers]
+    costs = [c for c in costs if c[1]]
+    work0, width0 = max(costs, key=lambda c: c[1])
+    want = sum(len(ctx.batches) * 0.5 + w / work0 + (d / width0) ** 3 for w, d in costs)
+    assert row[:3] == ("decomposition: sequential fit", len(costs), "layers")
+    assert row[3] * row[1] == pytest.approx(want, rel=1e-9)
+    assert dec.sequential_fit_estimate(ctx.model, ctx.problem, [], 0.5) is None

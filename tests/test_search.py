@@ -260,10 +260,14 @@ def test_narrow_deep_stem_model_does_not_crash_the_search(tmp_path):
     arch = "timm:resnet18(channels=(8,8,8,8),stem_type='deep',stem_width=8)"
     cmd = [sys.executable, "-m", "lrcompress.cli", "search", arch, "--data", "synthetic:16",
            "--target-flops", "0.5", "--batch-size", "8", "--search-iters", "10",
-           "--search-warmup", "2", "-o", str(tmp_path / "run")]
+           "--search-warmup", "2", "--search-weight-steps", "-o", str(tmp_path / "run")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
+    # --search-weight-steps reaches the search: its weight steps ran (one loss per iteration)
+    search_trace = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
+    assert search_trace["config"]["weight_steps"] is True
+    assert len(search_trace["steps"][0]["recon"]) == len(search_trace["steps"][0]["ce"]) > 0
 
 
 @pytest.mark.parametrize("method", ["energy", "vbmf", "lsvt", "gsvt", "isvt", "bisect"])

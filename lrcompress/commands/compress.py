@@ -43,6 +43,7 @@ from lrcompress.commands.job import (
     Loaders,
     calibration_batches,
     fit_of,
+    held_out_batches,
     make_target,
     need_loader,
     needs_data,
@@ -146,7 +147,11 @@ def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
     announced, e.g. on a model without BatchNorm such as a ViT)."""
     if not re_estimates_bn(job, student):
         return None
-    batches = calibration_batches(job)
+    # Judged on calibration batches re-estimation does not read, when the split has them (on
+    # the batches it re-estimated from, the new statistics fit by construction).
+    batches = held_out_batches(job)
+    judged_on = "held-out calibration batches" if batches else "the re-estimation's batches"
+    batches = batches or calibration_batches(job)
     with torch.no_grad():
         before = calib_loss(student, batches, job.device)
     saved = {n: copy.deepcopy(bn.state_dict()) for n, bn in batchnorms(student).items()}
@@ -165,7 +170,7 @@ def bn_stage(job: Job, student: nn.Module, plan: Plan) -> dict | None:
         job.progress.info(f"BatchNorm re-estimation raised the calibration loss ({before:.4f} "
                           f"→ {after:.4f}): the decomposed model's statistics are kept.")
     return {**rec.to_dict(), "applied": applied, "calib_loss_before": before,
-            "calib_loss_after": after}
+            "calib_loss_after": after, "judged_on": judged_on, "judged_batches": len(batches)}
 
 
 def finetune_stage(job: Job, student: nn.Module, plan: Plan) -> dict:

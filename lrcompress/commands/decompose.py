@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import replace
 
 from torch import nn
@@ -17,17 +18,21 @@ from lrcompress.commands.job import (
     is_custom,
     skeleton_of,
 )
+from lrcompress.factorizations import get_factorization
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.input_stats import (
     collect_input_stats,
     collect_paired_stats,
     fit_report,
+    kinds_for,
+    moment_cost,
     needs,
     no_fit_note,
 )
 from lrcompress.model.plan import Plan
 from lrcompress.model.surgery import decompose_
 from lrcompress.model.weights import build_compressed, save_compressed
+from lrcompress.rank.problem import DENSE, RankProblem
 from lrcompress.util.io import write_json
 
 log = logging.getLogger(__name__)
@@ -90,3 +95,39 @@ def sequential_decompose(job: Job, source: nn.Module, plan: Plan, batches: list)
                               stats=None if stats is None else {lp.name: stats})
         job.progress.advance()
     return student.cpu(), results, skipped
+
+
+# The sequential fit's run-time probe's time source; tests swap it.
+clock = time.perf_counter
+
+
+def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: list,
+                            forward_s: float) -> tuple[str, int, str, float] | None:
+    """The sequential fit's estimate row (stage, units, unit, seconds per unit), from a
+    probe: the fit of the layer with the widest second moment (the largest solve), at its
+    largest useful rank, timed in two parts — its statistics and its decomposition. Every layer
+    is then costed as two forwards stopped at it (``forward_s`` per batch for the whole model,
+    half on average), its statistics scaled by their work and its decomposition by width³ from
+    the probe's (``input_stats.moment_cost``). None when no layer has an activation fit."""
+    cands = []
+    for i, lo in enumerate(problem.layers):
+        kinds = kinds_for(lo.spec, {o.factorization for o in lo.options})
+        work, width = moment_cost(lo.spec, kinds) if kinds else (0, 0)
+        if width:
+            cands.append((i, kinds, work, width))
+    if not cands or not batches:
+        return None
+    i, kinds, work0, width0 = max(cands, key=lambda c: c[3])
+    lo = problem.layers[i]
+    top = max((o for o in lo.options if o.factorization != DENSE), key=lambda o: o.rank)
+    mod = source.get_submodule(lo.spec.name)
+    t0 = clock()
+    stats, _ = collect_paired_stats(source, source, batches, lo.spec.name, lo.spec, kinds)
+    t1 = clock()
+    get_factorization(top.factorization).from_weight(mod.weight, mod.bias, lo.spec, top.rank,
+                                                     stats=stats)
+    t2 = clock()
+    n_fwd = len(batches) * forward_s  # two forwards per batch, each stopped at the layer
+    total = sum(n_fwd + (t1 - t0) * work / work0 + (t2 - t1) * (width / width0) ** 3
+                for _, _, work, width in cands)
+    return ("decomposition: sequential fit", len(cands), "layers", total / len(cands))

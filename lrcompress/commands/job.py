@@ -165,6 +165,8 @@ class Job:
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     data_free: dict | None = None  # what synthesize_stage made (the report's "data_free")
     estimate: dict | None = None  # the run-time estimate made before the search
+    # calibration_batches' result, read once: three stages use the same batches.
+    calib_memo: list | None = None
 
 
 @dataclass
@@ -262,12 +264,26 @@ def needs_data(cfg: CompressConfig, plan_given: bool = False,
 
 
 def calibration_batches(job: Job) -> list:
-    """The first ``calib_batches`` calibration batches, in their fixed order."""
+    """The first ``calib_batches`` calibration batches, in their fixed order (read once)."""
+    if job.calib_memo is None:
+        job.calib_memo = _take(job.loaders.calib, 0, job.cfg.calib_batches)
+    return job.calib_memo
+
+
+def held_out_batches(job: Job) -> list:
+    """``calib_batches`` calibration batches after the first ``bn_batches`` (those BatchNorm
+    re-estimation reads), to judge it on inputs it did not see; [] when the split has none."""
+    return _take(job.loaders.calib, job.cfg.bn_batches, job.cfg.calib_batches)
+
+
+def _take(loader, skip: int, n: int) -> list:
     batches = []
-    for x, y in job.loaders.calib or ():
-        batches.append((x, y))
-        if len(batches) >= job.cfg.calib_batches:
+    for k, (x, y) in enumerate(loader or ()):
+        if k < skip:
+            continue
+        if len(batches) >= n:
             break
+        batches.append((x, y))
     return batches
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lrcompress.commands.decompose import sequential_fit_estimate
 from lrcompress.commands.job import DATA_METHODS, CompressConfig, Job, fit_of, re_estimates_bn
 from lrcompress.commands.run_dir import RunDir
 from lrcompress.errors import UserError
@@ -57,13 +58,17 @@ def announce_estimate(job: Job, source: nn.Module, batches: list, rows) -> RunEs
     method's own ``rows``; a forward, and a forward + backward, of the original on a calibration
     batch; the original's measured evaluation). Kept as ``job.estimate`` for the report."""
     cfg, est = job.cfg, RunEstimate()
-    for row in rows:
-        est.add(*row)
-    if not rows:
-        est.unknown.append(f"rank selection ({cfg.method})")
     x = (batches[0][0] if batches else  # no data: a batch of zeros of the input's shape
          torch.zeros(job.loaders.batch_size or 1, *job.input_size)).to(job.device)
     fwd = forward_seconds(source, x)
+    sequential = (sequential_fit_estimate(source, job.problem, batches, fwd)
+                  if batches and fit_of(cfg, True) == "sequential" else None)
+    for row in rows:
+        est.add(*row)  # a "decomposition" row: the weight fits (the report's comparison)
+    if sequential is not None:
+        est.add(*sequential)
+    if not rows:
+        est.unknown.append(f"rank selection ({cfg.method})")
     t_eval = job.times.get("eval_original")
     if t_eval is not None:
         est.add("evaluation", 2 + cfg.finetune.enabled, "test passes", t_eval)

@@ -52,6 +52,16 @@ def no_fit_note(factorization: str) -> str:
     return f"{factorization} of a k×k conv has no activation fit (weight fit)"
 
 
+def moment_cost(spec, kinds: tuple[str, ...], max_bytes: int = MAX_BYTES) -> tuple[int, int]:
+    """``(work, width)`` of the second moments a fit of ``spec`` accumulates (those within
+    ``max_bytes``): ``work`` = Σ rows per sample × width² (the accumulation's multiply-adds per
+    sample), ``width`` the widest (its solve grows with width³). For run-time estimates."""
+    keep = [k for k in kinds if not _over_budget(spec, k, max_bytes)]
+    rows = {"patch": spec.out_positions, "channel": spec.in_positions}
+    work = sum(rows[k] * _dim(spec, k) ** 2 for k in keep)
+    return work, max((_dim(spec, k) for k in keep), default=0)
+
+
 def _over_budget(spec, kind: str, max_bytes: int) -> bool:
     """Whether the ``kind`` second moment of ``spec``'s input (float64) exceeds ``max_bytes``."""
     return _dim(spec, kind) ** 2 * 8 > max_bytes

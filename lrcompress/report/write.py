@@ -318,7 +318,9 @@ def build_blocks(report: dict, others=()) -> list[tuple]:
                        + ("" if bn.get("applied", True) else
                           f" It raised the calibration loss ({bn['calib_loss_before']:.4f} → "
                           f"{bn['calib_loss_after']:.4f}), so the decomposed model's statistics "
-                          "were kept instead.")))
+                          "were kept instead.")
+                       + (f" Judged on {bn['judged_batches']} {bn['judged_on']}."
+                          if "judged_on" in bn else "")))
     b.append(("h2", "Plots"))
     for name, png in _plots(report, others).items():
         b.append(("img", name, png))
