@@ -148,6 +148,9 @@ def test_eval_data_gives_accuracy(tmp_path):
     assert rep["accuracy"]["original"]["n"] == 32 and "finetuned" in rep["accuracy"]
     assert rep["data"]["eval_spec"] == "synthetic:32"
     assert rep["data_free"]["used_for"] == ["the sequential fit", "fine-tuning"]
+    # fine-tuning on synthesised inputs after the sequential fit: the measured warning
+    assert "fine-tuning on synthesised inputs after an output-aware fit" in out
+    assert "leave --max-steps/--finetune-epochs off" in " ".join(out.split())
 
 
 def test_gate_refuses_accuracy_budgets_on_a_run_without_accuracy(headline):

@@ -21,8 +21,7 @@ echo "== 2. inspect =="
 lrcompress inspect "$CKPT" --arch timm:resnet18 --input-size 1,28,28
 echo "== 3. search: tt, 30 % of the MACs, rene ranks, distillation fine-tuning =="
 lrcompress search "$CKPT" --arch timm:resnet18 --input-size 1,28,28 --decomp tt \
-  --target-flops 0.3 --data "$DATA" -o "$RUN" --overwrite \
-  --search-iters 40 --search-warmup 10 --max-steps 400
+  --target-flops 0.3 --data "$DATA" -o "$RUN" --overwrite --max-steps 400
 echo "== 4. export: ONNX, checked in ONNX Runtime, latency before/after =="
 lrcompress export "$RUN" --format onnx,safetensors
 echo "== 5. gate =="

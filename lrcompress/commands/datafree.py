@@ -17,7 +17,7 @@ from lrcompress.calib.synthesize import (
     save_synthetic,
     synthesize,
 )
-from lrcompress.commands.job import Job, needs_data
+from lrcompress.commands.job import Job, fit_of, needs_data
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,14 @@ NO_BATCHNORM = ("{arch} has no BatchNorm layer, so there are no statistics to sy
                 "calibration inputs from: using inputs drawn at the model's input mean/std "
                 "instead. A few hundred unlabelled real images (--data imagefolder:DIR, a flat "
                 "folder is fine) do much better.")
+
+
+SYNTHETIC_FINETUNE = (
+    "Note: fine-tuning on synthesised inputs after an output-aware fit was measured to lose "
+    "accuracy (resnet18 / Fashion-MNIST, sequential fit, 100 steps on 256 synthesised inputs: "
+    "-0.3 points at 30 % and 50 % MACs; benchmarks/RESULTS_datafree.md). Without real data, "
+    "leave --max-steps/--finetune-epochs off, or give a few hundred unlabelled real images "
+    "(--data imagefolder:DIR).")
 
 
 def synthesize_stage(job: Job) -> dict:
@@ -45,6 +53,8 @@ def synthesize_stage(job: Job) -> dict:
             save_synthetic(syn, job.run.state(SYNTHETIC_FILE))
     calib, train = _synthetic_loaders(job, syn.inputs)
     job.loaders = replace(job.loaders, calib=calib, train=train, batch_size=calib.batch_size)
+    if job.cfg.finetune.enabled and fit_of(job.cfg, has_calib=True) != "weight":
+        job.progress.info(SYNTHETIC_FINETUNE)
     return {**syn.summary, "used_for": uses}
 
 

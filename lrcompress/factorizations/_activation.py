@@ -193,3 +193,20 @@ def corrected_weight(w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     if int(info) != 0:
         return w
     return torch.cholesky_solve(rhs.T, chol).T.reshape(w.shape).to(w.dtype)
+
+
+def refit_output_factor(w: torch.Tensor, m: torch.Tensor, stats: LayerStats,
+                        ridge: float = 1e-10) -> torch.Tensor | None:
+    """``A`` minimising ``‖(W − A M) L‖_F`` (Σ = L Lᵀ the damped patch second moment): the
+    output factor of a chain whose other factors map a patch to ``M p`` (``r × C_in·kh·kw``),
+    refitted by least squares on the inputs, ``A = W Σ Mᵀ (M Σ Mᵀ)⁻¹``. Any ``A`` is feasible,
+    the weight fit's too, so the output error never grows. None without the patch moment."""
+    chol = None if stats.patch is None else damped_cholesky(stats.patch.to(w.device),
+                                                            stats.damping)
+    if chol is None:
+        return None
+    wl, ml = w.reshape(w.shape[0], -1) @ chol, m @ chol
+    gram = ml @ ml.T
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-300) * eye
+    return torch.linalg.solve(gram, ml @ wl.T).T

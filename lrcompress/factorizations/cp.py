@@ -43,6 +43,7 @@ import math
 
 import torch
 
+from lrcompress.factorizations._activation import refit_output_factor
 from lrcompress.factorizations._base import (
     DecompositionError,
     Factorization,
@@ -185,6 +186,25 @@ class _CP(Factorization):
                     f"also from {len(RETRIES)} other initialisations. Keep the layer dense with "
                     f"--exclude '{spec.name}', or use another --decomp (tt, tucker2).")
             out.append(chain)
+        return out
+
+    def _conv_activation_many(self, w, spec, ranks, opts, stats):
+        """The weight fit's chain with its output factor (the last 1×1 conv) refitted by least
+        squares under the input's patch second moment (``refit_output_factor``): the other
+        factors stay the CP-ALS ones, so this is the Σ-weighted refit of one factor, not ALS
+        in the Σ-norm. None (the weight fit) without the patch moment."""
+        if stats.patch is None:
+            return None
+        out = []
+        for chain in self._conv_decompose_many(w, spec, ranks, opts):
+            last = chain[-1]
+            r = last.shape[1]
+            eye = torch.eye(r, dtype=last.dtype, device=last.device).reshape(r, r, 1, 1)
+            m = self._conv_reconstruct([*chain[:-1], eye], spec).reshape(r, -1)
+            a = refit_output_factor(w, m, stats)
+            if a is None:
+                return None
+            out.append([*chain[:-1], a.reshape(*last.shape)])
         return out
 
     def _problem(self, w, chain, spec) -> str:

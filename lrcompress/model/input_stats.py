@@ -29,6 +29,7 @@ from lrcompress.model.plan import Plan
 
 MAX_BYTES = 64 << 20
 CHAIN_METHODS = ("tucker2", "tt")
+CP_METHODS = ("cp", "cp4")  # the output factor refitted under the patch moment
 
 
 def kinds_for(spec, methods) -> tuple[str, ...]:
@@ -38,7 +39,9 @@ def kinds_for(spec, methods) -> tuple[str, ...]:
     if is_matrix(spec) or "svd" in methods:
         chain = bool(methods & set(CHAIN_METHODS)) and not is_matrix(spec)
         return ("channel", "patch") if chain else ("patch",)
-    return ("channel", "patch") if methods & set(CHAIN_METHODS) else ()
+    if methods & set(CHAIN_METHODS):
+        return ("channel", "patch")
+    return ("patch",) if methods & set(CP_METHODS) else ()
 
 
 def needs(plan: Plan) -> dict[str, tuple[str, ...]]:
