@@ -398,8 +398,9 @@ def _latency(run, report, plan, compressed, input_size, cfg: ExportConfig, onnx_
         orig = export_onnx(original, input_size, opset=cfg.opset,
                            dynamic_batch=True).SerializeToString()
         onnx_models = {"original": orig, "compressed": comp}
-    n_runs = (len(lat.threads) * len(lat.batches) if lat.onnxruntime else 0) + (
-        len(lat.batches) if lat.torch else 0)
+    per_engine = len(lat.threads) * len(lat.batches) + (  # CPU rows, then the CUDA ones
+        len(lat.batches) if torch.cuda.is_available() else 0)
+    n_runs = per_engine * (bool(lat.onnxruntime) + bool(lat.torch))
     n_layers = len(plan.layers) if lat.per_layer else 0
     progress.stage("measuring latency", total=n_runs + n_layers)
     tot = report["totals"]
