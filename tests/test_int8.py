@@ -154,6 +154,33 @@ def test_int8_latency_rows_and_reports(exported):
     assert rep["export"]["int8"]["sha256"] == res.section["int8"]["sha256"]
     md = (run / "report.md").read_text()
     assert "## INT8" in md and "| compressed INT8 |" in md
+    assert lat["tradeoff"].startswith("Against quantizing the original alone")
+    assert lat["tradeoff"] in " ".join(md.split())
+
+
+def _row(gain, threads=1, batch=64):
+    return {"lowrank_over_int8": gain, "threads": threads, "batch": batch}
+
+
+@pytest.mark.parametrize("gains, top1, advise", [
+    ([3.3, 3.7], {"original_int8": 89.0, "compressed_int8": 88.8}, False),  # resnet18-like
+    ([1.02, 1.30], {"original_int8": 82.8, "compressed_int8": 78.0}, True),  # mobilenetv2-like
+    ([1.05, 1.08], {"original_int8": 82.8, "compressed_int8": 82.8}, True),  # adds nothing
+    ([1.30], {"original_int8": 82.8, "compressed_int8": 82.5}, False),  # cheap gain: keep
+    ([1.30], {}, False),  # no accuracy to weigh: the numbers only
+])
+def test_int8_tradeoff_advises_quantize_only_where_low_rank_adds_little(gains, top1, advise):
+    """The verdict states the measured range and the top-1 difference, and advises quantizing
+    the original alone below 1.10× or below 1.5× when more than 0.5 points are lost."""
+    from lrcompress.deploy.int8 import int8_tradeoff
+
+    text = int8_tradeoff([_row(g) for g in gains], {"top1": top1})
+    assert f"{min(gains):.2f}–{max(gains):.2f}×" in text
+    assert ("quantizing the original alone is likely the better trade" in text) == advise
+    if top1:
+        diff = top1["compressed_int8"] - top1["original_int8"]
+        assert f"({diff:+.2f} points)" in text
+    assert int8_tradeoff([], {"top1": top1}) is None
 
 
 def test_gate_int8_reads_the_int8_rows(exported):

@@ -33,7 +33,13 @@ from torch import nn
 from lrcompress.commands.export_int8 import INT8_FILE, int8_stage
 from lrcompress.commands.run_dir import RunDir, read_manifest, verify_files
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
-from lrcompress.deploy.int8 import Int8Config, cpu_features, int8_latency_rows, slower_warnings
+from lrcompress.deploy.int8 import (
+    Int8Config,
+    cpu_features,
+    int8_latency_rows,
+    int8_tradeoff,
+    slower_warnings,
+)
 from lrcompress.deploy.onnx import (
     DEFAULT_OPSET,
     EXPORTER,
@@ -245,7 +251,8 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             section["latency"] = _latency(run, report, plan, compressed, input_size, cfg,
                                           onnx_bytes, progress, timing)
             if timing:
-                section["int8"]["latency"] = _int8_latency(section["latency"])
+                section["int8"]["latency"] = _int8_latency(section["latency"],
+                                                           section["int8"]["accuracy"])
         section["seconds"] = round(time.perf_counter() - t0, 3)
         # An export of some formats only keeps what an earlier one measured of the others
         # (the model in RUN/ never changes, so those figures still hold).
@@ -374,13 +381,14 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
             "macs": plan.macs, "params": plan.params}
 
 
-def _int8_latency(lat: dict) -> dict:
+def _int8_latency(lat: dict, accuracy: dict) -> dict:
     rows = int8_latency_rows(lat["runs"])
     cpu = cpu_features()
     warnings = slower_warnings(rows, cpu, lat["config"]["slower_margin"])
     for w in warnings:
         log.warning("%s", w)
-    return {"runs": rows, "cpu": cpu, "warnings": warnings}
+    return {"runs": rows, "cpu": cpu, "warnings": warnings,
+            "tradeoff": int8_tradeoff(rows, accuracy)}
 
 
 def _latency(run, report, plan, compressed, input_size, cfg: ExportConfig, onnx_bytes,

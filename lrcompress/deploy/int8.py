@@ -417,6 +417,42 @@ def int8_latency_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
+# When low-rank + INT8 is "not worth it" over quantizing the original alone: less than this
+# speed-up over the original's INT8 graph in every configuration timed (about the spread of
+# these measurements), or less than TRADE_SPEEDUP while losing more than TRADE_POINTS of top-1
+# (mobilenetv2 tt @0.5, 2026-12-03: 1.16–1.19× at 1 thread for 0.88 points).
+# benchmarks/RESULTS_int8.md: mobilenetv2 gained 1.02–1.30× for 1.5–4.8 points (quantize only),
+# resnet18 3.3–3.7× for 0.1–0.3 (low-rank + INT8).
+NEGLIGIBLE_SPEEDUP = 1.10
+TRADE_SPEEDUP, TRADE_POINTS = 1.5, 0.5
+
+
+def int8_tradeoff(rows: list[dict], accuracy: dict) -> str | None:
+    """One sentence on low-rank + INT8 against quantizing the original alone: the speed-up over
+    the original's INT8 graph (range over the configurations timed) and the top-1 difference,
+    and, where low-rank adds little or costs more than it gives, the advice to quantize only.
+    None when there is nothing to compare (no rows)."""
+    if not rows:
+        return None
+    gains = [r["lowrank_over_int8"] for r in rows]
+    lo, hi = min(gains), max(gains)
+    where = "; ".join(f"{g:.2f}× at {r['threads'] or 'all'} thread(s), batch {r['batch']}"
+                      for g, r in zip(gains, rows))
+    t = accuracy.get("top1") or {}
+    a, b = t.get("original_int8"), t.get("compressed_int8")
+    loss = None if a is None or b is None else a - b
+    acc = ("top-1 not compared (no labels, or no original to measure)" if loss is None else
+           f"top-1 {b:.2f} % vs {a:.2f} % ({b - a:+.2f} points)")
+    text = (f"Against quantizing the original alone, low-rank + INT8 runs {lo:.2f}–{hi:.2f}× "
+            f"faster ({where}); {acc}.")
+    if hi < NEGLIGIBLE_SPEEDUP or (loss is not None and hi < TRADE_SPEEDUP
+                                   and loss > TRADE_POINTS):
+        text += (" Low-rank adds little on top of INT8 for this model: quantizing the original "
+                 "alone is likely the better trade (its INT8 graph was timed and checked here "
+                 "with the same settings).")
+    return text
+
+
 def slower_warnings(rows: list[dict], cpu: dict, margin: float = 0.05) -> list[str]:
     """A warning for each configuration where an INT8 graph runs slower than its FP32 one (by
     more than ``margin``, the timing noise allowed), then one on this CPU's instruction sets."""
@@ -466,5 +502,6 @@ def check_drop(drop: float | None, cfg: Int8Config, advice: str, what: str) -> N
 
 __all__ = ["CALIBRATIONS", "Int8AccuracyError", "Int8Config", "MODEL_NAMES", "agreement",
            "balance_chain", "balance_chains", "chain_spread", "check_drop", "check_graph",
-           "cpu_features", "drop_advice", "int8_latency_rows", "noisiest_layers", "nodes_for",
-           "predict", "quantize", "slower_warnings", "top1", "unquantized", "weighted_nodes"]
+           "cpu_features", "drop_advice", "int8_latency_rows", "int8_tradeoff", "noisiest_layers",
+           "nodes_for", "predict", "quantize", "slower_warnings", "top1", "unquantized",
+           "weighted_nodes"]

@@ -211,6 +211,9 @@ def render_export(res) -> None:
             con.print(f"INT8 latency {r['device']} {r['threads']} thread(s) batch {r['batch']}: "
                       + ", ".join(f"{k} {v:.3f} ms ({r['speedup'][k]:.2f}x)"
                                   for k, v in r["median_ms"].items()), highlight=False)
+        tradeoff = (sec["int8"].get("latency") or {}).get("tradeoff")
+        if tradeoff:
+            con.print(tradeoff, highlight=False)
     con.print(f"Updated {res.run_dir}/report.json, report.md, report.html.")
 
 

@@ -514,6 +514,8 @@ def _int8_blocks(q: dict) -> list[tuple]:
                       for k, _ in INT8_MODELS),
                     f"{r['int8_over_fp32']:.2f}×", f"{r['lowrank_over_int8']:.2f}×"]
                    for r in lat["runs"]]))
+        if lat.get("tradeoff"):
+            b.append(("p", lat["tradeoff"]))
         if lat.get("warnings"):
             b.append(("ul", [f"Warning: {w}" for w in lat["warnings"]]))
     return b
