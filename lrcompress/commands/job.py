@@ -277,13 +277,16 @@ def held_out_batches(job: Job) -> list:
 
 
 def _take(loader, skip: int, n: int) -> list:
+    """Batches ``skip`` … ``skip + n − 1`` of ``loader`` (no batch after them is read)."""
     batches = []
+    if n <= 0:
+        return batches
     for k, (x, y) in enumerate(loader or ()):
         if k < skip:
             continue
+        batches.append((x, y))
         if len(batches) >= n:
             break
-        batches.append((x, y))
     return batches
 
 
