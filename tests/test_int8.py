@@ -249,3 +249,47 @@ def test_a_data_free_run_calibrates_on_its_synthetic_batch(ckpt, tmp_path):
     with pytest.raises(UserError, match="--data SPEC"):
         export_run(run, ExportConfig(formats=("onnx-int8",), latency=None))
     assert _snapshot(run) == before
+
+
+# ------------------------------------------------------------- what export --int8 records
+
+
+def test_int8_file_is_recorded_where_it_is_written(exported, tmp_path):
+    """In RUN/: model.int8.onnx is in the manifest and report.json's checksums (so --overwrite
+    may remove it and a changed copy is caught); with -o DIR: lrcompress-export.json records the
+    sha256 of both graphs as written (it crashed with KeyError before, exit 3)."""
+    import hashlib
+
+    from lrcompress.commands.run_dir import read_manifest
+
+    run, _ = exported
+    sha = hashlib.sha256((run / "model.int8.onnx").read_bytes()).hexdigest()
+    assert "model.int8.onnx" in read_manifest(run)
+    assert json.loads((run / "report.json").read_text())["files"]["model.int8.onnx"] == sha
+
+    out = tmp_path / "deploy"
+    code, text = invoke("export", run, "--int8", "--no-latency", "--format", "onnx", "-o", out)
+    assert code == 0, text
+    rec = json.loads((out / "lrcompress-export.json").read_text())["files"]
+    assert set(rec) == {"model.onnx", "model.int8.onnx"}
+    assert all(rec[n] == hashlib.sha256((out / n).read_bytes()).hexdigest() for n in rec)
+    # a second export there replaces them only with --overwrite (they are recorded as ours)
+    code, text = invoke("export", run, "--int8", "--no-latency", "--format", "onnx", "-o", out)
+    assert code == 2 and "--overwrite" in text
+    code, text = invoke("export", run, "--int8", "--no-latency", "--format", "onnx", "-o", out,
+                        "--overwrite")
+    assert code == 0, text
+
+
+def test_a_foreign_int8_file_is_never_replaced(exported, tmp_path):
+    """A model.int8.onnx that lrcompress did not write (not in -o's record) is refused with
+    exit 2, and nothing is written."""
+    run, _ = exported
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "model.int8.onnx").write_bytes(b"the user's own file")
+    code, text = invoke("export", run, "--int8", "--no-latency", "--format", "onnx", "-o", out,
+                        "--overwrite")
+    assert code == 2 and "model.int8.onnx" in text and "not written by" in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx"]
+    assert (out / "model.int8.onnx").read_bytes() == b"the user's own file"

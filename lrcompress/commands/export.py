@@ -188,9 +188,10 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
     out = Path(cfg.output) if cfg.output else run
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder.")
-    names = [n for f, n in (("onnx", ONNX_FILE), ("safetensors", MODEL_FILE))
-             if f in cfg.formats and (n == ONNX_FILE or not _same_folder(out, run))]
-    _check_destinations(run, out, names, cfg.overwrite)
+    names = [n for f, n in (("onnx", ONNX_FILE), ("onnx-int8", INT8_FILE),
+                            ("safetensors", MODEL_FILE))
+             if f in cfg.formats and (n != MODEL_FILE or not _same_folder(out, run))]
+    _check_destinations(run, out, names, cfg.overwrite, report)
     lm = load_model(str(st_path))
     compressed, plan = lm.model.eval(), Plan.from_dict(lm.plan)
     input_size = tuple(report["model"]["input_size"])
@@ -198,6 +199,7 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
     x, source = parity_inputs(report, compressed, cfg.parity_samples, cfg.data)
     section: dict = {"formats": list(cfg.formats), "output": _rel(out, run)}
     files: list[Path] = []
+    written: dict[str, str] = {}  # file name -> sha256 of what this export wrote
     onnx_bytes = None
     with contextlib.ExitStack() as stage:  # every file renamed into place only on success
         if "onnx" in cfg.formats:
@@ -212,6 +214,7 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             tmp = stage.enter_context(atomic_path(dest))
             tmp.write_bytes(onnx_bytes)
             files.append(dest)
+            written[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
             section["onnx"] = {
                 "path": _rel(dest, run), "bytes": len(onnx_bytes),
                 "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "exporter": EXPORTER,
@@ -233,6 +236,7 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             dest = out / INT8_FILE
             stage.enter_context(atomic_path(dest)).write_bytes(q.compressed)
             files.append(dest)
+            written[INT8_FILE] = q.section["sha256"]
             section["int8"] = {**q.section, "path": _rel(dest, run)}
             timing = q.timing
         if "safetensors" in cfg.formats:
@@ -262,15 +266,15 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
         for name, data in rendered.items():
             tmp = stage.enter_context(atomic_path(run / name))
             tmp.write_bytes(data)
-        report["files"] = _files_after_export(report, rendered, onnx_bytes, out, run)
-        if not _same_folder(out, run):
-            _stage_export_manifest(stage, out, run, {
-                p.name: section["onnx" if p.name == ONNX_FILE else "safetensors"]["sha256"]
-                for p in files})
+        if "safetensors" in section and not _same_folder(out, run):
+            written[MODEL_FILE] = section["safetensors"]["sha256"]
+        same = _same_folder(out, run)
+        report["files"] = _files_after_export(report, rendered, written if same else {})
+        if not same:
+            _stage_export_manifest(stage, out, run, written)
         text = json.dumps(report, indent=1, default=json_default) + "\n"
         stage.enter_context(atomic_path(run / REPORT_FILE)).write_text(text, encoding="utf-8")
-        RunDir(run).record(*rendered, *([ONNX_FILE] if onnx_bytes and _same_folder(out, run)
-                                        else []))
+        RunDir(run).record(*rendered, *(written if same else []))
     remove_stale_plots(run, rendered)
     progress.end()
     return ExportResult(run, files, section, report)
@@ -280,14 +284,21 @@ def _same_folder(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _check_destinations(run: Path, out: Path, names: list[str], overwrite: bool) -> None:
-    """Export replaces only files lrcompress wrote: in RUN/ those its manifest lists; in another
-    folder, with --overwrite, those an earlier export recorded there and nobody changed since.
-    Never the run's own model, and never into another run's folder."""
+def _check_destinations(run: Path, out: Path, names: list[str], overwrite: bool,
+                        report: dict) -> None:
+    """Export replaces only files lrcompress wrote: in RUN/ those its manifest lists (or, for a
+    model.int8.onnx from before it was listed, the one report.json records by sha256); in
+    another folder, with --overwrite, those an earlier export recorded there and nobody changed
+    since. Never the run's own model, and never into another run's folder."""
     if not _same_folder(out, run) and out.is_dir() and read_manifest(out) is not None:
         raise UserError(f"-o {out} is another lrcompress run: exporting into it would mix two "
                         "runs' files. Choose another -o (e.g. a new deploy/ folder).")
     ours = (read_manifest(run) or set()) if _same_folder(out, run) else _export_record(out)
+    old_int8 = run / INT8_FILE
+    if (_same_folder(out, run) and old_int8.is_file()
+            and ((report.get("export") or {}).get("int8") or {}).get("sha256")
+            == file_sha256(old_int8)):
+        ours = {*ours, INT8_FILE}
     for name in names:
         dest = out / name
         if not (dest.exists() or dest.is_symlink()):
@@ -332,15 +343,14 @@ def _stage_export_manifest(stage: contextlib.ExitStack, out: Path, run: Path,
     stage.enter_context(atomic_path(out / EXPORT_MANIFEST)).write_text(text, encoding="utf-8")
 
 
-def _files_after_export(report: dict, rendered: dict, onnx_bytes, out: Path, run: Path) -> dict:
+def _files_after_export(report: dict, rendered: dict, in_run: dict[str, str]) -> dict:
     """report.json's ``files`` after export rewrote the reports (plots it no longer draws
-    removed) and, in RUN/, wrote model.onnx; the model's own checksum stays what search
-    recorded."""
+    removed) and wrote ``in_run`` (name -> sha256: model.onnx, model.int8.onnx) into RUN/; the
+    model's own checksum stays what search recorded."""
     files = {k: v for k, v in (report.get("files") or {}).items()
              if not k.startswith(f"{PLOT_DIR}/")}
     files.update({k: hashlib.sha256(v).hexdigest() for k, v in rendered.items()})
-    if onnx_bytes is not None and _same_folder(out, run):
-        files[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
+    files.update(in_run)
     return dict(sorted(files.items()))
 
 
