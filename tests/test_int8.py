@@ -293,3 +293,35 @@ def test_a_foreign_int8_file_is_never_replaced(exported, tmp_path):
     assert code == 2 and "model.int8.onnx" in text and "not written by" in text
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx"]
     assert (out / "model.int8.onnx").read_bytes() == b"the user's own file"
+
+
+def test_quantize_only_advice_ships_the_original_int8_graph(ckpt, tmp_path, monkeypatch):
+    """When export advises quantizing the original alone, the original's INT8 graph (the one it
+    timed and checked) is written as original.int8.onnx, named in the advice, recorded like the
+    other files; without the advice (or without latency rows) it is not written."""
+    import hashlib
+
+    import lrcompress.commands.export as export_mod
+    from lrcompress.commands.run_dir import read_manifest
+
+    run = _search(ckpt, tmp_path / "run")
+    monkeypatch.setattr(export_mod, "quantize_only", lambda rows, acc: False)
+    export_run(run, ExportConfig(formats=("onnx-int8",), latency=FAST_LAT))
+    assert not (run / "original.int8.onnx").exists()
+    monkeypatch.setattr(export_mod, "quantize_only", lambda rows, acc: True)
+    monkeypatch.setattr("lrcompress.deploy.int8.quantize_only", lambda rows, acc: True)
+    res = export_run(run, ExportConfig(formats=("onnx-int8",), latency=FAST_LAT))
+    graph = (run / "original.int8.onnx").read_bytes()
+    sha = hashlib.sha256(graph).hexdigest()
+    sec = res.section["int8"]
+    assert sec["original_int8_file"]["sha256"] == sha
+    assert "written as original.int8.onnx" in sec["latency"]["tradeoff"]
+    assert "original.int8.onnx" in read_manifest(run)
+    assert json.loads((run / "report.json").read_text())["files"]["original.int8.onnx"] == sha
+    proto = check_graph(graph)  # a valid graph, quantized: QDQ pairs around its convs
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    out = tmp_path / "deploy"  # -o DIR: written and recorded there too
+    res = export_run(run, ExportConfig(formats=("onnx-int8",), latency=FAST_LAT, output=out))
+    rec = json.loads((out / "lrcompress-export.json").read_text())["files"]
+    assert rec["original.int8.onnx"] == hashlib.sha256(
+        (out / "original.int8.onnx").read_bytes()).hexdigest()

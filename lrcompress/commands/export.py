@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrcompress.commands.export_int8 import INT8_FILE, int8_stage
+from lrcompress.commands.export_int8 import INT8_FILE, ORIGINAL_INT8_FILE, int8_stage
 from lrcompress.commands.run_dir import RunDir, read_manifest, verify_files
 from lrcompress.data import DataConfig, build_loaders, parse_data_spec, resolve_preprocess
 from lrcompress.deploy.int8 import (
@@ -38,6 +38,7 @@ from lrcompress.deploy.int8 import (
     cpu_features,
     int8_latency_rows,
     int8_tradeoff,
+    quantize_only,
     slower_warnings,
 )
 from lrcompress.deploy.onnx import (
@@ -189,7 +190,7 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder.")
     names = [n for f, n in (("onnx", ONNX_FILE), ("onnx-int8", INT8_FILE),
-                            ("safetensors", MODEL_FILE))
+                            ("onnx-int8", ORIGINAL_INT8_FILE), ("safetensors", MODEL_FILE))
              if f in cfg.formats and (n != MODEL_FILE or not _same_folder(out, run))]
     _check_destinations(run, out, names, cfg.overwrite, report)
     lm = load_model(str(st_path))
@@ -230,9 +231,10 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
         timing = None
         if "onnx-int8" in cfg.formats:
             original, weights = original_model(run, report, plan)
+            original_random = weights.startswith("random")
             q = int8_stage(run, report, compressed, original, [lp.name for lp in plan.layers],
                            input_size, cfg.int8, opset=cfg.opset, data=cfg.data,
-                           original_random=weights.startswith("random"), progress=progress)
+                           original_random=original_random, progress=progress)
             dest = out / INT8_FILE
             stage.enter_context(atomic_path(dest)).write_bytes(q.compressed)
             files.append(dest)
@@ -257,6 +259,11 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             if timing:
                 section["int8"]["latency"] = _int8_latency(section["latency"],
                                                            section["int8"]["accuracy"])
+                advice = _original_int8(stage, out, run, section["int8"], timing,
+                                        original_random)
+                if advice is not None:
+                    files.append(out / ORIGINAL_INT8_FILE)
+                    written[ORIGINAL_INT8_FILE] = advice
         section["seconds"] = round(time.perf_counter() - t0, 3)
         # An export of some formats only keeps what an earlier one measured of the others
         # (the model in RUN/ never changes, so those figures still hold).
@@ -389,6 +396,24 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
             "modified_files": modified,
             "reload": "lrcompress.load twice: identical weights and bit-exact outputs",
             "macs": plan.macs, "params": plan.params}
+
+
+def _original_int8(stage: contextlib.ExitStack, out: Path, run: Path, int8: dict,
+                   timing: dict, original_random: bool) -> str | None:
+    """Where export advises quantizing the original alone, stage its INT8 graph (already
+    quantized, timed and checked with the compressed one) as original.int8.onnx and name it in
+    the advice; returns its sha256 (None: no advice, or no real original to write)."""
+    lat = int8["latency"]
+    graph = timing.get("original_int8")
+    if original_random or graph is None or not quantize_only(lat["runs"], int8["accuracy"]):
+        return None
+    stage.enter_context(atomic_path(out / ORIGINAL_INT8_FILE)).write_bytes(graph)
+    sha = hashlib.sha256(graph).hexdigest()
+    int8["original_int8_file"] = {"path": _rel(out / ORIGINAL_INT8_FILE, run), "bytes": len(graph),
+                                  "sha256": sha}
+    lat["tradeoff"] = int8_tradeoff(lat["runs"], int8["accuracy"],
+                                    int8["original_int8_file"]["path"])
+    return sha
 
 
 def _int8_latency(lat: dict, accuracy: dict) -> dict:

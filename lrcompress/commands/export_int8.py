@@ -45,6 +45,8 @@ from lrcompress.util.run_files import STATE_DIR
 
 log = logging.getLogger(__name__)
 INT8_FILE = "model.int8.onnx"
+# The original model quantized alike, written only when export advises quantizing it alone.
+ORIGINAL_INT8_FILE = "original.int8.onnx"
 TEST_BATCH = 64
 
 
@@ -211,4 +213,5 @@ def int8_stage(run, report: dict, compressed: nn.Module, original: nn.Module | N
     return Int8Graphs(section, q, {k: v for k, v in timing.items() if v is not None})
 
 
-__all__ = ["INT8_FILE", "Int8Graphs", "Int8Inputs", "int8_inputs", "int8_stage"]
+__all__ = ["INT8_FILE", "ORIGINAL_INT8_FILE", "Int8Graphs", "Int8Inputs", "int8_inputs",
+           "int8_stage"]

@@ -427,29 +427,40 @@ NEGLIGIBLE_SPEEDUP = 1.10
 TRADE_SPEEDUP, TRADE_POINTS = 1.5, 0.5
 
 
-def int8_tradeoff(rows: list[dict], accuracy: dict) -> str | None:
+def quantize_only(rows: list[dict], accuracy: dict) -> bool:
+    """Whether low-rank adds too little on top of INT8 (see NEGLIGIBLE_SPEEDUP, TRADE_*)."""
+    if not rows:
+        return False
+    hi = max(r["lowrank_over_int8"] for r in rows)
+    t = accuracy.get("top1") or {}
+    a, b = t.get("original_int8"), t.get("compressed_int8")
+    loss = None if a is None or b is None else a - b
+    return hi < NEGLIGIBLE_SPEEDUP or (loss is not None and hi < TRADE_SPEEDUP
+                                       and loss > TRADE_POINTS)
+
+
+def int8_tradeoff(rows: list[dict], accuracy: dict, original_file: str | None = None
+                  ) -> str | None:
     """One sentence on low-rank + INT8 against quantizing the original alone: the speed-up over
     the original's INT8 graph (range over the configurations timed) and the top-1 difference,
-    and, where low-rank adds little or costs more than it gives, the advice to quantize only.
-    None when there is nothing to compare (no rows)."""
+    and, where :func:`quantize_only`, the advice to quantize only (naming ``original_file``,
+    the original's INT8 graph, when it was written). None when there is nothing to compare."""
     if not rows:
         return None
     gains = [r["lowrank_over_int8"] for r in rows]
-    lo, hi = min(gains), max(gains)
     where = "; ".join(f"{g:.2f}× at {r['threads'] or 'all'} thread(s), batch {r['batch']}"
                       for g, r in zip(gains, rows))
     t = accuracy.get("top1") or {}
     a, b = t.get("original_int8"), t.get("compressed_int8")
-    loss = None if a is None or b is None else a - b
-    acc = ("top-1 not compared (no labels, or no original to measure)" if loss is None else
-           f"top-1 {b:.2f} % vs {a:.2f} % ({b - a:+.2f} points)")
-    text = (f"Against quantizing the original alone, low-rank + INT8 runs {lo:.2f}–{hi:.2f}× "
-            f"faster ({where}); {acc}.")
-    if hi < NEGLIGIBLE_SPEEDUP or (loss is not None and hi < TRADE_SPEEDUP
-                                   and loss > TRADE_POINTS):
+    acc = ("top-1 not compared (no labels, or no original to measure)" if a is None or b is None
+           else f"top-1 {b:.2f} % vs {a:.2f} % ({b - a:+.2f} points)")
+    text = (f"Against quantizing the original alone, low-rank + INT8 runs {min(gains):.2f}–"
+            f"{max(gains):.2f}× faster ({where}); {acc}.")
+    if quantize_only(rows, accuracy):
         text += (" Low-rank adds little on top of INT8 for this model: quantizing the original "
                  "alone is likely the better trade (its INT8 graph was timed and checked here "
-                 "with the same settings).")
+                 "with the same settings" + (f"; written as {original_file}" if original_file
+                                             else "") + ").")
     return text
 
 
@@ -503,5 +514,5 @@ def check_drop(drop: float | None, cfg: Int8Config, advice: str, what: str) -> N
 __all__ = ["CALIBRATIONS", "Int8AccuracyError", "Int8Config", "MODEL_NAMES", "agreement",
            "balance_chain", "balance_chains", "chain_spread", "check_drop", "check_graph",
            "cpu_features", "drop_advice", "int8_latency_rows", "int8_tradeoff", "noisiest_layers",
-           "nodes_for", "predict", "quantize", "slower_warnings", "top1", "unquantized",
-           "weighted_nodes"]
+           "nodes_for", "predict", "quantize", "quantize_only", "slower_warnings", "top1",
+           "unquantized", "weighted_nodes"]
