@@ -117,7 +117,10 @@ def test_scale_balancing_leaves_the_chain_output_unchanged(kind):
 def test_int8_graph_passes_the_checker_with_qdq_around_every_factor_conv(exported):
     run, res = exported
     path = run / "model.int8.onnx"
-    assert path.is_file() and res.files == [path]
+    # original.int8.onnx too exactly when export advised quantizing the original alone (which
+    # depends on this machine's timings of the tiny model)
+    advised = "original_int8_file" in res.section["int8"]
+    assert path.is_file() and res.files == [path, *([run / "original.int8.onnx"] * advised)]
     proto = check_graph(path.read_bytes())  # raises on a checker failure
     layers = [lp.name for lp in Plan.from_json((run / "plan.json").read_text()).layers]
     assert layers and all(nodes_for(proto, [la]) for la in layers)  # every chain is in it
