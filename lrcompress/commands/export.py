@@ -218,7 +218,7 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             written[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
             section["onnx"] = {
                 "path": _rel(dest, run), "bytes": len(onnx_bytes),
-                "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "exporter": EXPORTER,
+                "sha256": written[ONNX_FILE], "exporter": EXPORTER,
                 "opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch,
                 "input": {"name": INPUT_NAME,
                           "shape": ["batch" if cfg.dynamic_batch else 1, *input_size]},
@@ -257,13 +257,11 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
             section["latency"] = _latency(run, report, plan, compressed, input_size, cfg,
                                           onnx_bytes, progress, timing)
             if timing:
-                section["int8"]["latency"] = _int8_latency(section["latency"],
-                                                           section["int8"]["accuracy"])
-                advice = _original_int8(stage, out, run, section["int8"], timing,
-                                        original_random)
-                if advice is not None:
+                section["int8"]["latency"] = _int8_latency(section["latency"])
+                sha = _int8_advice(stage, out, run, section["int8"], timing, original_random)
+                if sha is not None:
                     files.append(out / ORIGINAL_INT8_FILE)
-                    written[ORIGINAL_INT8_FILE] = advice
+                    written[ORIGINAL_INT8_FILE] = sha
         section["seconds"] = round(time.perf_counter() - t0, 3)
         # An export of some formats only keeps what an earlier one measured of the others
         # (the model in RUN/ never changes, so those figures still hold).
@@ -273,9 +271,9 @@ def _export_locked(run: Path, cfg: ExportConfig, progress: Progress) -> ExportRe
         for name, data in rendered.items():
             tmp = stage.enter_context(atomic_path(run / name))
             tmp.write_bytes(data)
-        if "safetensors" in section and not _same_folder(out, run):
-            written[MODEL_FILE] = section["safetensors"]["sha256"]
         same = _same_folder(out, run)
+        if "safetensors" in section and not same:
+            written[MODEL_FILE] = section["safetensors"]["sha256"]
         report["files"] = _files_after_export(report, rendered, written if same else {})
         if not same:
             _stage_export_manifest(stage, out, run, written)
@@ -398,32 +396,33 @@ def _validate_safetensors(run: Path, path: Path, model: nn.Module, plan: Plan, x
             "macs": plan.macs, "params": plan.params}
 
 
-def _original_int8(stage: contextlib.ExitStack, out: Path, run: Path, int8: dict,
-                   timing: dict, original_random: bool) -> str | None:
-    """Where export advises quantizing the original alone, stage its INT8 graph (already
-    quantized, timed and checked with the compressed one) as original.int8.onnx and name it in
-    the advice; returns its sha256 (None: no advice, or no real original to write)."""
+def _int8_advice(stage: contextlib.ExitStack, out: Path, run: Path, int8: dict, timing: dict,
+                 original_random: bool) -> str | None:
+    """The INT8 rows' trade-off sentence (``int8_tradeoff``); where it advises quantizing the
+    original alone, the original's INT8 graph (already quantized, timed and checked with the
+    compressed one) is staged as original.int8.onnx and named in it. Returns that file's
+    sha256 (None: no advice, or no real original to write)."""
     lat = int8["latency"]
     graph = timing.get("original_int8")
-    if original_random or graph is None or not quantize_only(lat["runs"], int8["accuracy"]):
-        return None
-    stage.enter_context(atomic_path(out / ORIGINAL_INT8_FILE)).write_bytes(graph)
-    sha = hashlib.sha256(graph).hexdigest()
-    int8["original_int8_file"] = {"path": _rel(out / ORIGINAL_INT8_FILE, run), "bytes": len(graph),
-                                  "sha256": sha}
+    sha = None
+    if (not original_random and graph is not None
+            and quantize_only(lat["runs"], int8["accuracy"])):
+        stage.enter_context(atomic_path(out / ORIGINAL_INT8_FILE)).write_bytes(graph)
+        sha = hashlib.sha256(graph).hexdigest()
+        int8["original_int8_file"] = {"path": _rel(out / ORIGINAL_INT8_FILE, run),
+                                      "bytes": len(graph), "sha256": sha}
     lat["tradeoff"] = int8_tradeoff(lat["runs"], int8["accuracy"],
-                                    int8["original_int8_file"]["path"])
+                                    (int8.get("original_int8_file") or {}).get("path"))
     return sha
 
 
-def _int8_latency(lat: dict, accuracy: dict) -> dict:
+def _int8_latency(lat: dict) -> dict:
     rows = int8_latency_rows(lat["runs"])
     cpu = cpu_features()
     warnings = slower_warnings(rows, cpu, lat["config"]["slower_margin"])
     for w in warnings:
         log.warning("%s", w)
-    return {"runs": rows, "cpu": cpu, "warnings": warnings,
-            "tradeoff": int8_tradeoff(rows, accuracy)}
+    return {"runs": rows, "cpu": cpu, "warnings": warnings}
 
 
 def _latency(run, report, plan, compressed, input_size, cfg: ExportConfig, onnx_bytes,

@@ -4,6 +4,7 @@ the small helpers the stages share."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -278,16 +279,7 @@ def held_out_batches(job: Job) -> list:
 
 def _take(loader, skip: int, n: int) -> list:
     """Batches ``skip`` … ``skip + n − 1`` of ``loader`` (no batch after them is read)."""
-    batches = []
-    if n <= 0:
-        return batches
-    for k, (x, y) in enumerate(loader or ()):
-        if k < skip:
-            continue
-        batches.append((x, y))
-        if len(batches) >= n:
-            break
-    return batches
+    return [(x, y) for x, y in itertools.islice(loader or (), skip, skip + max(n, 0))]
 
 
 def re_estimates_bn(job: Job, model: nn.Module) -> bool:

@@ -427,13 +427,18 @@ NEGLIGIBLE_SPEEDUP = 1.10
 TRADE_SPEEDUP, TRADE_POINTS = 1.5, 0.5
 
 
+def _int8_top1(accuracy: dict) -> tuple[float | None, float | None]:
+    """(original INT8, compressed INT8) top-1 %, None where not measured."""
+    t = accuracy.get("top1") or {}
+    return t.get("original_int8"), t.get("compressed_int8")
+
+
 def quantize_only(rows: list[dict], accuracy: dict) -> bool:
     """Whether low-rank adds too little on top of INT8 (see NEGLIGIBLE_SPEEDUP, TRADE_*)."""
     if not rows:
         return False
     hi = max(r["lowrank_over_int8"] for r in rows)
-    t = accuracy.get("top1") or {}
-    a, b = t.get("original_int8"), t.get("compressed_int8")
+    a, b = _int8_top1(accuracy)
     loss = None if a is None or b is None else a - b
     return hi < NEGLIGIBLE_SPEEDUP or (loss is not None and hi < TRADE_SPEEDUP
                                        and loss > TRADE_POINTS)
@@ -450,8 +455,7 @@ def int8_tradeoff(rows: list[dict], accuracy: dict, original_file: str | None = 
     gains = [r["lowrank_over_int8"] for r in rows]
     where = "; ".join(f"{g:.2f}× at {r['threads'] or 'all'} thread(s), batch {r['batch']}"
                       for g, r in zip(gains, rows))
-    t = accuracy.get("top1") or {}
-    a, b = t.get("original_int8"), t.get("compressed_int8")
+    a, b = _int8_top1(accuracy)
     acc = ("top-1 not compared (no labels, or no original to measure)" if a is None or b is None
            else f"top-1 {b:.2f} % vs {a:.2f} % ({b - a:+.2f} points)")
     text = (f"Against quantizing the original alone, low-rank + INT8 runs {min(gains):.2f}–"

@@ -53,7 +53,7 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   of 100 at 0.05 (the same total logit movement). Measured on 2026-12-03 (all 10k test
   images, ``--fit sequential``): resnet18 tt at 30 % MACs the same plan with and without the
   weight step (89.07 % as decomposed), 25 iterations 89.07 % too; mobilenetv2 at 50 % 82.03 %
-  / 82.01 %; rank selection 276 s → 65 s and 67 s → 28 s. ``weight_steps=True``
+  / 82.01 %; rank selection 276 s → 65 s and 101 s → 28 s. ``weight_steps=True``
   (``--search-weight-steps``) restores the paper's alternation.
 * **Repair.** The searched plan is then made to meet the budget exactly by the greedy allocator
   (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
@@ -91,7 +91,7 @@ clock = time.perf_counter
 @dataclass(frozen=True)
 class ReneConfig:
     # α iterations per search step (RENE's code: 100 at lr 1e-3 SGD; here 25 Adam steps at
-    # lr_alpha 0.2, measured to give the same plans as 100 at 0.05 in a quarter of the time)
+    # lr_alpha 0.2, measured to give the same top-1 as 100 at 0.05 in a quarter of the time)
     iters: int = 25
     warmup: int = 20  # weight-only iterations before each step, with weight_steps (paper §5.1)
     n_candidates: int = 10  # initial candidates per layer and factorization (paper: 10 on CIFAR)
@@ -127,6 +127,11 @@ class ReneConfig:
     # every candidate keeps the factors it was fitted with (what would ship at that rank), the
     # warm-up is skipped and each layer's candidate weights are formed once per narrowing step.
     weight_steps: bool = False
+
+    @property
+    def warmup_iters(self) -> int:
+        """Weight-only iterations that start each step (none without the weight step)."""
+        return self.warmup if self.weight_steps else 0
 
     def __post_init__(self):
         require("--search-tol", self.stop_tol, at_least=0, why="0 runs every --search-iters")
@@ -589,7 +594,7 @@ def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=Non
     with swap_modules(model, mixed):
         model.eval()  # BN statistics stay those of the pretrained model
         mu, exp_cost = project_budget(layers, costs, fixed, budget)
-        warmup = cfg.warmup if cfg.weight_steps else 0
+        warmup = cfg.warmup_iters
         for it in range(warmup + cfg.iters):
             if not cfg.weight_steps:
                 rec_loss = None
@@ -780,7 +785,7 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
     counts = narrowed_counts(problem, state, cfg)
     for k, c in enumerate(counts, 1):
         scale = c / counts[0]
-        warm = cfg.warmup if cfg.weight_steps else 0
+        warm = cfg.warmup_iters
         rows.append((f"rank selection: step {k} of {len(counts)}", warm + cfg.iters,
                      "iterations", (warm * per_warm + cfg.iters * per_it) * scale
                      / (warm + cfg.iters)))
