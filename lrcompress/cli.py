@@ -415,7 +415,7 @@ def parse_floats(value, name):
               "of the pre-fine-tuning loss on BatchNorm models). 0: keep the original's.")
 @click.option("--test-subset", type=click.IntRange(min=1),
               help="Evaluate on the first N test images only (faster; default: all).")
-@click.option("--search-iters", default=25, show_default=True, type=click.IntRange(min=1),
+@click.option("--search-iters", default=12, show_default=True, type=click.IntRange(min=1),
               help="rene: rank (α) iterations per search step.")
 @click.option("--search-warmup", default=20, show_default=True, type=click.IntRange(min=0),
               help="rene with --search-weight-steps: weight-only iterations before each step.")

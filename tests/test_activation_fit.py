@@ -182,3 +182,56 @@ def test_cp_output_factor_is_the_sigma_norm_least_squares_optimum(method):
                                                         dtype=torch.float64)]
         assert err <= sigma_err(w.reshape(10, -1), fact.reconstruct(moved, spec).reshape(
             10, -1), sigma) + 1e-12
+
+
+def _kron_reference(w, r4, r3, sigma_p, chol_c):
+    """The chain fit's reduced-rank regression written out with the Kronecker product (the
+    textbook form, k² times the work of the structured solve)."""
+    from lrcompress.factorizations._activation import unwhiten
+    from lrcompress.factorizations._base import left_basis
+
+    t, s, kh, kw = w.shape
+    k = kh * kw
+    v, _ = left_basis(chol_c.T @ w.transpose(0, 1).reshape(s, t * k), r3, with_p=False)
+    a = unwhiten(v[:, :r3].T, chol_c)
+    proj = torch.kron(a.contiguous(), torch.eye(k, dtype=w.dtype))
+    sp = sigma_p @ proj.T
+    cq = torch.linalg.cholesky(proj @ sp)
+    m_star = torch.cholesky_solve((w.reshape(t, -1) @ sp).T, cq).T
+    u, _ = left_basis(m_star @ cq, r4, with_p=False)
+    return [a.reshape(r3, s, 1, 1), (u.T @ m_star).reshape(r4, r3, kh, kw), u.reshape(t, r4, 1, 1)]
+
+
+@pytest.mark.parametrize("patch", [True, False])
+def test_chain_fit_of_many_pairs_equals_each_pair_alone(patch):
+    """Candidates share one solve (leading blocks of the largest r_in): every pair's factors equal
+    the pair fitted alone, and with a measured patch moment the Kronecker-product form, to 1e-8."""
+    from lrcompress.factorizations._activation import chain_fit, damped_cholesky
+    from lrcompress.factorizations._base import left_basis
+
+    g = torch.Generator().manual_seed(3)
+    t, s, kh, kw = 10, 7, 3, 3
+    w = torch.randn(t, s, kh, kw, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 3, 9, 9, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, :2] + 0.1 * torch.randn(40, 2, 9, 9, generator=g, dtype=x.dtype),
+                   torch.randn(40, 2, 9, 9, generator=g, dtype=x.dtype)], dim=1)
+    cols = torch.nn.functional.unfold(x, (kh, kw), padding=1).transpose(1, 2).reshape(-1, s * 9)
+    chan = x.permute(0, 2, 3, 1).reshape(-1, s)
+    damped = cols.T @ cols / cols.shape[0]
+    stats = LayerStats(patch=damped if patch else None, channel=chan.T @ chan / chan.shape[0])
+    pairs = [(2, 1), (5, 3), (3, 3), (10, 7), (4, 6)]
+    many = chain_fit(w, pairs, stats, left_basis)
+    for pair, fs in zip(pairs, many):
+        alone = chain_fit(w, [pair], stats, left_basis)[0]
+        for f, f1 in zip(fs, alone):
+            assert torch.allclose(f, f1, rtol=1e-8, atol=1e-10)
+        if patch:
+            sigma_p = damped + stats.damping * damped.diagonal().mean() * torch.eye(s * 9,
+                                                                                   dtype=w.dtype)
+            chol_c = damped_cholesky(stats.channel, stats.damping)
+            ref = _kron_reference(w, *pair, sigma_p, chol_c)
+            # the chain's product is unique even where a basis sign or rotation is not
+            rec = torch.einsum("ta,abhw,bs->tshw", fs[2][:, :, 0, 0], fs[1], fs[0][:, :, 0, 0])
+            rec_ref = torch.einsum("ta,abhw,bs->tshw", ref[2][:, :, 0, 0], ref[1],
+                                   ref[0][:, :, 0, 0])
+            assert torch.allclose(rec, rec_ref, rtol=1e-8, atol=1e-10)

@@ -247,21 +247,25 @@ def test_without_weight_steps_the_candidates_keep_their_fitted_factors(resnet_ck
 def test_sequential_fit_estimate_costs_every_fitted_layer_from_one_probe(resnet_ckpt,
                                                                          monkeypatch):
     """The sequential fit's row: one unit per layer with an activation fit; with a clock that
-    advances 1 per reading (the probe's statistics and decomposition each take 1) and 0.5 s
-    per forward, each layer costs its forwards + its share of the probe's statistics (by
-    moment work) + its share of the probe's solve (by width³) — exactly (tolerance 1e-9)."""
+    advances 1 per reading (the probe's statistics, on PROBE_BATCHES batches, and its
+    decomposition each take 1) and 0.5 s per forward, each layer costs its forwards + its share
+    of the probe's statistics (by moment work, scaled to all batches) + its share of the
+    probe's solve (by width³) — exactly (tolerance 1e-9)."""
     import lrcompress.commands.decompose as dec
     from lrcompress.model.input_stats import kinds_for, moment_cost
 
     ticks = iter(range(1000))
     monkeypatch.setattr(dec, "clock", lambda: float(next(ticks)))
-    ctx = _ctx(resnet_ckpt)
+    ctx = _ctx(resnet_ckpt, n_batches=5)
     row = dec.sequential_fit_estimate(ctx.model, ctx.problem, ctx.batches, 0.5)
     costs = [moment_cost(lo.spec, kinds_for(lo.spec, {o.factorization for o in lo.options}))
              for lo in ctx.problem.layers]
     costs = [c for c in costs if c[1]]
     work0, width0 = max(costs, key=lambda c: c[1])
-    want = sum(len(ctx.batches) * 0.5 + w / work0 + (d / width0) ** 3 for w, d in costs)
+    n = len(ctx.batches)
+    assert n > dec.PROBE_BATCHES  # the scaling is exercised
+    want = sum(n * 0.5 + n / dec.PROBE_BATCHES * w / work0 + (d / width0) ** 3
+               for w, d in costs)
     assert row[:3] == ("decomposition: sequential fit", len(costs), "layers")
     assert row[3] * row[1] == pytest.approx(want, rel=1e-9)
     assert dec.sequential_fit_estimate(ctx.model, ctx.problem, [], 0.5) is None

@@ -99,16 +99,18 @@ def sequential_decompose(job: Job, source: nn.Module, plan: Plan, batches: list)
 
 # The sequential fit's run-time probe's time source; tests swap it.
 clock = time.perf_counter
+PROBE_BATCHES = 2  # batches the probe collects its statistics on
 
 
 def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: list,
                             forward_s: float) -> tuple[str, int, str, float] | None:
     """The sequential fit's estimate row (stage, units, unit, seconds per unit), from a
     probe: the fit of the layer with the widest second moment (the largest solve), at its
-    largest useful rank, timed in two parts — its statistics and its decomposition. Every layer
-    is then costed as two forwards stopped at it (``forward_s`` per batch for the whole model,
-    half on average), its statistics scaled by their work and its decomposition by width³ from
-    the probe's (``input_stats.moment_cost``). None when no layer has an activation fit."""
+    largest useful rank, timed in two parts — its statistics (on the first ``PROBE_BATCHES``
+    batches, scaled to all of them) and its decomposition. Every layer is then costed as two
+    forwards stopped at it (``forward_s`` per batch for the whole model, half on average), its
+    statistics scaled by their work and its decomposition by width³ from the probe's
+    (``input_stats.moment_cost``). None when no layer has an activation fit."""
     cands = []
     for i, lo in enumerate(problem.layers):
         kinds = kinds_for(lo.spec, {o.factorization for o in lo.options})
@@ -121,13 +123,15 @@ def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: li
     lo = problem.layers[i]
     top = max((o for o in lo.options if o.factorization != DENSE), key=lambda o: o.rank)
     mod = source.get_submodule(lo.spec.name)
+    probe = batches[:PROBE_BATCHES]  # statistics scale with the batches: timed on a few
     t0 = clock()
-    stats, _ = collect_paired_stats(source, source, batches, lo.spec.name, lo.spec, kinds)
+    stats, _ = collect_paired_stats(source, source, probe, lo.spec.name, lo.spec, kinds)
     t1 = clock()
+    per_stats = (t1 - t0) * len(batches) / len(probe)
     get_factorization(top.factorization).from_weight(mod.weight, mod.bias, lo.spec, top.rank,
                                                      stats=stats)
     t2 = clock()
     n_fwd = len(batches) * forward_s  # two forwards per batch, each stopped at the layer
-    total = sum(n_fwd + (t1 - t0) * work / work0 + (t2 - t1) * (width / width0) ** 3
+    total = sum(n_fwd + per_stats * work / work0 + (t2 - t1) * (width / width0) ** 3
                 for _, _, work, width in cands)
     return ("decomposition: sequential fit", len(cands), "layers", total / len(cands))

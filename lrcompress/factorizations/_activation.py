@@ -98,34 +98,62 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats, left_basis):
     t, s, kh, kw = w.shape
     k = kh * kw
     sigma_p = None
-    if stats.patch is not None:  # damped like Σ_c
-        sigma_p = stats.patch.to(dtype=w.dtype, device=w.device)
-        sigma_p = sigma_p + stats.damping * sigma_p.diagonal().mean() * torch.eye(
-            sigma_p.shape[0], dtype=sigma_p.dtype, device=sigma_p.device)
-    # Input factor: top right singular vectors of W_(2)ᵀ L (the mode-2 map, whitened).
+    if stats.patch is not None:  # damped like Σ_c (on a copy: the statistics stay as measured)
+        sigma_p = stats.patch.to(dtype=w.dtype, device=w.device, copy=True)
+        sigma_p.diagonal().add_(stats.damping * sigma_p.diagonal().mean())
+    # Input factor: top right singular vectors of W_(2)ᵀ L (the mode-2 map, whitened). The
+    # rows of A are nested in r_in, so every pair's solve is a leading block of the largest one.
     w2 = w.transpose(0, 1).reshape(s, t * k)
-    v, _ = left_basis(chol_c.T @ w2, max(r3 for _, r3 in pairs), with_p=False)
-    eye_k = torch.eye(k, dtype=w.dtype, device=w.device)
+    top = max(r3 for _, r3 in pairs)
+    v, _ = left_basis(chol_c.T @ w2, top, with_p=False)
+    a_top = unwhiten(_pad_cols(v, top).T, chol_c)  # top × S, A Σ_c Aᵀ = I
+    solve = (_IndependentTaps(w, chol_c, a_top) if sigma_p is None
+             else _PatchSolve(w, sigma_p, a_top, k))
     out = []
     for r4, r3 in pairs:
-        a = unwhiten(_pad_cols(v, r3).T, chol_c)  # r3 × S, A Σ_c Aᵀ = I
-        if sigma_p is None:  # Σ_p ≈ Σ_c ⊗ I: Σ_q = I, M* = W ×₂ (Σ_c Aᵀ)ᵀ
-            sca = chol_c @ (chol_c.T @ a.T)  # (damped Σ_c) Aᵀ, S × r3
-            m_star = torch.einsum("tshw,si->tihw", w, sca).reshape(t, r3 * k)
-            whitened = m_star
-        else:
-            # (r3·k) × (S·k), channel-major like W.reshape(T, -1) and F.unfold
-            proj = torch.kron(a.contiguous(), eye_k)
-            sp = sigma_p @ proj.T
-            sigma_q = proj @ sp
-            cq = torch.linalg.cholesky(sigma_q)
-            m_star = torch.cholesky_solve((w.reshape(t, -1) @ sp).T, cq).T
-            whitened = m_star @ cq
+        m_star, whitened = solve.pair(r3)
         u, _ = left_basis(whitened, r4, with_p=False)
         u = _pad_cols(u, r4)
         core = (u.T @ m_star).reshape(r4, r3, kh, kw)
-        out.append([a.reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
+        out.append([a_top[:r3].reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
     return out
+
+
+class _IndependentTaps:
+    """Σ_p ≈ Σ_c ⊗ I: Σ_q = I and ``M* = W ×₂ (Σ_c Aᵀ)ᵀ``, whitened by the identity."""
+
+    def __init__(self, w, chol_c, a_top):
+        sca = chol_c @ (chol_c.T @ a_top.T)  # (damped Σ_c) Aᵀ, S × top
+        self.m = torch.einsum("tshw,si->tihw", w, sca).reshape(w.shape[0], a_top.shape[0], -1)
+
+    def pair(self, r3: int):
+        m_star = self.m[:, :r3].reshape(self.m.shape[0], -1)
+        return m_star, m_star
+
+
+class _PatchSolve:
+    """The measured patch moment: with ``P = A ⊗ I_k`` (rows channel-major like ``F.unfold``),
+    ``M* = W Σ_p Pᵀ Σ_q⁻¹`` and ``Σ_q = P Σ_p Pᵀ``. Formed once for the largest r_in, without
+    the Kronecker product (k² times fewer operations); each smaller r_in takes the leading
+    ``r_in·k`` columns of ``W Σ_p Pᵀ`` and the leading block of the Cholesky factor of ``Σ_q``
+    (which is the Cholesky factor of the leading block of Σ_q)."""
+
+    def __init__(self, w, sigma_p, a_top, k: int):
+        s = a_top.shape[1]
+        # Σ_p Pᵀ: [(s, τ), (i, τ')] = Σ_s' Σ_p[(s, τ), (s', τ')] A[i, s']
+        sp = torch.einsum("pcq,ic->piq", sigma_p.reshape(s * k, s, k), a_top)
+        sp = sp.reshape(s * k, -1)
+        # P Σ_p Pᵀ: [(i, τ), (j, τ')] = Σ_s A[i, s] (Σ_p Pᵀ)[(s, τ), (j, τ')]
+        sigma_q = torch.einsum("ic,cqn->iqn", a_top, sp.reshape(s, k, -1))
+        self.k = k
+        self.cq = torch.linalg.cholesky(sigma_q.reshape(sp.shape[1], -1))
+        self.wsp = w.reshape(w.shape[0], -1) @ sp
+
+    def pair(self, r3: int):
+        n = r3 * self.k
+        cq = self.cq[:n, :n]
+        m_star = torch.cholesky_solve(self.wsp[:, :n].T, cq).T
+        return m_star, m_star @ cq
 
 
 class Whitener:

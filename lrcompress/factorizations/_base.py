@@ -154,6 +154,15 @@ def balanced_split(u: torch.Tensor, p: torch.Tensor, r: int) -> tuple[torch.Tens
     return u * root, p / safe[:, None]
 
 
+def top_energy(m: torch.Tensor, ranks) -> list[float]:
+    """``Σ_{i<r} σ_i²`` of ``m`` for each r: the squared norm of its best rank-r approximation
+    (eigenvalues of the smaller Gram matrix, like :func:`left_basis`)."""
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    cum = torch.cat([ev.new_zeros(1), ev.cumsum(0)])
+    return [float(cum[min(int(r), len(ev))]) for r in ranks]
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` in float64 (0 for an exactly reproduced zero weight, inf for any
     other approximation of a zero weight). The one definition of the error the reports, the
@@ -390,6 +399,28 @@ class Factorization:
         return [[f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in fs]
                 for fs in out]
 
+    def weight_errors(self, weight, spec: LayerSpec, ranks, **opts) -> list[float]:
+        """``‖W − Ŵ(r)‖_F / ‖W‖_F`` of the weight fit at each rank (:func:`relative_error` of
+        :meth:`decompose` and :meth:`reconstruct`). Where the fit is a truncated SVD (a matrix)
+        or a chain of them (TT-SVD), the error follows from singular values alone and no factor
+        is formed (``_conv_weight_errors``); the numbers are the same up to rounding."""
+        self._require_support(spec)
+        opts = self._check_opts(opts)
+        rs = [self.rank_from(spec, r) for r in ranks]
+        w = work_tensor(weight)
+        with single_threaded(w.device):
+            norm2 = float(w.square().sum())
+            if is_matrix(spec):
+                kept = top_energy(w.reshape(spec.out_ch, spec.in_ch), rs)
+            else:
+                kept = self._conv_kept_energy(w, spec, rs, opts)
+        if kept is None:
+            return [relative_error(w, self.reconstruct(fs, spec))
+                    for fs in self.decompose_many(w, spec, rs, **opts)]
+        if norm2 == 0:
+            return [0.0] * len(rs)
+        return [max(norm2 - k, 0.0) ** 0.5 / norm2 ** 0.5 for k in kept]
+
     def reconstruct(self, factors, spec: LayerSpec) -> torch.Tensor:
         """The dense weight (``spec.weight_shape``) the factors represent; differentiable."""
         if is_matrix(spec):
@@ -441,6 +472,11 @@ class Factorization:
 
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """Activation-aware k×k fit, or None: this method has none (the weight fit is used)."""
+        return None
+
+    def _conv_kept_energy(self, w, spec, ranks, opts) -> list[float] | None:
+        """``‖Ŵ(r)‖²_F`` per rank where the weight fit is an orthogonal projection of W (then
+        ``‖W − Ŵ‖² = ‖W‖² − ‖Ŵ‖²``) computable without the factors; None: reconstruct."""
         return None
 
     def _conv_unsupported_reason(self, spec: LayerSpec) -> str:

@@ -33,6 +33,7 @@ from lrcompress.factorizations._base import (
     norm_int_rank,
     register,
     tensorly_context,
+    top_energy,
 )
 
 
@@ -95,6 +96,22 @@ class TT(Factorization):
             g_y = u2[:, :r2].reshape(r1, kh, kw, r2).permute(0, 3, 1, 2)
             out.append([p2[:r2].reshape(r2, s, 1, 1), g_y, u1[:, :r1].reshape(t, r1, 1, 1)])
         return out
+
+    def _conv_kept_energy(self, w, spec, ranks, opts):
+        """TT-SVD projects twice: ``W → U₁U₁ᵀW`` (rank r1), then the core ``P₁[:r1]`` onto its
+        top r2 right-hand components, so ``‖Ŵ‖² = Σ_{j<r2} σ_j²(P₁[:r1] as (r1·k) × S)``."""
+        if opts["impl"] != "torch":
+            return None
+        t, s = spec.out_ch, spec.in_ch
+        k = spec.kernel[0] * spec.kernel[1]
+        pairs = [_ranks(r) for r in ranks]
+        _, p1 = left_basis(w.permute(0, 2, 3, 1).reshape(t, k * s), max(r1 for r1, _ in pairs))
+        by_r1: dict[int, list[int]] = {}
+        for r1, r2 in pairs:
+            by_r1.setdefault(r1, []).append(r2)
+        kept = {(r1, r2): e for r1, r2s in by_r1.items()
+                for r2, e in zip(r2s, top_energy(p1[:r1].reshape(r1 * k, s), r2s))}
+        return [kept[pair] for pair in pairs]
 
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """The chain is a Tucker-2 chain with (R4, R3) = (r1, r2): the same activation-aware fit

@@ -103,6 +103,21 @@ class Tucker2(Factorization):
             out.append(self._chain(core, uo, ui))
         return out
 
+    def _conv_kept_energy(self, w, spec, ranks, opts):
+        """HOSVD projects W on both bases, so ``‖Ŵ‖² = ‖core‖²``, and ``core(r4, r3)`` is the
+        leading block of the core at the largest ranks: prefix sums of its squared entries give
+        every pair (HOOI sweeps or tensorly: None, reconstruct)."""
+        if opts["hooi_iters"] != 0 or opts["impl"] != "torch":
+            return None
+        t, s = spec.out_ch, spec.in_ch
+        u_out, _ = left_basis(w.reshape(t, -1), max(r[0] for r in ranks), with_p=False)
+        u_in, _ = left_basis(w.transpose(0, 1).reshape(s, -1), max(r[1] for r in ranks),
+                             with_p=False)
+        energy = torch.einsum("tshw,to,si->oihw", w, u_out, u_in).square().sum(dim=(2, 3))
+        cum = torch.nn.functional.pad(energy.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        return [float(cum[min(r4, cum.shape[0] - 1), min(r3, cum.shape[1] - 1)])
+                for r4, r3 in ranks]
+
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """Input factor from the channel second moment, core and output factor by the
         reduced-rank regression of :func:`~lrcompress.factorizations._activation.chain_fit`

@@ -49,12 +49,14 @@ Where we depart, and why ([PROPOSAL], methods.md §2.3 and §10):
   weight-only warm-up. The candidates here start as the fits that would ship at their rank
   (activation-fitted under an output-aware fit), and the shipped layer is one candidate, not
   the mixture; so by default they keep those factors (``weight_steps=False``: no warm-up, each
-  candidate weight formed once per step) and each step runs 25 α iterations at lr 0.2 instead
-  of 100 at 0.05 (the same total logit movement). Measured on 2026-12-03 (all 10k test
+  candidate weight formed once per step) and each step runs 12 α iterations at lr 0.4 instead
+  of 100 at 0.05 (about the same total logit movement). Measured on 2026-12-03 (all 10k test
   images, ``--fit sequential``): resnet18 tt at 30 % MACs the same plan with and without the
-  weight step (89.07 % as decomposed), 25 iterations 89.07 % too; mobilenetv2 at 50 % 82.03 %
-  / 82.01 %; rank selection 276 s → 65 s and 101 s → 28 s. ``weight_steps=True``
-  (``--search-weight-steps``) restores the paper's alternation.
+  weight step (89.07 % as decomposed), and at 25 and 12 iterations (the latter with 2 loss
+  batches); tucker2 at 50 % the same plan (89.08 %); mobilenetv2 at 50 % 82.03 → 82.01 →
+  82.25 %, at 30 % 79.45 → 81.04 → 81.12 %; rank selection 276 s → 37 s on resnet18 and
+  101 s → 18 s on mobilenetv2. ``weight_steps=True`` (``--search-weight-steps``) restores
+  the paper's alternation.
 * **Repair.** The searched plan is then made to meet the budget exactly by the greedy allocator
   (``_problem.allocate``), scoring options with the calibration-loss model of ``_signals``.
 """
@@ -90,14 +92,14 @@ clock = time.perf_counter
 
 @dataclass(frozen=True)
 class ReneConfig:
-    # α iterations per search step (RENE's code: 100 at lr 1e-3 SGD; here 25 Adam steps at
-    # lr_alpha 0.2, measured to give the same top-1 as 100 at 0.05 in a quarter of the time)
-    iters: int = 25
+    # α iterations per search step (RENE's code: 100 at lr 1e-3 SGD; here 12 Adam steps at
+    # lr_alpha 0.4: the same plans or top-1 within noise as 100 at 0.05 or 25 at 0.2, measured)
+    iters: int = 12
     warmup: int = 20  # weight-only iterations before each step, with weight_steps (paper §5.1)
     n_candidates: int = 10  # initial candidates per layer and factorization (paper: 10 on CIFAR)
     refine: int = 10  # f: the candidate step shrinks by this factor per narrowing
     lr_w: float = 1e-3  # SGD-Nesterov (momentum 0.9) on the factors (paper, CIFAR)
-    lr_alpha: float = 0.2  # Adam on the logits [PROPOSAL]
+    lr_alpha: float = 0.4  # Adam on the logits [PROPOSAL]
     grad_clip: float | None = None  # the RENE README recommends 5 for CP
     probes: int = 64  # Gaussian probes for the weight-step estimate on large layers
     alpha_optimizer: str = "adam"  # adam | normsgd (gradient / its global max-abs) [PROPOSAL]
@@ -108,6 +110,9 @@ class ReneConfig:
     # second-order loss model of _signals, τ = prior_temp nats) [PROPOSAL].
     prior: str = "loss_model"
     prior_temp: float = 0.02
+    # Calibration batches each loss-model measurement (prior and repair: one per layer) runs
+    # (2 and 4 gave the same plans on resnet18 tt 30 % and top-1 within noise on mobilenetv2).
+    loss_batches: int = 2
     # Early stop of a narrowing step [PROPOSAL]: every ``stop_every`` α iterations, once at least
     # ``min_iters`` were run, the step ends when no layer's rank distribution moved by more than
     # ``stop_tol`` in total variation (½Σ|p − p'|) since the previous check. 0 runs all ``iters``.
@@ -135,9 +140,10 @@ class ReneConfig:
 
     def __post_init__(self):
         require("--search-tol", self.stop_tol, at_least=0, why="0 runs every --search-iters")
-        if self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2:
+        if (self.iters < 1 or self.warmup < 0 or self.n_candidates < 2 or self.refine < 2
+                or self.loss_batches < 1):
             raise ValueError(f"bad ReneConfig {self}: iters>=1, warmup>=0, n_candidates>=2, "
-                             "refine>=2")
+                             "refine>=2, loss_batches>=1")
         if self.alpha_loss not in ("ce", "kd") or self.prior not in ("zero", "loss_model"):
             raise ValueError(f"bad ReneConfig {self}: alpha_loss ce|kd, prior zero|loss_model")
         if self.prior_temp <= 0:
@@ -481,7 +487,8 @@ def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors)
         cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
         mx = MixedLayer(base, lo.spec, cl, [by_j[j] for j in cands],
                         batch=ctx.batches[0][0].shape[0], probes=cfg.probes,
-                        white=factors.whitener(lo))
+                        # the Σ-norm weighs only the weight step: not formed without it
+                        white=factors.whitener(lo) if cfg.weight_steps else None)
         mx.reuse_recon = cfg.exact_speedups
         mx.frozen = not cfg.weight_steps
         if mx.frozen:
@@ -778,7 +785,7 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
     t0 = clock()
     with torch.no_grad():
         calib_loss(ctx.model, ctx.batches[:1], ctx.device)
-    t_pass = (clock() - t0) * min(4, len(ctx.batches))
+    t_pass = (clock() - t0) * min(cfg.loss_batches, len(ctx.batches))
     n = len(problem.layers)
     rows = [("rank selection: error curves", n, "layers", t_dec / n),
             ("rank selection: loss model", 2 * n + 1, "calibration passes", t_pass)]
@@ -823,7 +830,8 @@ def select(ctx) -> tuple:
     if cfg.prior == "loss_model":
         ctx.stage("rank selection (rene): loss model, calibration loss per layer (prior)",
                   total=n)
-        prior = truncation_scores(ctx, errs, progress=lambda _n: ctx.tick())[0]
+        prior = truncation_scores(ctx, errs, cfg.loss_batches,
+                                  progress=lambda _n: ctx.tick())[0]
     choice, trace = softmax_search(ctx, cfg, prior, ctx.scratch.pop("rene_factors", None))
     before = ctx.problem.cost_of(choice)
     # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
@@ -832,8 +840,8 @@ def select(ctx) -> tuple:
            for lo, j in zip(ctx.problem.layers, choice)]
     ctx.stage("rank selection (rene): loss model, calibration loss per layer (repair)",
               total=n)
-    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:4], ctx.device, ctx.cache,
-                         progress=lambda _n: ctx.tick())
+    sens = sensitivities(ctx.model, ctx.problem, ref, ctx.batches[:cfg.loss_batches], ctx.device,
+                         ctx.cache, progress=lambda _n: ctx.tick())
     scores = loss_model_scores(errs, sens, ref)
     final = allocate(ctx.problem, scores, start=choice)
     problem_cost = ctx.problem.cost_of(final)

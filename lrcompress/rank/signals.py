@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompress.factorizations import get_factorization, relative_error, whitener
+from lrcompress.factorizations import get_factorization, whitener
 from lrcompress.rank.problem import DENSE, RankProblem
 from lrcompress.util.io import write_json
 
@@ -111,12 +111,13 @@ def error_curves(model: nn.Module, problem: RankProblem, cache: Cache, progress=
             todo = [r for r in anchors if str(r) not in cached]
             if todo:
                 fact = get_factorization(method)
-                fits = fact.decompose_many(w64, lo.spec, todo,
-                                           stats=st if white is not None else None, **opts)
-                for r, fs in zip(todo, fits):
-                    rec = fact.reconstruct(fs, lo.spec)
-                    cached[str(r)] = (relative_error(w64, rec) if white is None
-                                      else _output_error(w64, rec, white))
+                if white is None:
+                    errs_todo = fact.weight_errors(w64, lo.spec, todo, **opts)
+                else:
+                    errs_todo = [_output_error(w64, fact.reconstruct(fs, lo.spec), white)
+                                 for fs in fact.decompose_many(w64, lo.spec, todo, stats=st,
+                                                               **opts)]
+                cached.update((str(r), e) for r, e in zip(todo, errs_todo))
                 cache.put(key, cached)
             xs = torch.tensor(anchors, dtype=torch.float64)
             ys = torch.tensor([cached[str(r)] for r in anchors], dtype=torch.float64)
