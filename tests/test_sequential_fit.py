@@ -124,3 +124,60 @@ def test_auto_fit_is_sequential_with_calibration_inputs():
     assert fit_of(auto, has_calib=False) == "weight"
     with pytest.raises(Exception, match="choose one of"):
         CompressConfig(target=Target("flops", 0.5), fit="greedy")
+
+
+@pytest.mark.parametrize("max_bytes", [1, 40_000, 1 << 30])
+def test_reference_inputs_equal_stopped_forwards_with_fewer_forwards(max_bytes):
+    """The original's layer inputs from windows of captured layers equal the input of a forward
+    stopped at each layer (bit for bit), and the windows take at most one forward per batch and
+    layer (budget of 1 byte: one layer per window), one per batch when everything fits."""
+    from lrcompress.model.input_stats import ReferenceInputs
+    from tests.conftest import tiny_resnet
+
+    model = tiny_resnet()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, 32, 32, generator=g), None) for _ in range(3)]
+
+    def layer_input(name, x):  # a whole forward with a hook: the reference
+        got = []
+        h = model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, a: got.append(a[0].detach()))
+        model(x)
+        h.remove()
+        return got[0]
+
+    ref = ReferenceInputs(model, batches, names, max_bytes=max_bytes)
+    with torch.no_grad():
+        for name in names:
+            for b, (x, _) in enumerate(batches):
+                assert torch.equal(ref.get(name, b), layer_input(name, x))
+    assert ref.forwards <= len(names) * len(batches)
+    if max_bytes == 1:
+        assert ref.forwards == len(names) * len(batches)
+    if max_bytes == 1 << 30:
+        assert ref.forwards == len(batches)
+    if max_bytes == 40_000:
+        assert len(batches) < ref.forwards < len(names) * len(batches)
+
+
+def test_paired_statistics_are_the_same_with_captured_reference_inputs():
+    """collect_paired_stats with ReferenceInputs gives the moments of the stopped-forward path
+    exactly (the same tensors go in)."""
+    from lrcompress.model.input_stats import ReferenceInputs
+    from lrcompress.model.layers import find_layers
+    from tests.conftest import tiny_resnet
+
+    model = tiny_resnet()
+    student = tiny_resnet(seed=1)  # "already compressed" upstream: other weights
+    specs = {s.name: s for s in find_layers(model, (1, 32, 32)) if s.kind == "conv2d"}
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, 32, 32, generator=g), None) for _ in range(2)]
+    ref = ReferenceInputs(model, batches, list(specs))
+    for name in list(specs)[-3:]:
+        kinds = ("channel", "patch") if specs[name].kernel != (1, 1) else ("patch",)
+        a, _ = collect_paired_stats(model, student, batches, name, specs[name], kinds)
+        b, _ = collect_paired_stats(model, student, batches, name, specs[name], kinds,
+                                    reference=ref)
+        assert torch.equal(a.cross, b.cross) and torch.equal(a.patch, b.patch)
+        assert not torch.equal(a.cross, a.patch)  # the two models' inputs differ

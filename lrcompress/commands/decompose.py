@@ -21,6 +21,7 @@ from lrcompress.commands.job import (
 from lrcompress.factorizations import get_factorization
 from lrcompress.model.checkpoint import read_checkpoint
 from lrcompress.model.input_stats import (
+    ReferenceInputs,
     collect_input_stats,
     collect_paired_stats,
     fit_report,
@@ -75,18 +76,21 @@ def decompose_stage(job: Job, source: nn.Module, plan: Plan, fresh: bool = False
 def sequential_decompose(job: Job, source: nn.Module, plan: Plan, batches: list):
     """The sequential activation fit: layer by layer in the plan's order, each fitted on the
     inputs the already-compressed layers before it produce, toward the original's output
-    (``factorizations.corrected_weight``). One forward of the original and one of the student
-    per layer and batch, each stopped at the layer. Returns ``(student, results, skipped)``."""
+    (``factorizations.corrected_weight``). One forward of the student per layer and batch,
+    stopped at the layer; the original's layer inputs come from :class:`ReferenceInputs` (one
+    forward per batch and window of layers). Returns ``(student, results, skipped)``."""
     job.progress.stage("decomposing (sequential fit)", total=len(plan.layers))
     device = next(source.parameters()).device
     student = copy.deepcopy(source).to(device)
     want = needs(plan)
+    reference = ReferenceInputs(source, batches, [lp.name for lp in plan.layers
+                                                  if lp.name in want])
     results, skipped = [], {}
     for lp in plan.layers:
         stats = None
         if lp.name in want:
             stats, note = collect_paired_stats(source, student, batches, lp.name, lp.spec,
-                                               want[lp.name])
+                                               want[lp.name], reference=reference)
             if note:
                 skipped[lp.name] = note
         else:

@@ -28,6 +28,7 @@ from lrcompress.factorizations import DAMPING, LayerStats, is_matrix
 from lrcompress.model.plan import Plan
 
 MAX_BYTES = 64 << 20
+WINDOW_BYTES = 512 << 20  # the original's captured layer inputs, per window (ReferenceInputs)
 CHAIN_METHODS = ("tucker2", "tt")
 CP_METHODS = ("cp", "cp4")  # the output factor refitted under the patch moment
 
@@ -238,15 +239,89 @@ class _Captured(Exception):
     needed)."""
 
 
+class ReferenceInputs:
+    """The original model's input to each of ``names`` (in forward order) on each of
+    ``batches``, for the sequential fit's cross moments. One forward of the original per batch
+    captures a *window* of the next layers whose inputs, over all batches, fit ``max_bytes``
+    (at least one layer), and stops after the window's last layer; a layer past the window
+    starts the next window. At 28×28 every layer fits one window: one forward per batch
+    instead of one per layer and batch. ``forwards`` counts the forwards run."""
+
+    def __init__(self, model: nn.Module, batches, names: list[str],
+                 max_bytes: int = WINDOW_BYTES):
+        self.model, self.batches, self.names, self.max_bytes = model, batches, names, max_bytes
+        self.window: dict[str, list[torch.Tensor]] = {}
+        self.forwards = 0
+
+    def get(self, name: str, b: int) -> torch.Tensor:
+        """The original's input to layer ``name`` on batch ``b``."""
+        if name not in self.window:
+            self.window = {}  # release the previous window first
+            self.window = self._fill(self.names[self.names.index(name):])
+        return self.window[name][b]
+
+    @torch.no_grad()
+    def _fill(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
+        window: list[str] | None = None  # fixed by the first batch
+        out: dict[str, list[torch.Tensor]] = {}
+        for x, _ in self.batches:
+            seen = self._capture(x, names if window is None else window, window is None)
+            if window is None:
+                window = [n for n in names if n in seen]
+                if not window:
+                    raise RuntimeError(f"layer {names[0]!r} was not called in the forward pass")
+            for n in window:
+                out.setdefault(n, []).append(seen[n])
+        return out
+
+    def _capture(self, x: torch.Tensor, names: list[str], sizing: bool) -> dict:
+        """One forward of the original on ``x``: the first input of each of ``names``, stopped
+        once all are captured or (``sizing``) once the next one would pass the budget."""
+        seen: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def hook(name):
+            def fn(_mod, args):
+                nonlocal size
+                if name in seen:
+                    return  # a module called twice: its first input is the layer's
+                t = args[0].detach()
+                if sizing:
+                    size += t.numel() * t.element_size() * len(self.batches)
+                    if seen and size > self.max_bytes:
+                        raise _Captured
+                seen[name] = t
+                if len(seen) == len(names):
+                    raise _Captured
+            return fn
+
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n))
+                   for n in names]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(x.to(next(self.model.parameters()).device))
+        except _Captured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        self.forwards += 1
+        return seen
+
+
 @torch.no_grad()
 def collect_paired_stats(original: nn.Module, current: nn.Module, batches, name: str, spec,
                          kinds: tuple[str, ...], *, max_bytes: int = MAX_BYTES,
-                         damping: float = DAMPING) -> tuple[LayerStats | None, str | None]:
+                         damping: float = DAMPING, reference: ReferenceInputs | None = None
+                         ) -> tuple[LayerStats | None, str | None]:
     """The sequential fit's statistics of layer ``name``: the second moments ``kinds`` of its
     input in ``current`` (the model whose earlier layers are already compressed) and, when the
     patch moment fits ``max_bytes``, the cross moment ``E[p p̃ᵀ]`` with its input ``p`` in
-    ``original`` on the same batch. Each forward stops at the layer. Returns ``(stats, note)``,
-    ``note`` saying what was left out."""
+    ``original`` on the same batch (from ``reference`` when given: its windows of captured
+    inputs; else one forward of ``original`` per batch, stopped at the layer). Returns
+    ``(stats, note)``, ``note`` saying what was left out."""
     keep = [k for k in kinds if not _over_budget(spec, k, max_bytes)]
     note = None if keep == list(kinds) else (
         f"{', '.join(k for k in kinds if k not in keep)} second moment over the "
@@ -257,14 +332,16 @@ def collect_paired_stats(original: nn.Module, current: nn.Module, batches, name:
     mod, ref = current.get_submodule(name), original.get_submodule(name)
     acc = {k: _Moment() for k in keep}
     cross = _Moment() if "patch" in keep else None
-    for x, _ in batches:
+    for b, (x, _) in enumerate(batches):
         x = x.to(device)
         inp = _layer_input(current, name, x)
         mine = {k: _rows(inp, mod, k) for k in keep}
         for k in keep:
             acc[k].add(mine[k], mine[k])
         if cross is not None:
-            cross.add(_rows(_layer_input(original, name, x), ref, "patch"), mine["patch"])
+            theirs = (reference.get(name, b) if reference is not None
+                      else _layer_input(original, name, x))
+            cross.add(_rows(theirs, ref, "patch"), mine["patch"])
     st = LayerStats(damping=damping)
     for k in keep:
         setattr(st, k, acc[k].mean())
