@@ -787,7 +787,9 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
         calib_loss(ctx.model, ctx.batches[:1], ctx.device)
     t_pass = (clock() - t0) * min(cfg.loss_batches, len(ctx.batches))
     n = len(problem.layers)
-    rows = [("rank selection: error curves", n, "layers", t_dec / n),
+    # the first step's candidate fits (done by the probe; the error curves, closed-form for
+    # the chain methods, cost a fraction of them)
+    rows = [("rank selection: candidate fits", n, "layers", t_dec / n),
             ("rank selection: loss model", 2 * n + 1, "calibration passes", t_pass)]
     counts = narrowed_counts(problem, state, cfg)
     for k, c in enumerate(counts, 1):
