@@ -111,10 +111,12 @@ def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: li
     """The sequential fit's estimate row (stage, units, unit, seconds per unit), from a
     probe: the fit of the layer with the widest second moment (the largest solve), at its
     largest useful rank, timed in two parts — its statistics (on the first ``PROBE_BATCHES``
-    batches, scaled to all of them) and its decomposition. Every layer is then costed as two
-    forwards stopped at it (``forward_s`` per batch for the whole model, half on average), its
-    statistics scaled by their work and its decomposition by width³ from the probe's
-    (``input_stats.moment_cost``). None when no layer has an activation fit."""
+    batches, scaled to all of them, less the probe's own two forwards per batch) and its
+    decomposition. Every layer is then costed as the student's forward stopped at it
+    (``forward_s`` per batch for the whole model, half on average), its statistics scaled by
+    their work and its decomposition by width³ from the probe's (``input_stats.moment_cost``);
+    the original's layer inputs add one whole forward per batch (:class:`ReferenceInputs`).
+    None when no layer has an activation fit."""
     cands = []
     for i, lo in enumerate(problem.layers):
         kinds = kinds_for(lo.spec, {o.factorization for o in lo.options})
@@ -131,11 +133,13 @@ def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: li
     t0 = clock()
     stats, _ = collect_paired_stats(source, source, probe, lo.spec.name, lo.spec, kinds)
     t1 = clock()
-    per_stats = (t1 - t0) * len(batches) / len(probe)
+    # the probe ran two forwards per batch stopped at its (widest, so usually deep) layer
+    per_stats = max(t1 - t0 - 2 * len(probe) * forward_s, 0.0) * len(batches) / len(probe)
     get_factorization(top.factorization).from_weight(mod.weight, mod.bias, lo.spec, top.rank,
                                                      stats=stats)
     t2 = clock()
-    n_fwd = len(batches) * forward_s  # two forwards per batch, each stopped at the layer
-    total = sum(n_fwd + per_stats * work / work0 + (t2 - t1) * (width / width0) ** 3
-                for _, _, work, width in cands)
+    n_fwd = len(batches) * forward_s / 2  # the student's, stopped at the layer
+    total = len(batches) * forward_s + sum(
+        n_fwd + per_stats * work / work0 + (t2 - t1) * (width / width0) ** 3
+        for _, _, work, width in cands)
     return ("decomposition: sequential fit", len(cands), "layers", total / len(cands))
