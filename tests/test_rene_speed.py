@@ -247,10 +247,10 @@ def test_without_weight_steps_the_candidates_keep_their_fitted_factors(resnet_ck
 def test_sequential_fit_estimate_costs_every_fitted_layer_from_one_probe(resnet_ckpt,
                                                                          monkeypatch):
     """The sequential fit's row: one unit per layer with an activation fit; with a clock that
-    advances 1 per reading (the probe's statistics, on PROBE_BATCHES batches with two forwards
-    each, and its decomposition each take 1) and 0.1 s per forward, each layer costs the
-    student's half forward per batch + its share of the probe's statistics less the probe's
-    forwards (by moment work, scaled to all batches) + its share of the probe's solve (by
+    advances 1 per reading (the statistics probe, on PROBE_BATCHES batches of the layer with
+    the most moment work, and the fit probe of the widest layer each take 1) and 0.1 s per
+    forward, each layer costs the student's half forward per batch + its share of the probe's
+    statistics (by moment work, scaled to all batches) + its share of the probe's solve (by
     width³), and the original's inputs one forward per batch — exactly (tolerance 1e-9)."""
     import lrcompress.commands.decompose as dec
     from lrcompress.model.input_stats import kinds_for, moment_cost
@@ -262,12 +262,12 @@ def test_sequential_fit_estimate_costs_every_fitted_layer_from_one_probe(resnet_
     costs = [moment_cost(lo.spec, kinds_for(lo.spec, {o.factorization for o in lo.options}))
              for lo in ctx.problem.layers]
     costs = [c for c in costs if c[1]]
-    work0, width0 = max(costs, key=lambda c: c[1])
+    work0 = max(w for w, _ in costs)
+    width0 = max(d for _, d in costs)
     n = len(ctx.batches)
     assert n > dec.PROBE_BATCHES  # the scaling is exercised
-    stats_only = 1 - 2 * dec.PROBE_BATCHES * 0.1
-    want = n * 0.1 + sum(n * 0.1 / 2 + n / dec.PROBE_BATCHES * stats_only * w / work0
-                         + (d / width0) ** 3 for w, d in costs)
+    want = n * 0.1 + sum(n * 0.1 / 2 + n / dec.PROBE_BATCHES * w / work0 + (d / width0) ** 3
+                         for w, d in costs)
     assert row[:3] == ("decomposition: sequential fit", len(costs), "layers")
     assert row[3] * row[1] == pytest.approx(want, rel=1e-9)
     assert dec.sequential_fit_estimate(ctx.model, ctx.problem, [], 0.1) is None

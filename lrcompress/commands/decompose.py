@@ -108,15 +108,14 @@ PROBE_BATCHES = 2  # batches the probe collects its statistics on
 
 def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: list,
                             forward_s: float) -> tuple[str, int, str, float] | None:
-    """The sequential fit's estimate row (stage, units, unit, seconds per unit), from a
-    probe: the fit of the layer with the widest second moment (the largest solve), at its
-    largest useful rank, timed in two parts — its statistics (on the first ``PROBE_BATCHES``
-    batches, scaled to all of them, less the probe's own two forwards per batch) and its
-    decomposition. Every layer is then costed as the student's forward stopped at it
-    (``forward_s`` per batch for the whole model, half on average), its statistics scaled by
-    their work and its decomposition by width³ from the probe's (``input_stats.moment_cost``);
-    the original's layer inputs add one whole forward per batch (:class:`ReferenceInputs`).
-    None when no layer has an activation fit."""
+    """The sequential fit's estimate row (stage, units, unit, seconds per unit), from two
+    probes: the statistics of the layer with the most moment work (on the first
+    ``PROBE_BATCHES`` batches, scaled to all of them) and the fit of the layer with the widest
+    second moment (the largest solve) at its largest useful rank. Every layer is then costed as
+    the student's forward stopped at it (``forward_s`` per batch for the whole model, half on
+    average), its statistics scaled by their work and its decomposition by width³ from the
+    probes' (``input_stats.moment_cost``); the original's layer inputs add one whole forward
+    per batch (:class:`ReferenceInputs`). None when no layer has an activation fit."""
     cands = []
     for i, lo in enumerate(problem.layers):
         kinds = kinds_for(lo.spec, {o.factorization for o in lo.options})
@@ -125,21 +124,29 @@ def sequential_fit_estimate(source: nn.Module, problem: RankProblem, batches: li
             cands.append((i, kinds, work, width))
     if not cands or not batches:
         return None
-    i, kinds, work0, width0 = max(cands, key=lambda c: c[3])
+    probe = batches[:PROBE_BATCHES]  # statistics scale with the batches: timed on a few
+    iw, kinds_w, work0, _ = max(cands, key=lambda c: c[2])
+    t0 = clock()
+    stats = _probe_stats(source, problem.layers[iw].spec, kinds_w, probe)
+    t1 = clock()
+    i, kinds, _, width0 = max(cands, key=lambda c: c[3])
     lo = problem.layers[i]
+    if i != iw:
+        stats = _probe_stats(source, lo.spec, kinds, probe)
     top = max((o for o in lo.options if o.factorization != DENSE), key=lambda o: o.rank)
     mod = source.get_submodule(lo.spec.name)
-    probe = batches[:PROBE_BATCHES]  # statistics scale with the batches: timed on a few
-    t0 = clock()
-    stats, _ = collect_paired_stats(source, source, probe, lo.spec.name, lo.spec, kinds)
-    t1 = clock()
-    # the probe ran two forwards per batch stopped at its (widest, so usually deep) layer
-    per_stats = max(t1 - t0 - 2 * len(probe) * forward_s, 0.0) * len(batches) / len(probe)
+    t2 = clock()
     get_factorization(top.factorization).from_weight(mod.weight, mod.bias, lo.spec, top.rank,
                                                      stats=stats)
-    t2 = clock()
+    t3 = clock()
+    per_stats = (t1 - t0) * len(batches) / len(probe)
     n_fwd = len(batches) * forward_s / 2  # the student's, stopped at the layer
     total = len(batches) * forward_s + sum(
-        n_fwd + per_stats * work / work0 + (t2 - t1) * (width / width0) ** 3
+        n_fwd + per_stats * work / work0 + (t3 - t2) * (width / width0) ** 3
         for _, _, work, width in cands)
     return ("decomposition: sequential fit", len(cands), "layers", total / len(cands))
+
+
+def _probe_stats(source: nn.Module, spec, kinds, batches):
+    """The paired statistics of one layer of ``source`` against itself (the probe's work)."""
+    return collect_paired_stats(source, source, batches, spec.name, spec, kinds)[0]

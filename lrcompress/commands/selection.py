@@ -4,6 +4,7 @@ run-time estimate announced first and, under the activation fit, rene's candidat
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
     if run.enabled and cfg.cache_dir is None:
         run.record(f"{CACHE_DIR}/{SIGNALS_FILE}")
     cache = Cache(None if cache_dir is None else Path(cache_dir) / SIGNALS_FILE)
+    t0 = time.perf_counter()
     stats = search_stats(model, problem, batches, cfg, progress)
+    t_stats = time.perf_counter() - t0
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
     ctx = SelectContext(model, problem, batches, device, cache, cfg.seed,
@@ -117,7 +120,10 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
 
     if estimate is not None:
         probe = get_estimator(cfg.method)
-        estimate(probe(ctx) if probe is not None and batches else [])
+        rows = probe(ctx) if probe is not None and batches else []
+        if rows and stats:  # already spent: counted so that the total is the run's
+            rows = [("rank selection: input statistics", 1, "pass", t_stats), *rows]
+        estimate(rows)
 
     def select(size):  # --auto-batch: the same calibration samples in smaller batches
         ctx.batches = rebatch(batches, size)
