@@ -235,3 +235,29 @@ def test_chain_fit_of_many_pairs_equals_each_pair_alone(patch):
             rec_ref = torch.einsum("ta,abhw,bs->tshw", ref[2][:, :, 0, 0], ref[1],
                                    ref[0][:, :, 0, 0])
             assert torch.allclose(rec, rec_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_each_factorization_declares_the_moments_its_fit_uses():
+    """kinds_for is the union of what each method declares; given exactly those moments the
+    method's fit is the activation fit, given none the weight fit."""
+    from lrcompress.factorizations import collect_notes
+    from lrcompress.model.input_stats import kinds_for
+
+    conv, one, lin = conv_spec(12, 8, 3, pad=1, bias=False), conv_spec(12, 8, 1), linear_spec(10, 6)
+    want = {"svd": ("patch",), "tt": ("channel", "patch"), "tucker2": ("channel", "patch"),
+            "cp": ("patch",), "cp4": ("patch",)}
+    for m, kinds in want.items():
+        assert kinds_for(conv, [m]) == kinds, m
+        assert kinds_for(one, [m]) == ("patch",) and kinds_for(lin, [m]) == ("patch",)
+    assert kinds_for(conv, ["dense"]) == ()
+    assert kinds_for(conv, ["dense", "cp", "tt"]) == ("channel", "patch")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(conv.weight_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 8 * 9, generator=g, dtype=torch.float64)
+    moments = {"patch": x.T @ x / 200, "channel": x[:, ::9].T @ x[:, ::9] / 200}
+    for m, kinds in want.items():
+        for given, fit in ((kinds, "activation"), ((), "weight")):
+            stats = LayerStats(**{k: moments[k] for k in given})
+            with collect_notes() as notes:
+                get_factorization(m).decompose(w, conv, 3, stats=stats)
+            assert [n["fit"] for n in notes if "fit" in n] == [fit], (m, given)

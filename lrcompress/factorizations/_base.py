@@ -399,6 +399,13 @@ class Factorization:
         return [[f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in fs]
                 for fs in out]
 
+    def fit_moments(self, spec: LayerSpec) -> tuple[str, ...]:
+        """The second moments of the layer's input that this method's activation fit of ``spec``
+        uses, a subset of ``("channel", "patch")`` in that order (``LayerStats`` fields): the
+        patch moment for every matrix fit (linear, 1×1 conv); for a k×k conv what the method
+        declares (empty: no activation fit, the weight fit is used)."""
+        return ("patch",) if is_matrix(spec) else self._conv_fit_moments(spec)
+
     def weight_errors(self, weight, spec: LayerSpec, ranks, **opts) -> list[float]:
         """``‖W − Ŵ(r)‖_F / ‖W‖_F`` of the weight fit at each rank (:func:`relative_error` of
         :meth:`decompose` and :meth:`reconstruct`). Where the fit is a truncated SVD (a matrix)
@@ -473,6 +480,10 @@ class Factorization:
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """Activation-aware k×k fit, or None: this method has none (the weight fit is used)."""
         return None
+
+    def _conv_fit_moments(self, spec: LayerSpec) -> tuple[str, ...]:
+        """The input moments :meth:`_conv_activation_many` uses (none: it has no fit)."""
+        return ()
 
     def _conv_kept_energy(self, w, spec, ranks, opts) -> list[float] | None:
         """``‖Ŵ(r)‖²_F`` per rank where the weight fit is an orthogonal projection of W (then

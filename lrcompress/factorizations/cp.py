@@ -188,6 +188,9 @@ class _CP(Factorization):
             out.append(chain)
         return out
 
+    def _conv_fit_moments(self, spec):
+        return ("patch",)  # the output factor refitted under the patch moment
+
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """The weight fit's chain with its output factor (the last 1×1 conv) refitted by least
         squares under the input's patch second moment (``refit_output_factor``): the other

@@ -51,6 +51,9 @@ class SVD(Factorization):
             out.append([b.reshape(r, s, *spec.kernel), a.reshape(t, r, 1, 1)])
         return out
 
+    def _conv_fit_moments(self, spec):
+        return ("patch",)  # the unfolded weight, whitened by the patch moment
+
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """Whitened SVD of the unfolded weight with the patch second moment (C_in·kh·kw)²."""
         if stats.patch is None or (chol := damped_cholesky(stats.patch, stats.damping)) is None:

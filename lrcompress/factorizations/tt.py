@@ -97,6 +97,10 @@ class TT(Factorization):
             out.append([p2[:r2].reshape(r2, s, 1, 1), g_y, u1[:, :r1].reshape(t, r1, 1, 1)])
         return out
 
+    def _conv_fit_moments(self, spec):
+        # the first factor from the channel moment, the core refit from the patch moment
+        return ("channel", "patch")
+
     def _conv_kept_energy(self, w, spec, ranks, opts):
         """TT-SVD projects twice: ``W → U₁U₁ᵀW`` (rank r1), then the core ``P₁[:r1]`` onto its
         top r2 right-hand components, so ``‖Ŵ‖² = Σ_{j<r2} σ_j²(P₁[:r1] as (r1·k) × S)``."""

@@ -103,6 +103,10 @@ class Tucker2(Factorization):
             out.append(self._chain(core, uo, ui))
         return out
 
+    def _conv_fit_moments(self, spec):
+        # the first factor from the channel moment, the core refit from the patch moment
+        return ("channel", "patch")
+
     def _conv_kept_energy(self, w, spec, ranks, opts):
         """HOSVD projects W on both bases, so ``‖Ŵ‖² = ‖core‖²``, and ``core(r4, r3)`` is the
         leading block of the core at the largest ranks: prefix sums of its squared entries give

@@ -24,25 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompress.factorizations import DAMPING, LayerStats, is_matrix
+from lrcompress.factorizations import DAMPING, FACTORIZATIONS, LayerStats
 from lrcompress.model.plan import Plan
 
 MAX_BYTES = 64 << 20
 WINDOW_BYTES = 512 << 20  # the original's captured layer inputs, per window (ReferenceInputs)
-CHAIN_METHODS = ("tucker2", "tt")
-CP_METHODS = ("cp", "cp4")  # the output factor refitted under the patch moment
-
-
 def kinds_for(spec, methods) -> tuple[str, ...]:
-    """The statistics the activation fits of ``methods`` on the layer ``spec`` use: a subset of
-    ``("channel", "patch")`` (empty: none of them has an activation fit)."""
-    methods = set(methods)
-    if is_matrix(spec) or "svd" in methods:
-        chain = bool(methods & set(CHAIN_METHODS)) and not is_matrix(spec)
-        return ("channel", "patch") if chain else ("patch",)
-    if methods & set(CHAIN_METHODS):
-        return ("channel", "patch")
-    return ("patch",) if methods & set(CP_METHODS) else ()
+    """The statistics the activation fits of ``methods`` (factorization names; others, such as
+    the dense option, are ignored) on the layer ``spec`` use, each as its factorization declares
+    (``Factorization.fit_moments``): a subset of ``("channel", "patch")`` (empty: none of them
+    has an activation fit)."""
+    got = {k for m in methods if m in FACTORIZATIONS
+           for k in FACTORIZATIONS[m].fit_moments(spec)}
+    return tuple(k for k in ("channel", "patch") if k in got)
 
 
 def needs(plan: Plan) -> dict[str, tuple[str, ...]]:

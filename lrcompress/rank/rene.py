@@ -578,7 +578,8 @@ def expected_cost_choice(problem: RankProblem, layers: list[MixedLayer]) -> list
 def _optimise(ctx, problem, mixed: dict, cfg: ReneConfig, kind: str, teacher=None) -> dict:
     params_w = [p for mx in mixed.values() for p in mx.branches.parameters()]
     alphas = [mx.alpha for mx in mixed.values()]
-    opt_w = torch.optim.SGD(params_w, lr=cfg.lr_w, momentum=0.9, nesterov=True)
+    opt_w = (torch.optim.SGD(params_w, lr=cfg.lr_w, momentum=0.9, nesterov=True)
+             if cfg.weight_steps else None)  # the factors stay fixed without the weight step
     opt_a = torch.optim.Adam(alphas, lr=cfg.lr_alpha)
     layers = list(mixed.values())
     costs = [torch.tensor([float(lo.options[j].cost(kind)) for j, _, _ in mx.cands],
