@@ -303,3 +303,53 @@ def test_plans_built_only_to_be_timed_hold_small_finite_weights():
         for p in m.get_submodule(lp.name).parameters():
             assert torch.isfinite(p).all() and p.abs().max() < 0.2  # 0.02 std: < 10 sigma
     assert m(EX).isfinite().all()
+
+
+def test_the_spread_of_paired_rounds_is_the_standard_error_of_their_median():
+    """2 · 1.2533 · (IQR/1.349) / √n of the per-round ratios (1e-12); fewer than MIN_PAIRED
+    rounds fall back to the single runs' IQRs propagated to the ratio."""
+    import math
+    import statistics
+
+    from lrcompress.measure.latency_target import MIN_PAIRED
+
+    paired = (0.60, 0.61, 0.62, 0.60, 0.63, 0.61, 0.62, 0.60, 0.61, 0.62)
+    w = WholeTiming(1.0, 0.61, 0.2, 0.1, paired)
+    q = statistics.quantiles(paired, n=4)
+    assert w.spread == pytest.approx(2 * 1.2533 * (q[2] - q[0]) / 1.349 / math.sqrt(10),
+                                     rel=1e-12)
+    short = WholeTiming(1.0, 0.61, 0.2, 0.1, paired[:MIN_PAIRED - 1])
+    assert short.spread == pytest.approx(0.61 * math.hypot(0.1, 0.1 / (2 * 0.61)), rel=1e-12)
+    assert w.to_dict()["paired_rounds"] == 10 and "paired" not in w.to_dict()
+
+
+def test_paired_rounds_cancel_a_slow_down_both_models_share():
+    """Rounds slowed by up to 2× (the same factor for both models of a round, as on a busy
+    machine): single-run IQRs call the ratio uncertain by > 0.05, the paired rounds by < 0.005
+    — so a 0.02 miss is re-solved instead of passing as noise."""
+    g = torch.Generator().manual_seed(0)
+    slow = (1 + torch.rand(20, generator=g)).tolist()
+    o = [1.0 * f for f in slow]
+    c = [0.6 * f * (1 + 0.002 * (i % 3 - 1)) for i, f in enumerate(slow)]
+    qo, qc = (torch.tensor(o).quantile(torch.tensor([0.25, 0.75])),
+              torch.tensor(c).quantile(torch.tensor([0.25, 0.75])))
+    unpaired = WholeTiming(sorted(o)[10], sorted(c)[10], float(qo[1] - qo[0]),
+                           float(qc[1] - qc[0]))
+    paired = WholeTiming(unpaired.original_ms, unpaired.compressed_ms, unpaired.original_iqr_ms,
+                         unpaired.compressed_iqr_ms, tuple(b / a for a, b in zip(o, c)))
+    assert unpaired.spread > 0.05
+    assert paired.spread < 0.005
+
+
+def test_measure_whole_keeps_every_rounds_ratio():
+    """Real timing of a tiny model against itself on ORT (no figure asserted): one ratio per
+    round, positive, and their median near the ratio of the medians (within 2×)."""
+    from lrcompress.measure.latency_target import measure_whole
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    model(EX)
+    cfg = LatencyConfig(engine="ort-cpu", threads=1, batch=1, repeats=6, warmup=1)
+    w = measure_whole(model, model, (1, 28, 28), cfg)
+    assert len(w.paired) == 6 and all(r > 0 for r in w.paired)
+    med = sorted(w.paired)[3]
+    assert 0.5 * w.ratio <= med <= 2 * w.ratio

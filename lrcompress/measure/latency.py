@@ -48,6 +48,7 @@ class LatencyConfig:
     torch: bool = True  # time PyTorch eager (CPU, and CUDA when available)
     per_layer: bool = True  # the per-layer dense-vs-factorized table (compressed models)
     slower_margin: float = 0.05  # a layer is "slower" when its speed-up < 1 − margin (noise)
+    keep_times: bool = False  # each row also holds every timed run (``times_ms``, run order)
 
     def __post_init__(self):
         if self.repeats < 1:
@@ -94,7 +95,8 @@ def _time_round_robin(fns: dict[str, Callable[[], object]], cfg: LatencyConfig,
     out = {}
     for n, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[n] = {"median_ms": round(statistics.median(ts), 4), "iqr_ms": round(q[2] - q[0], 4)}
+        out[n] = {"median_ms": round(statistics.median(ts), 4), "iqr_ms": round(q[2] - q[0], 4),
+                  "times_ms": ts}
     return out
 
 
@@ -148,6 +150,8 @@ def measure(models: dict[str, nn.Module], input_size, cfg: LatencyConfig,
                      "all_threads": threads == ncpu if device == "cpu" else None, "batch": batch,
                      "median_ms": {n: s["median_ms"] for n, s in stats.items()},
                      "iqr_ms": {n: s["iqr_ms"] for n, s in stats.items()}})
+        if cfg.keep_times:
+            runs[-1]["times_ms"] = {n: s["times_ms"] for n, s in stats.items()}
         tick()
 
     if cfg.onnxruntime and onnx_models:

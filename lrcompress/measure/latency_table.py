@@ -44,14 +44,14 @@ from lrcompress.measure.layer_timing import (
     MeasuringTimer,
     Timing,
     as_candidate,
+    summarize,
 )
 from lrcompress.model.layers import LayerSpec
 
 __all__ = [
     "AdditiveCheck", "Candidate", "Engine", "LatencyTable", "MeasuringTimer", "Timing",
-    "additive_estimate", "check_additive", "default_cache_dir", "measure_model_timings",
-    "measure_models",
-    "rest_of_graph_ms", "snap_options", "snap_ranks",
+    "additive_estimate", "check_additive", "default_cache_dir", "measure_model_runs",
+    "measure_model_timings", "measure_models", "rest_of_graph_ms", "snap_options", "snap_ranks",
 ]
 
 log = logging.getLogger(__name__)
@@ -329,16 +329,23 @@ def check_additive(specs: Sequence[LayerSpec], choices, table: LatencyTable, ori
 
 def measure_model_timings(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
                           repeats: int = 20, warmup: int = 5) -> dict[str, Timing]:
-    """Whole-model median and IQR (ms) of each model on ``engine``, all timed together,
-    round-robin, with :func:`lrcompress.measure.latency.measure` (ONNX Runtime engines export a
-    CPU copy of each model first; the models themselves are not moved)."""
+    """Whole-model median and IQR (ms) of each model on ``engine`` (:func:`measure_model_runs`)."""
+    return {n: summarize(ts)
+            for n, ts in measure_model_runs(models, input_size, engine, repeats, warmup).items()}
+
+
+def measure_model_runs(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,
+                       repeats: int = 20, warmup: int = 5) -> dict[str, list[float]]:
+    """Every timed run (ms) of each model on ``engine``, all timed together, round-robin (run i
+    of every model in the same round), with :func:`lrcompress.measure.latency.measure` (ONNX
+    Runtime engines export a CPU copy of each model first; the models are not moved)."""
     from lrcompress.measure.latency import LatencyConfig, measure
 
     engine.check_available()
     ort = engine.runtime == "ort"
     cfg = LatencyConfig(repeats=repeats, warmup=warmup, batches=(engine.batch,),
                         threads=(engine.threads,), onnxruntime=ort, torch=not ort,
-                        per_layer=False)
+                        per_layer=False, keep_times=True)
     onnx_models = None
     if ort:
         from lrcompress.deploy.onnx import export_onnx
@@ -352,7 +359,7 @@ def measure_model_timings(models: Mapping[str, torch.nn.Module], input_size, eng
     if row is None:
         raise UserError(f"Latency engine {engine.name} produced no measurement here: "
                         f"{'; '.join(res['notes']) or 'the engine is not available'}.")
-    return {n: Timing(row["median_ms"][n], row["iqr_ms"][n]) for n in models}
+    return {n: list(row["times_ms"][n]) for n in models}
 
 
 def measure_models(models: Mapping[str, torch.nn.Module], input_size, engine: Engine,

@@ -17,6 +17,7 @@ Measuring goes through two functions tests replace with deterministic fakes:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,10 +26,10 @@ from torch import nn
 from lrcompress.errors import UserError
 from lrcompress.measure.latency_table import (
     LatencyTable,
-    measure_model_timings,
+    measure_model_runs,
     snap_options,
 )
-from lrcompress.measure.layer_timing import ENGINES, Engine
+from lrcompress.measure.layer_timing import ENGINES, Engine, summarize
 
 REL_TOL = 0.03  # snapping: times within 3 % (or the IQR) are one latency step
 
@@ -66,14 +67,20 @@ class LatencyConfig:
         return asdict(self)
 
 
+MIN_PAIRED = 5  # paired rounds needed for the paired spread (else the single runs' IQRs)
+
+
 @dataclass(frozen=True)
 class WholeTiming:
-    """Original and compressed model measured whole, round-robin, on one engine (ms)."""
+    """Original and compressed model measured whole, round-robin, on one engine (ms);
+    ``paired``: compressed / original of each round (the two runs of a round are adjacent in
+    time, so machine-wide slow-downs cancel), when the runs were kept."""
 
     original_ms: float
     compressed_ms: float
     original_iqr_ms: float
     compressed_iqr_ms: float
+    paired: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -81,14 +88,24 @@ class WholeTiming:
 
     @property
     def spread(self) -> float:
-        """Half the inter-quartile ranges, propagated to the ratio (relative errors added in
-        quadrature): how far the measured ratio may sit from the truth by noise alone."""
+        """How far the measured ratio may sit from the truth by noise alone. From the paired
+        per-round ratios (at least :data:`MIN_PAIRED` of them): twice the standard error of
+        their median, ``2 · 1.2533 · σ/√n`` with σ from their inter-quartile range (IQR/1.349).
+        Otherwise half the single runs' inter-quartile ranges propagated to the ratio (relative
+        errors added in quadrature) — the spread of one run, several times wider than the
+        uncertainty of a median of 20 (at batch 1, 0.068 where the paired figure was 0.02)."""
+        if len(self.paired) >= MIN_PAIRED:
+            q = statistics.quantiles(self.paired, n=4)
+            sigma = (q[2] - q[0]) / 1.349
+            return 2 * 1.2533 * sigma / math.sqrt(len(self.paired))
         a = self.original_iqr_ms / (2 * self.original_ms)
         b = self.compressed_iqr_ms / (2 * self.compressed_ms)
         return self.ratio * math.hypot(a, b)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": round(self.ratio, 4), "spread": round(self.spread, 4)}
+        d = {k: v for k, v in asdict(self).items() if k != "paired"}
+        return {**d, "ratio": round(self.ratio, 4), "spread": round(self.spread, 4),
+                "paired_rounds": len(self.paired)}
 
 
 def speedup_ratio(speedup) -> float:
@@ -121,9 +138,12 @@ def measure_whole(original: nn.Module, compressed: nn.Module | None, input_size,
     models = {"original": original}
     if compressed is not None:
         models["compressed"] = compressed
-    t = measure_model_timings(models, input_size, cfg.engine_spec(), cfg.repeats, cfg.warmup)
-    c = t["compressed" if compressed is not None else "original"]
-    return WholeTiming(t["original"].median_ms, c.median_ms, t["original"].iqr_ms, c.iqr_ms)
+    runs = measure_model_runs(models, input_size, cfg.engine_spec(), cfg.repeats, cfg.warmup)
+    o = runs["original"]
+    c = runs["compressed" if compressed is not None else "original"]
+    paired = tuple(b / a for a, b in zip(o, c) if a > 0) if compressed is not None else ()
+    to, tc = summarize(o), summarize(c)
+    return WholeTiming(to.median_ms, tc.median_ms, to.iqr_ms, tc.iqr_ms, paired)
 
 
 def option_times(layers, table: LatencyTable, snap: bool, keep_smallest: bool = False
