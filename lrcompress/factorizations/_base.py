@@ -410,7 +410,7 @@ class Factorization:
         """``‖W − Ŵ(r)‖_F / ‖W‖_F`` of the weight fit at each rank (:func:`relative_error` of
         :meth:`decompose` and :meth:`reconstruct`). Where the fit is a truncated SVD (a matrix)
         or a chain of them (TT-SVD), the error follows from singular values alone and no factor
-        is formed (``_conv_weight_errors``); the numbers are the same up to rounding."""
+        is formed (``_conv_kept_energy``); the numbers are the same up to rounding."""
         self._require_support(spec)
         opts = self._check_opts(opts)
         rs = [self.rank_from(spec, r) for r in ranks]

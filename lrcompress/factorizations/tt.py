@@ -41,6 +41,17 @@ def _ranks(rank) -> tuple[int, int]:
     return (rank, rank) if isinstance(rank, int) else tuple(rank)
 
 
+def _unfold(w: torch.Tensor, spec) -> torch.Tensor:
+    """``T̃[t, i·kw+j, s] = W[t, s, i, j]``: the (T, k, S) tensor TT-SVD splits."""
+    return w.permute(0, 2, 3, 1).reshape(spec.out_ch, -1, spec.in_ch)
+
+
+def _first_split(w: torch.Tensor, spec, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """TT-SVD's first step, shared by every rank pair: ``(U₁, P₁)`` of the T × (k·S)
+    unfolding, up to the largest r1."""
+    return left_basis(_unfold(w, spec).reshape(spec.out_ch, -1), max(r1 for r1, _ in pairs))
+
+
 @register
 class TT(Factorization):
     name = "tt"
@@ -78,14 +89,13 @@ class TT(Factorization):
         t, s = spec.out_ch, spec.in_ch
         kh, kw = spec.kernel
         k = kh * kw
-        tensor = w.permute(0, 2, 3, 1).reshape(t, k, s)  # T̃[t, i·kw+j, s] = W[t, s, i, j]
         impl = opts["impl"]
         if impl == "tensorly":
-            return [self._tensorly(tensor, spec, *_ranks(r)) for r in ranks]
+            return [self._tensorly(_unfold(w, spec), spec, *_ranks(r)) for r in ranks]
         if impl != "torch":
             raise ValueError(f"tt: impl must be 'torch' or 'tensorly', got {impl!r}.")
         pairs = [_ranks(r) for r in ranks]
-        u1, p1 = left_basis(tensor.reshape(t, k * s), max(r1 for r1, _ in pairs))  # shared
+        u1, p1 = _first_split(w, spec, pairs)
         second: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for r1, r2 in pairs:
@@ -106,10 +116,10 @@ class TT(Factorization):
         top r2 right-hand components, so ``‖Ŵ‖² = Σ_{j<r2} σ_j²(P₁[:r1] as (r1·k) × S)``."""
         if opts["impl"] != "torch":
             return None
-        t, s = spec.out_ch, spec.in_ch
+        s = spec.in_ch
         k = spec.kernel[0] * spec.kernel[1]
         pairs = [_ranks(r) for r in ranks]
-        _, p1 = left_basis(w.permute(0, 2, 3, 1).reshape(t, k * s), max(r1 for r1, _ in pairs))
+        _, p1 = _first_split(w, spec, pairs)
         by_r1: dict[int, list[int]] = {}
         for r1, r2 in pairs:
             by_r1.setdefault(r1, []).append(r2)

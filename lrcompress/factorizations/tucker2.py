@@ -36,6 +36,15 @@ from lrcompress.factorizations._base import (
 )
 
 
+def _hosvd_bases(w: torch.Tensor, ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HOSVD bases shared by every ``(r4, r3)``: the mode-1 (T × S·k) and mode-2 (S × T·k)
+    unfoldings' left singular vectors, up to the largest ranks."""
+    u_out, _ = left_basis(w.reshape(w.shape[0], -1), max(r[0] for r in ranks), with_p=False)
+    u_in, _ = left_basis(w.transpose(0, 1).reshape(w.shape[1], -1), max(r[1] for r in ranks),
+                         with_p=False)
+    return u_out, u_in
+
+
 def _clip_pair(spec, r4: int, r3: int) -> tuple[int, int]:
     k = khw(spec)
     r4 = max(1, min(r4, spec.out_ch))
@@ -89,11 +98,7 @@ class Tucker2(Factorization):
             return [self._tensorly(w, r, iters) for r in ranks]
         if impl != "torch":
             raise ValueError(f"tucker2: impl must be 'torch' or 'tensorly', got {impl!r}.")
-        t, s = spec.out_ch, spec.in_ch
-        # HOSVD bases, shared by all ranks: mode-1 (T × S·k) and mode-2 (S × T·k) unfoldings.
-        u_out, _ = left_basis(w.reshape(t, -1), max(r[0] for r in ranks), with_p=False)
-        u_in, _ = left_basis(w.transpose(0, 1).reshape(s, -1), max(r[1] for r in ranks),
-                             with_p=False)
+        u_out, u_in = _hosvd_bases(w, ranks)
         out = []
         for r4, r3 in ranks:
             uo, ui = u_out[:, :r4], u_in[:, :r3]
@@ -113,10 +118,7 @@ class Tucker2(Factorization):
         every pair (HOOI sweeps or tensorly: None, reconstruct)."""
         if opts["hooi_iters"] != 0 or opts["impl"] != "torch":
             return None
-        t, s = spec.out_ch, spec.in_ch
-        u_out, _ = left_basis(w.reshape(t, -1), max(r[0] for r in ranks), with_p=False)
-        u_in, _ = left_basis(w.transpose(0, 1).reshape(s, -1), max(r[1] for r in ranks),
-                             with_p=False)
+        u_out, u_in = _hosvd_bases(w, ranks)
         energy = torch.einsum("tshw,to,si->oihw", w, u_out, u_in).square().sum(dim=(2, 3))
         cum = torch.nn.functional.pad(energy.cumsum(0).cumsum(1), (1, 0, 1, 0))
         return [float(cum[min(r4, cum.shape[0] - 1), min(r3, cum.shape[1] - 1)])

@@ -29,6 +29,8 @@ from lrcompress.model.plan import Plan
 
 MAX_BYTES = 64 << 20
 WINDOW_BYTES = 512 << 20  # the original's captured layer inputs, per window (ReferenceInputs)
+
+
 def kinds_for(spec, methods) -> tuple[str, ...]:
     """The statistics the activation fits of ``methods`` (factorization names; others, such as
     the dense option, are ignored) on the layer ``spec`` use, each as its factorization declares
@@ -269,40 +271,12 @@ class ReferenceInputs:
         return out
 
     def _capture(self, x: torch.Tensor, names: list[str], sizing: bool) -> dict:
-        """One forward of the original on ``x``: the first input of each of ``names``, stopped
-        once all are captured or (``sizing``) once the next one would pass the budget."""
-        seen: dict[str, torch.Tensor] = {}
-        size = 0
-
-        def hook(name):
-            def fn(_mod, args):
-                nonlocal size
-                if name in seen:
-                    return  # a module called twice: its first input is the layer's
-                t = args[0].detach()
-                if sizing:
-                    size += t.numel() * t.element_size() * len(self.batches)
-                    if seen and size > self.max_bytes:
-                        raise _Captured
-                seen[name] = t
-                if len(seen) == len(names):
-                    raise _Captured
-            return fn
-
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n))
-                   for n in names]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.model(x.to(next(self.model.parameters()).device))
-        except _Captured:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was_training)
+        """One forward of the original on ``x``: the inputs of ``names`` (:func:`_capture_inputs`),
+        within the budget while the window is being sized."""
         self.forwards += 1
-        return seen
+        budget = self.max_bytes // len(self.batches) if sizing else None
+        return _capture_inputs(self.model, x.to(next(self.model.parameters()).device), names,
+                              budget)
 
 
 @torch.no_grad()
@@ -347,13 +321,37 @@ def collect_paired_stats(original: nn.Module, current: nn.Module, batches, name:
 
 def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """The input of ``model``'s layer ``name`` on ``x`` (the forward stops there)."""
-    got = []
+    got = _capture_inputs(model, x, [name])
+    if not got:
+        raise RuntimeError(f"layer {name!r} was not called in the forward pass")
+    return got[name]
 
-    def hook(_mod, args):
-        got.append(args[0].detach())
-        raise _Captured
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+def _capture_inputs(model: nn.Module, x: torch.Tensor, names: list[str],
+                   max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """One forward of ``model`` (in eval mode) on ``x``: the first input of each of ``names``
+    (a module called twice keeps its first), the forward stopped once all are captured or
+    (``max_bytes``) once the next one would take the captured inputs over it (the first is
+    always kept). Layers not reached are absent."""
+    seen: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def hook(name):
+        def fn(_mod, args):
+            nonlocal size
+            if name in seen:
+                return
+            t = args[0].detach()
+            if max_bytes is not None:
+                size += t.numel() * t.element_size()
+                if seen and size > max_bytes:
+                    raise _Captured
+            seen[name] = t
+            if len(seen) == len(names):
+                raise _Captured
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     was_training = model.training
     model.eval()
     try:
@@ -361,8 +359,7 @@ def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     except _Captured:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         model.train(was_training)
-    if not got:
-        raise RuntimeError(f"layer {name!r} was not called in the forward pass")
-    return got[0]
+    return seen
