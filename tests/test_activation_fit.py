@@ -207,7 +207,6 @@ def test_chain_fit_of_many_pairs_equals_each_pair_alone(patch):
     """Candidates share one solve (leading blocks of the largest r_in): every pair's factors equal
     the pair fitted alone, and with a measured patch moment the Kronecker-product form, to 1e-8."""
     from lrcompress.factorizations._activation import chain_fit, damped_cholesky
-    from lrcompress.factorizations._base import left_basis
 
     g = torch.Generator().manual_seed(3)
     t, s, kh, kw = 10, 7, 3, 3
@@ -220,9 +219,9 @@ def test_chain_fit_of_many_pairs_equals_each_pair_alone(patch):
     damped = cols.T @ cols / cols.shape[0]
     stats = LayerStats(patch=damped if patch else None, channel=chan.T @ chan / chan.shape[0])
     pairs = [(2, 1), (5, 3), (3, 3), (10, 7), (4, 6)]
-    many = chain_fit(w, pairs, stats, left_basis)
+    many = chain_fit(w, pairs, stats)
     for pair, fs in zip(pairs, many):
-        alone = chain_fit(w, [pair], stats, left_basis)[0]
+        alone = chain_fit(w, [pair], stats)[0]
         for f, f1 in zip(fs, alone):
             assert torch.allclose(f, f1, rtol=1e-8, atol=1e-10)
         if patch:

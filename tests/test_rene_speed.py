@@ -271,3 +271,57 @@ def test_sequential_fit_estimate_costs_every_fitted_layer_from_one_probe(resnet_
     assert row[:3] == ("decomposition: sequential fit", len(costs), "layers")
     assert row[3] * row[1] == pytest.approx(want, rel=1e-9)
     assert dec.sequential_fit_estimate(ctx.model, ctx.problem, [], 0.1) is None
+
+
+def test_the_first_step_reuses_the_probes_mixed_layers_exactly(resnet_ckpt, monkeypatch):
+    """Frozen factors: the first narrowing step takes the run-time probe's mixed layers (their
+    candidate weights already formed) with the logits reset, and gives the same choice and the
+    same per-iteration losses, bit for bit, as a search without the probe."""
+    cfg = replace(CFG, weight_steps=False)
+    fresh_choice, fresh_trace = rene.softmax_search(_ctx(resnet_ckpt, cfg), cfg)
+    ctx = _ctx(resnet_ckpt, cfg)
+    assert rene.estimate(ctx)
+    factors, probed = ctx.scratch.pop("rene_factors"), ctx.scratch.pop("rene_mixed")
+    built = []
+    real = rene._mixed_layer
+    monkeypatch.setattr(rene, "_mixed_layer", lambda *a: built.append(1) or real(*a))
+    choice, trace = rene.softmax_search(ctx, cfg, None, factors, probed)
+    assert choice == fresh_choice
+    assert _results(trace) == _results(fresh_trace)
+    n = len(ctx.problem.layers)
+    assert len(trace["steps"]) >= 2 and len(built) == n * (len(trace["steps"]) - 1)
+
+
+@pytest.mark.parametrize("k,stride,pad,hw,cut", [
+    (3, 1, 1, (1, 1), (1, 1)),  # a 3×3 conv on a 1×1 map: only the centre tap is live
+    (5, 1, 2, (2, 2), (3, 3)),
+    (3, 2, 1, (2, 2), None),  # taps 1-2 live: not a symmetric border, kept whole
+    (3, 1, 1, (4, 4), None),
+    (3, 1, (1, 0), (1, 3), (1, 3)),
+])
+def test_a_frozen_mixed_layer_without_its_dead_taps_gives_the_same_outputs_and_gradients(
+        k, stride, pad, hw, cut):
+    """Kernel taps that only meet zero padding are cut off the mixed weight: the output and the
+    α gradient equal those of the whole kernel (float64, 1e-10)."""
+    from tests.test_factorizations import conv_spec
+
+    spec = conv_spec(6, 5, k, stride=stride, pad=pad, hw=hw, bias=True)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 6, k, stride=stride, padding=pad).double()
+    cands = [(0, "tt", 2), (1, "tt", 4), (2, DENSE, 0)]
+    fact = get_factorization("tt")
+    factors = fact.decompose_many(conv.weight.detach(), spec, [2, 4]) + [[]]
+    mx = rene.MixedLayer(conv, spec, cands, factors, batch=4, probes=4, frozen=True)
+    whole = rene.MixedLayer(conv, spec, cands, factors, batch=4, probes=4, frozen=True)
+    whole.live = None
+    assert (None if mx.live is None else mx.live.shape[2:]) == cut
+    x = torch.randn(4, 5, *hw, dtype=torch.float64)
+    for m in (mx, whole):
+        m.mix_outputs = False
+        with torch.no_grad():
+            m.alpha.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    y, y0 = mx(x), whole(x)
+    assert torch.allclose(y, y0, atol=1e-10)
+    y.square().sum().backward()
+    y0.square().sum().backward()
+    assert torch.allclose(mx.alpha.grad, whole.alpha.grad, atol=1e-10)

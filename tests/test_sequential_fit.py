@@ -181,3 +181,21 @@ def test_paired_statistics_are_the_same_with_captured_reference_inputs():
                                     reference=ref)
         assert torch.equal(a.cross, b.cross) and torch.equal(a.patch, b.patch)
         assert not torch.equal(a.cross, a.patch)  # the two models' inputs differ
+
+
+@pytest.mark.parametrize("width", [300, 700, 1031])
+def test_wide_second_moments_summed_as_an_upper_block_triangle_equal_the_full_product(width):
+    """A second moment wide enough to be summed by blocks (upper block triangle, mirrored)
+    equals ``Σ xᵀx / n`` over the same rows (float64, 1e-12) and is exactly symmetric."""
+    from lrcompress.model import input_stats
+
+    g = torch.Generator().manual_seed(4)
+    blocks = [torch.randn(n, width, generator=g, dtype=torch.float64) for n in (50, 17)]
+    moment = input_stats._Moment()
+    for x in blocks:
+        moment.add(x, x)
+    x = torch.cat(blocks)
+    got = moment.mean()
+    assert moment.upper == (width >= 2 * input_stats.SYM_BLOCK)
+    assert torch.allclose(got, x.T @ x / len(x), atol=1e-12, rtol=0)
+    assert torch.equal(got, got.T)

@@ -50,3 +50,23 @@ def test_weight_errors_of_a_zero_weight_are_zero():
     spec = conv_spec(6, 4, 3, pad=1)
     assert get_factorization("tt").weight_errors(torch.zeros(spec.weight_shape), spec,
                                                   [1, 3]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("rows,cols", [(30, 8), (6, 20), (12, 12)])
+def test_prefix_grams_give_each_leading_block_its_own_basis(rows, cols):
+    """The bases from shared Gram matrices of leading rows equal :func:`left_basis` of each
+    block on its own (1e-9), on both sides of n = cols."""
+    from lrcompress.factorizations._linalg import basis_from_gram, left_basis, prefix_grams
+
+    g = torch.Generator().manual_seed(2)
+    m = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    m[:, : cols // 2] *= 0.1  # distinct singular values
+    ns = sorted({1, 3, cols - 1, cols, min(rows, cols + 1), rows})
+    grams = prefix_grams(m, ns)
+    assert sorted(grams) == ns
+    for n in ns:
+        k = min(n, cols)
+        u, p = basis_from_gram(m[:n], *grams[n], k)
+        u0, p0 = left_basis(m[:n], k)
+        assert torch.allclose(u @ p, u0 @ p0, atol=1e-9)  # the same projection
+        assert torch.allclose(u, u0, atol=1e-9)  # and the same signs (deterministic basis)

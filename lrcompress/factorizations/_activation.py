@@ -26,6 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lrcompress.factorizations._linalg import (
+    balanced_split,
+    basis_from_gram,
+    left_basis,
+    prefix_grams,
+)
+
 DAMPING = 1e-2
 
 
@@ -69,7 +76,7 @@ def unwhiten(b: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, b, upper=False, left=False)
 
 
-def whitened_splits(m: torch.Tensor, chol: torch.Tensor, ranks, left_basis, balanced_split):
+def whitened_splits(m: torch.Tensor, chol: torch.Tensor, ranks):
     """``[(A, B)]`` per rank: the balanced split of the truncated SVD of ``m L``, with ``B``
     un-whitened, so ``A B`` minimises ``‖(m − A B) L‖_F`` over rank-r matrices."""
     u, p = left_basis(m @ chol, max(ranks))
@@ -86,7 +93,7 @@ def _pad_cols(u: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([u, u.new_zeros(u.shape[0], r - u.shape[1])], dim=1)
 
 
-def chain_fit(w: torch.Tensor, pairs, stats: LayerStats, left_basis):
+def chain_fit(w: torch.Tensor, pairs, stats: LayerStats):
     """Activation-aware (1×1 S→r_in, k×k core r_in→r_out, 1×1 r_out→T) chain factors per
     ``(r_out, r_in)`` pair: ``[[A (r_in,S,1,1), G (r_out,r_in,kh,kw), U (T,r_out,1,1)], ...]``,
     or None when the statistics cannot weight the fit (the caller keeps the weight fit)."""
@@ -109,12 +116,16 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats, left_basis):
     a_top = unwhiten(_pad_cols(v, top).T, chol_c)  # top × S, A Σ_c Aᵀ = I
     solve = (_IndependentTaps(w, chol_c, a_top) if sigma_p is None
              else _PatchSolve(w, sigma_p, a_top, k))
+    # The whitened map of every r_in is the leading r_in·k columns of the largest one, so
+    # their Gram matrices (for the output basis) share one product.
+    grams = prefix_grams(solve.whitened.T, [r3 * k for _, r3 in pairs])
     out = []
     for r4, r3 in pairs:
-        m_star, whitened = solve.pair(r3)
-        u, _ = left_basis(whitened, r4, with_p=False)
+        n = r3 * k
+        gram, outer_t = grams[n]  # a Gram matrix of whitenedᵀ: outer for it is inner for us
+        u, _ = basis_from_gram(solve.whitened[:, :n], gram, not outer_t, r4, with_p=False)
         u = _pad_cols(u, r4)
-        core = (u.T @ m_star).reshape(r4, r3, kh, kw)
+        core = solve.core(u, n).reshape(r4, r3, kh, kw)
         out.append([a_top[:r3].reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
     return out
 
@@ -124,19 +135,21 @@ class _IndependentTaps:
 
     def __init__(self, w, chol_c, a_top):
         sca = chol_c @ (chol_c.T @ a_top.T)  # (damped Σ_c) Aᵀ, S × top
-        self.m = torch.einsum("tshw,si->tihw", w, sca).reshape(w.shape[0], a_top.shape[0], -1)
+        self.whitened = torch.einsum("tshw,si->tihw", w, sca).reshape(w.shape[0], -1)
 
-    def pair(self, r3: int):
-        m_star = self.m[:, :r3].reshape(self.m.shape[0], -1)
-        return m_star, m_star
+    def core(self, u: torch.Tensor, n: int) -> torch.Tensor:
+        """``Uᵀ M*`` for the leading ``n`` columns (``M*`` = its whitened map here)."""
+        return u.T @ self.whitened[:, :n]
 
 
 class _PatchSolve:
     """The measured patch moment: with ``P = A ⊗ I_k`` (rows channel-major like ``F.unfold``),
-    ``M* = W Σ_p Pᵀ Σ_q⁻¹`` and ``Σ_q = P Σ_p Pᵀ``. Formed once for the largest r_in, without
-    the Kronecker product (k² times fewer operations); each smaller r_in takes the leading
-    ``r_in·k`` columns of ``W Σ_p Pᵀ`` and the leading block of the Cholesky factor of ``Σ_q``
-    (which is the Cholesky factor of the leading block of Σ_q)."""
+    ``M* = W Σ_p Pᵀ Σ_q⁻¹`` and ``Σ_q = P Σ_p Pᵀ = L Lᵀ``; the output basis comes from the
+    whitened map ``M* L = W Σ_p Pᵀ L⁻ᵀ``. Formed once for the largest r_in, without the
+    Kronecker product (k² times fewer operations). A smaller r_in takes the leading ``r_in·k``
+    rows of P: ``L`` of that block is the leading block of ``L``, and since ``L⁻ᵀ`` is upper
+    triangular, its whitened map is the leading columns of the largest one; its core
+    ``Uᵀ M* = (Uᵀ (M* L)) L⁻¹`` is one triangular solve on r_out rows."""
 
     def __init__(self, w, sigma_p, a_top, k: int):
         s = a_top.shape[1]
@@ -145,15 +158,14 @@ class _PatchSolve:
         sp = sp.reshape(s * k, -1)
         # P Σ_p Pᵀ: [(i, τ), (j, τ')] = Σ_s A[i, s] (Σ_p Pᵀ)[(s, τ), (j, τ')]
         sigma_q = torch.einsum("ic,cqn->iqn", a_top, sp.reshape(s, k, -1))
-        self.k = k
         self.cq = torch.linalg.cholesky(sigma_q.reshape(sp.shape[1], -1))
-        self.wsp = w.reshape(w.shape[0], -1) @ sp
+        wsp = w.reshape(w.shape[0], -1) @ sp
+        self.whitened = torch.linalg.solve_triangular(self.cq, wsp.T, upper=False).T
 
-    def pair(self, r3: int):
-        n = r3 * self.k
-        cq = self.cq[:n, :n]
-        m_star = torch.cholesky_solve(self.wsp[:, :n].T, cq).T
-        return m_star, m_star @ cq
+    def core(self, u: torch.Tensor, n: int) -> torch.Tensor:
+        """``Uᵀ M*`` for the leading ``n`` rows of P."""
+        return torch.linalg.solve_triangular(self.cq[:n, :n], u.T @ self.whitened[:, :n],
+                                             upper=False, left=False)
 
 
 class Whitener:

@@ -32,6 +32,7 @@ from torch import nn
 
 from lrcompress.errors import UserError
 from lrcompress.factorizations._activation import corrected_weight
+from lrcompress.factorizations._linalg import balanced_split, left_basis, top_energy
 from lrcompress.model.layers import LayerSpec
 
 Rank = int | tuple[int, ...]
@@ -107,60 +108,6 @@ def tensorly_context():
 def work_tensor(weight: torch.Tensor) -> torch.Tensor:
     """A float64 copy of the weight on its own device, detached (the math never needs autograd)."""
     return weight.detach().to(dtype=torch.float64, copy=True)
-
-
-def _sign_fix(basis: torch.Tensor) -> torch.Tensor:
-    """+1/-1 per column so that each column's largest-magnitude entry is positive (tensorly's
-    ``svd_flip`` convention), which makes the factors deterministic across solvers."""
-    idx = basis.abs().argmax(dim=0)
-    signs = torch.sign(basis.gather(0, idx[None, :]))[0]
-    return torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def left_basis(m: torch.Tensor, k: int | None = None, with_p: bool = True):
-    """``(U, P)`` with ``U`` (rows×k) orthonormal columns and ``P = Σ Vᵀ`` (k×cols), components in
-    decreasing singular value order, ``k`` at most ``min(rows, cols)`` (the default):
-    ``U[:, :r] @ P[:r]`` is the best rank-r approximation and ``U @ P == m`` at full rank. A column
-    for an exactly zero singular value is left zero when rows > cols (it contributes nothing).
-    ``with_p=False`` skips forming ``P`` and returns ``(U, None)``.
-
-    Computed from the eigendecomposition of the smaller Gram matrix, not ``torch.linalg.svd``:
-    for a 512×4608 matricization that is 0.08 s against 0.65 s (single thread, float64), and the
-    squared condition number only blurs components below ~1e-8·σ₁, which no truncation keeps.
-    ``P`` is formed from ``m`` itself (not from ``√λ``), so ``U @ P`` projects ``m`` exactly.
-    """
-    rows, cols = m.shape
-    k = min(rows, cols) if k is None else min(k, rows, cols)
-    if rows <= cols:
-        _, u = torch.linalg.eigh(m @ m.T)
-        u = u.flip(1)[:, :k]
-        u = u * _sign_fix(u)
-        return u, (u.T @ m if with_p else None)
-    _, v = torch.linalg.eigh(m.T @ m)
-    v = v.flip(1)[:, :k]
-    q = m @ v  # = U Σ
-    s = q.norm(dim=0)
-    u = q / torch.where(s > 0, s, torch.ones_like(s))
-    sign = _sign_fix(u)
-    return u * sign, ((v * (s * sign)).T if with_p else None)
-
-
-def balanced_split(u: torch.Tensor, p: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` = ``(U Σ^½, Σ^½ Vᵀ)`` truncated to r, from :func:`left_basis` output."""
-    u, p = u[:, :r], p[:r]
-    s = p.norm(dim=1)  # = σ; exactly consistent with P, so B never blows up for tiny σ
-    root = s.sqrt()
-    safe = torch.where(root > 0, root, torch.ones_like(root))
-    return u * root, p / safe[:, None]
-
-
-def top_energy(m: torch.Tensor, ranks) -> list[float]:
-    """``Σ_{i<r} σ_i²`` of ``m`` for each r: the squared norm of its best rank-r approximation
-    (eigenvalues of the smaller Gram matrix, like :func:`left_basis`)."""
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    cum = torch.cat([ev.new_zeros(1), ev.cumsum(0)])
-    return [float(cum[min(int(r), len(ev))]) for r in ranks]
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -468,8 +415,7 @@ class Factorization:
             return None
         m = w.reshape(spec.out_ch, spec.in_ch)
         out = []
-        for r, (a, b) in zip(ranks, whitened_splits(m, chol.to(m.device), ranks, left_basis,
-                                                    balanced_split)):
+        for r, (a, b) in zip(ranks, whitened_splits(m, chol.to(m.device), ranks)):
             if spec.kind == "conv2d":
                 b, a = b.reshape(r, spec.in_ch, 1, 1), a.reshape(spec.out_ch, r, 1, 1)
             out.append([b, a])

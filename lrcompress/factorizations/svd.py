@@ -59,8 +59,7 @@ class SVD(Factorization):
         if stats.patch is None or (chol := damped_cholesky(stats.patch, stats.damping)) is None:
             return None
         t, s = spec.out_ch, spec.in_ch
-        pairs = whitened_splits(w.reshape(t, -1), chol.to(w.device), ranks, left_basis,
-                                balanced_split)
+        pairs = whitened_splits(w.reshape(t, -1), chol.to(w.device), ranks)
         return [[b.reshape(r, s, *spec.kernel), a.reshape(t, r, 1, 1)]
                 for r, (a, b) in zip(ranks, pairs)]
 

@@ -33,8 +33,8 @@ from lrcompress.factorizations._base import (
     norm_int_rank,
     register,
     tensorly_context,
-    top_energy,
 )
+from lrcompress.factorizations._linalg import basis_from_gram, gram_top_energy, prefix_grams
 
 
 def _ranks(rank) -> tuple[int, int]:
@@ -50,6 +50,13 @@ def _first_split(w: torch.Tensor, spec, pairs) -> tuple[torch.Tensor, torch.Tens
     """TT-SVD's first step, shared by every rank pair: ``(U₁, P₁)`` of the T × (k·S)
     unfolding, up to the largest r1."""
     return left_basis(_unfold(w, spec).reshape(spec.out_ch, -1), max(r1 for r1, _ in pairs))
+
+
+def _second_grams(p1: torch.Tensor, s: int, k: int, pairs):
+    """The second split's matrix for every r1 is the leading ``r1·k`` rows of ``P₁`` as
+    ``(r1max·k) × S``: that matrix and the Gram matrices of every r1's rows (shared work)."""
+    m2 = p1.reshape(-1, s)
+    return m2, prefix_grams(m2, [r1 * k for r1, _ in pairs])
 
 
 @register
@@ -96,12 +103,13 @@ class TT(Factorization):
             raise ValueError(f"tt: impl must be 'torch' or 'tensorly', got {impl!r}.")
         pairs = [_ranks(r) for r in ranks]
         u1, p1 = _first_split(w, spec, pairs)
+        m2, grams = _second_grams(p1, s, k, pairs)
         second: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for r1, r2 in pairs:
             if r1 not in second:
                 top = max(b for a, b in pairs if a == r1)
-                second[r1] = left_basis(p1[:r1].reshape(r1 * k, s), top)
+                second[r1] = basis_from_gram(m2[:r1 * k], *grams[r1 * k], top)
             u2, p2 = second[r1]
             g_y = u2[:, :r2].reshape(r1, kh, kw, r2).permute(0, 3, 1, 2)
             out.append([p2[:r2].reshape(r2, s, 1, 1), g_y, u1[:, :r1].reshape(t, r1, 1, 1)])
@@ -120,17 +128,18 @@ class TT(Factorization):
         k = spec.kernel[0] * spec.kernel[1]
         pairs = [_ranks(r) for r in ranks]
         _, p1 = _first_split(w, spec, pairs)
+        _, grams = _second_grams(p1, s, k, pairs)
         by_r1: dict[int, list[int]] = {}
         for r1, r2 in pairs:
             by_r1.setdefault(r1, []).append(r2)
         kept = {(r1, r2): e for r1, r2s in by_r1.items()
-                for r2, e in zip(r2s, top_energy(p1[:r1].reshape(r1 * k, s), r2s))}
+                for r2, e in zip(r2s, gram_top_energy(grams[r1 * k][0], r2s))}
         return [kept[pair] for pair in pairs]
 
     def _conv_activation_many(self, w, spec, ranks, opts, stats):
         """The chain is a Tucker-2 chain with (R4, R3) = (r1, r2): the same activation-aware fit
         (:func:`~lrcompress.factorizations._activation.chain_fit`), not TT-SVD."""
-        return chain_fit(w, [_ranks(r) for r in ranks], stats, left_basis)
+        return chain_fit(w, [_ranks(r) for r in ranks], stats)
 
     @staticmethod
     def _tensorly(tensor, spec, r1, r2):

@@ -128,7 +128,7 @@ class Tucker2(Factorization):
         """Input factor from the channel second moment, core and output factor by the
         reduced-rank regression of :func:`~lrcompress.factorizations._activation.chain_fit`
         (``hooi_iters`` and ``impl`` do not apply)."""
-        return chain_fit(w, ranks, stats, left_basis)
+        return chain_fit(w, ranks, stats)
 
     @staticmethod
     def _chain(core, u_out, u_in):

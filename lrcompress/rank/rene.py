@@ -171,7 +171,7 @@ class MixedLayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors,
-                 batch: int, probes: int, white: Whitener | None = None):
+                 batch: int, probes: int, white: Whitener | None = None, frozen: bool = False):
         super().__init__()
         self.spec = spec
         self.cands = cands  # (option index, method, rank)
@@ -210,6 +210,14 @@ class MixedLayer(nn.Module):
             recon_cost += dense * f.scalar_rank(f.rank_from(spec, r))
             out_cost += batch * f.macs(spec, r)
             probe_cost += probes * f.macs(self.probe_spec, r)
+        # Outer kernel taps that only ever meet zero padding (a 3×3 conv on a 1×1 map) are cut
+        # off the mixed weight: the same outputs and α gradients, a smaller product and conv.
+        self.live = _live_taps(spec) if self.is_conv and frozen else None
+        if frozen:
+            # factors fixed: the candidate weights are formed once per step, and each iteration
+            # mixes them (one K × weight product, forward and backward) and runs one dense layer
+            kept = 1.0 if self.live is None else self.live.fraction
+            recon_cost = (len(cands) * dense * 2 + batch * dense_macs(spec)) * kept
         self.mix_outputs = out_cost < recon_cost
         self.probe_weights = probe_cost < recon_cost
         self.n_probes = probes
@@ -221,9 +229,9 @@ class MixedLayer(nn.Module):
         self.white = None if white is None else white.to(dt, dev)
         self.register_buffer("target_norm", self._sq_norm(self.target).detach())
         self._stash: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
-        # Factors frozen (no weight step): the candidate weights are formed once and kept.
-        self.frozen = False
-        self._frozen_recon: list[torch.Tensor] | None = None
+        # Factors frozen (no weight step): the candidate weights are formed once (prepare).
+        self.frozen = frozen
+        self._frozen_recon: torch.Tensor | None = None
 
     def probs(self) -> torch.Tensor:
         """p = softmax(α − μ·c): the budget shift μ·c is set by the projection each iteration."""
@@ -238,7 +246,14 @@ class MixedLayer(nn.Module):
 
     def drop_stash(self) -> None:
         self._stash = None
-        self._frozen_recon = None
+
+    def prepare(self) -> None:
+        """Frozen factors mixed as weights: form the candidates' weights now (once per step),
+        stacked as one K × (weight size) matrix that p mixes in one product (live taps only)."""
+        if self.frozen and not self.mix_outputs and self._frozen_recon is None:
+            cut = (lambda w: w) if self.live is None else self.live.cut
+            with torch.no_grad():
+                self._frozen_recon = torch.stack([cut(w).reshape(-1) for w in self.recon()])
 
     def stashed_recon(self) -> list[torch.Tensor]:
         """:meth:`recon`, taken from the last forward pass when the factors have not changed
@@ -307,11 +322,12 @@ class MixedLayer(nn.Module):
                 y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
             return y
         if self.frozen:
-            if self._frozen_recon is None:
-                with torch.no_grad():
-                    self._frozen_recon = self.recon()
-            recon = self._frozen_recon
-        elif self.reuse_recon and not self.probe_weights and torch.is_grad_enabled():
+            self.prepare()
+            mixed = p.to(self._frozen_recon.dtype) @ self._frozen_recon
+            if self.live is None:
+                return self._dense_apply(mixed.view_as(self.target), x, self.bias)
+            return self.live.apply(mixed, x, self.bias, self.conv_args)
+        if self.reuse_recon and not self.probe_weights and torch.is_grad_enabled():
             recon = self.recon()  # with its graph: the next weight step reuses it
             self._stash = (self._versions(), recon)
             recon = [wk.detach() for wk in recon]
@@ -319,6 +335,48 @@ class MixedLayer(nn.Module):
             with torch.no_grad():
                 recon = self.recon()
         return self._dense_apply(sum(pk * wk for pk, wk in zip(p, recon)), x, self.bias)
+
+
+@dataclass(frozen=True)
+class _LiveTaps:
+    """A conv's kernel cut to the taps that meet its input (:func:`_live_taps`)."""
+
+    shape: tuple[int, int, int, int]  # the cut weight's
+    rows: slice
+    cols: slice
+    padding: tuple[int, int]
+    in_hw: tuple[int, int]
+    fraction: float  # cut taps / all taps
+
+    def cut(self, w: torch.Tensor) -> torch.Tensor:
+        return w[:, :, self.rows, self.cols]
+
+    def apply(self, flat: torch.Tensor, x: torch.Tensor, bias, conv_args: dict) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.in_hw:  # the cut holds only at the measured input size
+            raise RuntimeError(f"mixed layer measured at {self.in_hw} got an input of "
+                               f"{tuple(x.shape[-2:])}")
+        return F.conv2d(x, flat.view(self.shape), bias, **{**conv_args, "padding": self.padding})
+
+
+def _live_taps(spec) -> _LiveTaps | None:
+    """The taps of a k×k conv that meet its input at some output position, where the others
+    form a symmetric border (cut off with the padding reduced by as much, the outputs are the
+    same); None when every tap is live or the cut is not symmetric."""
+    cuts = []
+    for k, s, p, d, n in zip(spec.kernel, spec.stride, spec.padding, spec.dilation, spec.in_hw):
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        live = [t for t in range(k) if any(0 <= o * s - p + t * d < n for o in range(out))]
+        a = live[0] if live else 0
+        ok = live and a == k - 1 - live[-1] and p - a * d >= 0
+        cuts.append(a if ok else 0)
+    if not any(cuts):
+        return None
+    (a, b), (kh, kw) = cuts, spec.kernel
+    rows, cols = slice(a, kh - a), slice(b, kw - b)
+    shape = (spec.out_ch, spec.in_ch // spec.groups, kh - 2 * a, kw - 2 * b)
+    padding = (spec.padding[0] - a * spec.dilation[0], spec.padding[1] - b * spec.dilation[1])
+    return _LiveTaps(shape, rows, cols, padding, tuple(spec.in_hw),
+                     (kh - 2 * a) * (kw - 2 * b) / (kh * kw))
 
 
 def initial_candidates(lo: LayerOptions, n: int) -> tuple[list[int], dict[str, int]]:
@@ -365,11 +423,13 @@ def narrow(lo: LayerOptions, best: int, step: int, refine: int) -> tuple[list[in
 
 
 def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None,
-                   factors: CandidateFactors | None = None) -> tuple[list[int], dict]:
+                   factors: CandidateFactors | None = None,
+                   probed: dict | None = None) -> tuple[list[int], dict]:
     """Run the multi-step search; returns (chosen option per layer, trace).
 
     ``prior[i][j]``, when given, is minus the predicted loss increase of option j of layer i;
-    every step's logits start at prior/τ instead of 0.
+    every step's logits start at prior/τ instead of 0. ``probed``: the run-time probe's mixed
+    layers (:func:`estimate`), which the first step reuses where its candidates are the same.
     """
     problem: RankProblem = ctx.problem
     kind = problem.target.kind
@@ -403,7 +463,8 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None,
         ctx.stage(f"rank selection (rene): {of}, candidate factors per layer",
                   total=len(problem.layers))
         t0 = clock()
-        mixed = _mixed_layers(ctx, cfg, state, prior, factors)
+        mixed = _mixed_layers(ctx, cfg, state, prior, factors, probed)
+        probed = None  # the probe's candidates are the first step's only
         t1 = clock()
         if cfg.weight_steps:
             ctx.stage(f"rank selection (rene): {of}, weight and rank iterations "
@@ -478,27 +539,41 @@ class CandidateFactors:
         return lo.spec.name, lo.options[j].factorization, lo.options[j].rank
 
 
-def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors) -> dict:
-    """One :class:`MixedLayer` per layer over its current candidates, logits at the prior."""
+def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors,
+                  reuse: dict | None = None) -> dict:
+    """One :class:`MixedLayer` per layer over its current candidates, logits at the prior.
+    ``reuse``: mixed layers of an earlier pass (the run-time probe's) over the same candidates
+    with frozen factors, taken as they are with their logits reset (the same layers)."""
     mixed = {}
     for i, (lo, (cands, _)) in enumerate(zip(ctx.problem.layers, state)):
-        base = ctx.model.get_submodule(lo.spec.name)
-        by_j = factors.get(lo, cands)
         cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
-        mx = MixedLayer(base, lo.spec, cl, [by_j[j] for j in cands],
-                        batch=ctx.batches[0][0].shape[0], probes=cfg.probes,
-                        # the Σ-norm weighs only the weight step: not formed without it
-                        white=factors.whitener(lo) if cfg.weight_steps else None)
-        mx.reuse_recon = cfg.exact_speedups
-        mx.frozen = not cfg.weight_steps
-        if mx.frozen:
-            mx.branches.requires_grad_(False)
-        if prior is not None:
-            with torch.no_grad():
+        mx = (reuse or {}).get(lo.spec.name)
+        if (mx is None or mx.cands != cl or not mx.frozen or cfg.weight_steps
+                or not cfg.exact_speedups):
+            mx = _mixed_layer(ctx, cfg, lo, cl, factors)
+        with torch.no_grad():
+            mx.alpha.zero_()
+            mx.alpha.grad = None
+            if prior is not None:
                 mx.alpha.copy_(torch.tensor([prior[i][j] / cfg.prior_temp for j in cands]))
         mixed[lo.spec.name] = mx
         ctx.tick()
     return mixed
+
+
+def _mixed_layer(ctx, cfg: ReneConfig, lo: LayerOptions, cl, factors: CandidateFactors
+                 ) -> MixedLayer:
+    by_j = factors.get(lo, [j for j, _, _ in cl])
+    mx = MixedLayer(ctx.model.get_submodule(lo.spec.name), lo.spec, cl, [by_j[j] for j, _, _ in cl],
+                    batch=ctx.batches[0][0].shape[0], probes=cfg.probes,
+                    # the Σ-norm weighs only the weight step: not formed without it
+                    white=factors.whitener(lo) if cfg.weight_steps else None,
+                    frozen=not cfg.weight_steps)
+    mx.reuse_recon = cfg.exact_speedups
+    if mx.frozen:
+        mx.branches.requires_grad_(False)
+    mx.prepare()
+    return mx
 
 
 class _StepCheckpoint:
@@ -780,6 +855,7 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
     probe = replace(cfg, warmup=1, iters=2, stop_tol=0.0)
     hist = _optimise(ctx, problem, mixed, probe, problem.target.kind, None)
     ctx.scratch["rene_factors"] = factors
+    ctx.scratch["rene_mixed"] = mixed
     sec = hist["seconds"]
     per_it = (sec.get("weight", 0.0) + sec.get("alpha", 0.0)) / 2
     per_warm = sec.get("weight", 0.0) / 2
@@ -835,7 +911,8 @@ def select(ctx) -> tuple:
                   total=n)
         prior = truncation_scores(ctx, errs, cfg.loss_batches,
                                   progress=lambda _n: ctx.tick())[0]
-    choice, trace = softmax_search(ctx, cfg, prior, ctx.scratch.pop("rene_factors", None))
+    choice, trace = softmax_search(ctx, cfg, prior, ctx.scratch.pop("rene_factors", None),
+                                   ctx.scratch.pop("rene_mixed", None))
     before = ctx.problem.cost_of(choice)
     # The repair's loss model is anchored at the searched ranks; a layer the search kept dense
     # has no truncation error there, so it is anchored at its smallest rank (cached already).

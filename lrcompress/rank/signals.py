@@ -152,6 +152,7 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     """Calibration-loss increase when layer i alone takes option ``ref[i]`` (floored at 1e-6);
     with ``stats`` (from the batches ``stats_key`` digests), the option is the layer's
     activation fit."""
+    from lrcompress.model.replay import PrefixReplay
     from lrcompress.model.surgery import swap_modules
 
     model.eval()
@@ -159,6 +160,7 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     data = batches_key(batches)  # the loss depends on the batches: another split, another key
     wkeys = [weight_key(model.get_submodule(lo.spec.name).weight) for lo in problem.layers]
     base = _BaseLoss(model, batches, device, cache, f"base/{_digest(wkeys)}/{data}")
+    replay = None  # recorded at the first measurement (a run that finds all cached needs none)
     for lo, j, wkey in zip(problem.layers, ref, wkeys):
         o = lo.options[j]
         mod = model.get_submodule(lo.spec.name)
@@ -167,10 +169,13 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
         key = f"sens/{lo.spec.name}/{o.factorization}/{o.rank}/{wkey}/{data}{fit}"
         val = cache.get(key)
         if val is None:
-            ref_loss = base.value()  # of the unmodified model: before the swap
+            if replay is None:  # the unmodified model's pass, recorded: it is also the base loss
+                replay = PrefixReplay(model, [lo.spec.name for lo in problem.layers])
+                base.offer(replay.record(lambda: calib_loss(model, batches, device)))
+            ref_loss = base.value()
             chain = get_factorization(o.factorization).from_weight(mod.weight, mod.bias, lo.spec,
                                                                    o.rank, stats=st)
-            with swap_modules(model, {lo.spec.name: chain}):
+            with swap_modules(model, {lo.spec.name: chain}), replay.changed(lo.spec.name):
                 val = calib_loss(model, batches, device) - ref_loss
             cache.put(key, val)
         out.append(max(float(val), 1e-6))
@@ -190,6 +195,11 @@ class _BaseLoss:
     def __init__(self, model, batches, device, cache: Cache, key: str):
         self.model, self.batches, self.device, self.cache, self.key = (model, batches, device,
                                                                       cache, key)
+
+    def offer(self, val: float) -> None:
+        """The loss measured elsewhere on the unmodified model (kept unless already known)."""
+        if self.cache.get(self.key) is None:
+            self.cache.put(self.key, val)
 
     def value(self) -> float:
         val = self.cache.get(self.key)
