@@ -260,3 +260,32 @@ def test_each_factorization_declares_the_moments_its_fit_uses():
             with collect_notes() as notes:
                 get_factorization(m).decompose(w, conv, 3, stats=stats)
             assert [n["fit"] for n in notes if "fit" in n] == [fit], (m, given)
+
+
+@pytest.mark.parametrize("patch", [True, False])
+def test_chain_fits_from_a_kept_solve_equal_fresh_ones(patch):
+    """Under a SolveMemo, a second call on the same statistics and weight with smaller input
+    ranks reuses the first call's solve (no new one formed) and gives the factors a fresh fit
+    gives (1e-8); another weight gets its own solve."""
+    from lrcompress.factorizations import SolveMemo
+    from lrcompress.factorizations._activation import chain_fit
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(30, 6, 7, 7, generator=g, dtype=torch.float64)
+    cols = torch.nn.functional.unfold(x, (3, 3), padding=1).transpose(1, 2).reshape(-1, 54)
+    chan = x.permute(0, 2, 3, 1).reshape(-1, 6)
+    stats = LayerStats(patch=cols.T @ cols / len(cols) if patch else None,
+                       channel=chan.T @ chan / len(chan))
+    memo = SolveMemo()
+    with memo.active():
+        chain_fit(w, [(6, 6), (3, 4)], stats)
+        kept = memo.solves[id(stats)][2]
+        again = chain_fit(w, [(2, 3), (5, 5)], stats)
+        assert memo.solves[id(stats)][2] is kept
+        chain_fit(w * 2, [(2, 3)], stats)
+        assert memo.solves[id(stats)][2] is not kept
+    fresh = chain_fit(w, [(2, 3), (5, 5)], stats)
+    for fs, fs0 in zip(again, fresh):
+        for f, f0 in zip(fs, fs0):
+            assert torch.allclose(f, f0, rtol=1e-8, atol=1e-10)

@@ -199,3 +199,19 @@ def test_wide_second_moments_summed_as_an_upper_block_triangle_equal_the_full_pr
     assert moment.upper == (width >= 2 * input_stats.SYM_BLOCK)
     assert torch.allclose(got, x.T @ x / len(x), atol=1e-12, rtol=0)
     assert torch.equal(got, got.T)
+
+
+def test_the_statistics_pass_hands_back_the_models_outputs():
+    """The input statistics' pass returns the model's outputs on each batch, bit for bit those
+    of a plain forward (rene distils towards them instead of running the model again)."""
+    from lrcompress.model.input_stats import collect_layer_stats
+
+    model, batches, plan = _mlp_and_batches()
+    lp = plan.layers[0]
+    outputs: list = []
+    collect_layer_stats(model, batches, {lp.name: lp.spec}, {lp.name: ("patch",)},
+                        outputs=outputs)
+    with torch.no_grad():
+        want = [model(x).float() for x, _ in batches]
+    assert len(outputs) == len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, want))

@@ -108,7 +108,8 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         run.record(f"{CACHE_DIR}/{SIGNALS_FILE}")
     cache = Cache(None if cache_dir is None else Path(cache_dir) / SIGNALS_FILE)
     t0 = time.perf_counter()
-    stats = search_stats(model, problem, batches, cfg, progress)
+    logits: list = []  # the original's outputs on the batches, when the statistics' pass ran
+    stats = search_stats(model, problem, batches, cfg, progress, logits)
     t_stats = time.perf_counter() - t0
     state = (SelectionState(run.state(f"search-{cfg.method}.pt"), run.fingerprint_text)
              if run.enabled else None)
@@ -116,7 +117,8 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
                         {**cfg.method_config, "rene": cfg.rene},
                         tick=tick or (lambda: None), state=state,
                         stage=progress.stage if progress is not None else
-                        (lambda name, total=None: None), stats=stats)
+                        (lambda name, total=None: None), stats=stats,
+                        logits=logits if len(logits) == len(batches) else None)
 
     if estimate is not None:
         probe = get_estimator(cfg.method)
@@ -127,6 +129,8 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
 
     def select(size):  # --auto-batch: the same calibration samples in smaller batches
         ctx.batches = rebatch(batches, size)
+        if size != first:
+            ctx.logits = None  # measured on the batches as they were
         return get_method(cfg.method)(ctx)
 
     first = batches[0][0].shape[0] if batches else 1
@@ -138,11 +142,12 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
 
 
 def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: CompressConfig,
-                 progress: Progress | None = None) -> dict | None:
+                 progress: Progress | None = None, logits: list | None = None) -> dict | None:
     """The input statistics the data-reading rank methods score their options with under an
     output-aware fit (one pass over the calibration batches, every eligible layer): rene's
     candidates, the sensitivity and bisect error curves and sensitivities. None: weight fits
-    (the weight fit, no batches, or rene with ``fit_candidates`` off)."""
+    (the weight fit, no batches, or rene with ``fit_candidates`` off). ``logits`` receives the
+    model's outputs on the batches when the pass runs."""
     if (cfg.method not in DATA_METHODS or not batches or fit_of(cfg, True) == "weight"
             or (cfg.method == "rene" and not cfg.rene.fit_candidates)):
         return None
@@ -154,5 +159,6 @@ def search_stats(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
     if progress is not None:
         progress.stage("input statistics for the activation-fitted options")
     stats, _ = collect_layer_stats(model, batches, {lo.spec.name: lo.spec
-                                                    for lo in problem.layers}, want)
+                                                    for lo in problem.layers}, want,
+                                   outputs=logits)
     return stats

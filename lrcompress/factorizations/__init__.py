@@ -12,7 +12,13 @@ Decided for v1: linear layers and 1×1 convs are factorized by SVD whatever the 
 from __future__ import annotations
 
 from lrcompress.errors import UserError
-from lrcompress.factorizations._activation import DAMPING, LayerStats, Whitener, whitener
+from lrcompress.factorizations._activation import (
+    DAMPING,
+    LayerStats,
+    SolveMemo,
+    Whitener,
+    whitener,
+)
 from lrcompress.factorizations._base import (
     ALIASES,
     FACTORIZATIONS,
@@ -37,6 +43,7 @@ __all__ = [
     "ALIASES",
     "DAMPING",
     "LayerStats",
+    "SolveMemo",
     "CP3",
     "CP4",
     "FACTORIZATIONS",

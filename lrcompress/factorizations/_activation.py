@@ -22,6 +22,8 @@ rank-deficient inputs (dead ReLU channels, zero padding) still have a Cholesky f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +111,10 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats):
         sigma_p = stats.patch.to(dtype=w.dtype, device=w.device, copy=True)
         sigma_p.diagonal().add_(stats.damping * sigma_p.diagonal().mean())
     # Input factor: top right singular vectors of W_(2)ᵀ L (the mode-2 map, whitened). The
-    # rows of A are nested in r_in, so every pair's solve is a leading block of the largest one.
-    w2 = w.transpose(0, 1).reshape(s, t * k)
+    # rows of A are nested in r_in, so every pair's solve is a leading block of the largest one
+    # (also of a larger one kept from an earlier call on the same layer: SolveMemo).
     top = max(r3 for _, r3 in pairs)
-    v, _ = left_basis(chol_c.T @ w2, top, with_p=False)
-    a_top = unwhiten(_pad_cols(v, top).T, chol_c)  # top × S, A Σ_c Aᵀ = I
-    solve = (_IndependentTaps(w, chol_c, a_top) if sigma_p is None
-             else _PatchSolve(w, sigma_p, a_top, k))
+    a_top, solve = _solve_for(w, stats, top, chol_c, sigma_p)
     # The whitened map of every r_in is the leading r_in·k columns of the largest one, so
     # their Gram matrices (for the output basis) share one product.
     grams = prefix_grams(solve.whitened.T, [r3 * k for _, r3 in pairs])
@@ -128,6 +127,49 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats):
         core = solve.core(u, n).reshape(r4, r3, kh, kw)
         out.append([a_top[:r3].reshape(r3, s, 1, 1), core, u.reshape(t, r4, 1, 1)])
     return out
+
+
+def _solve_for(w, stats: LayerStats, top: int, chol_c, sigma_p):
+    """``(A, solve)`` up to input rank ``top``: formed, or a larger one taken from the active
+    :class:`SolveMemo` for the same statistics and weight."""
+    memo = _MEMO.get()
+    key = id(stats)
+    if memo is not None and key in memo.solves:
+        w0, a0, solve0 = memo.solves[key]
+        if a0.shape[0] >= top and w0.shape == w.shape and torch.equal(w0, w):
+            return a0, solve0
+    t, s, kh, kw = w.shape
+    w2 = w.transpose(0, 1).reshape(s, t * kh * kw)
+    v, _ = left_basis(chol_c.T @ w2, top, with_p=False)
+    a_top = unwhiten(_pad_cols(v, top).T, chol_c)  # top × S, A Σ_c Aᵀ = I
+    solve = (_IndependentTaps(w, chol_c, a_top) if sigma_p is None
+             else _PatchSolve(w, sigma_p, a_top, kh * kw))
+    if memo is not None:
+        memo.solves[key] = (w, a_top, solve)
+        memo.stats[key] = stats  # held, so its id is not reused while the memo lives
+    return a_top, solve
+
+
+class SolveMemo:
+    """Chain-fit solves kept across calls (:meth:`active` around them): a later call on the same
+    layer statistics and weight asking for input ranks up to a smaller ``top`` takes leading
+    blocks of the kept solve, the same factors as a fresh one (up to rounding). Holds each
+    layer's solve (for the largest input rank asked) while it lives."""
+
+    def __init__(self):
+        self.solves: dict[int, tuple] = {}
+        self.stats: dict[int, LayerStats] = {}
+
+    @contextmanager
+    def active(self):
+        token = _MEMO.set(self)
+        try:
+            yield self
+        finally:
+            _MEMO.reset(token)
+
+
+_MEMO: ContextVar[SolveMemo | None] = ContextVar("lrcompress_chain_solves", default=None)
 
 
 class _IndependentTaps:

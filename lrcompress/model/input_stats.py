@@ -128,14 +128,17 @@ class _Moment:
         return (total / self.rows).cpu()
 
 
-def _run(model: nn.Module, batches, handles) -> None:
-    """The batches through ``model`` in eval mode; the hooks ``handles`` are removed after."""
+def _run(model: nn.Module, batches, handles, outputs: list | None = None) -> None:
+    """The batches through ``model`` in eval mode (its outputs, as float32, appended to
+    ``outputs`` when given); the hooks ``handles`` are removed after."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for x, _ in batches:
-            model(x.to(device))
+            y = model(x.to(device))
+            if outputs is not None:
+                outputs.append(y.float())
     finally:
         for h in handles:
             h.remove()
@@ -158,11 +161,13 @@ def collect_input_stats(model: nn.Module, batches, plan: Plan, *, max_bytes: int
 
 @torch.no_grad()
 def collect_layer_stats(model: nn.Module, batches, specs: dict, want: dict[str, tuple[str, ...]],
-                        *, max_bytes: int = MAX_BYTES, damping: float = DAMPING
+                        *, max_bytes: int = MAX_BYTES, damping: float = DAMPING,
+                        outputs: list | None = None
                         ) -> tuple[dict[str, LayerStats], dict[str, str]]:
     """One pass over ``batches``: the second moments ``want[name]`` (kinds) of each layer's input
     (``specs[name]`` its :class:`LayerSpec`). Returns ``(stats, skipped)``, ``skipped`` naming
-    the moments left out for being over ``max_bytes``."""
+    the moments left out for being over ``max_bytes``. ``outputs``: a list that receives the
+    model's output on each batch (float32), which the pass computes anyway."""
     skipped: dict[str, str] = {}
     acc: dict[str, dict] = {}
     for name, kinds in want.items():
@@ -188,7 +193,7 @@ def collect_layer_stats(model: nn.Module, batches, specs: dict, want: dict[str, 
         return fn
 
     _run(model, batches, [model.get_submodule(n).register_forward_pre_hook(hook(n))
-                          for n in acc])
+                          for n in acc], outputs)
     stats = {}
     for name, a in acc.items():
         st = LayerStats(damping=damping)

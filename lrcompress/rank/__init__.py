@@ -69,6 +69,9 @@ class SelectContext:
     # The activation fit's input statistics per layer (factorizations.LayerStats), when the run
     # fits activations: rene fits its candidates with them, so the search compares what ships.
     stats: dict | None = None
+    # The original model's outputs (float32) on ``batches``, when a pass over them already
+    # computed them (the statistics'): rene's distillation targets. None: not known.
+    logits: list | None = None
 
 
 def get_estimator(name: str) -> Callable | None:

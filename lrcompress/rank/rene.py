@@ -76,7 +76,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lrcompress.factorizations import LayerStats, Whitener, get_factorization, whitener
+from lrcompress.factorizations import (
+    LayerStats,
+    SolveMemo,
+    Whitener,
+    get_factorization,
+    whitener,
+)
 from lrcompress.model.costs import dense_macs
 from lrcompress.model.surgery import swap_modules
 from lrcompress.rank.problem import DENSE, LayerOptions, RankProblem
@@ -439,9 +445,11 @@ def softmax_search(ctx, cfg: ReneConfig, prior: list[list[float]] | None = None,
         p.requires_grad_(False)
     teacher = None
     if cfg.alpha_loss == "kd":
-        with torch.no_grad():
-            model.eval()
-            teacher = [model(x.to(ctx.device)).float() for x, _ in ctx.batches]
+        teacher = ctx.logits
+        if teacher is None:
+            with torch.no_grad():
+                model.eval()
+                teacher = [model(x.to(ctx.device)).float() for x, _ in ctx.batches]
     state = []  # per layer: (candidate option indices, step per method)
     for lo in problem.layers:
         cands, steps = initial_candidates(lo, cfg.n_candidates)
@@ -510,6 +518,9 @@ class CandidateFactors:
         self.stats = stats or {}  # the activation fit's input statistics per layer, if any
         self.store: dict[tuple[str, str, int], list[torch.Tensor]] = {}
         self.computed = 0  # decompositions actually run (the rest came from the store)
+        # a later step's new ranks take leading blocks of the layer's earlier activation-fit
+        # solve (same factors up to rounding; with keep, like the store)
+        self.solves = SolveMemo() if keep else None
 
     def get(self, lo: LayerOptions, js: list[int]) -> dict[int, list[torch.Tensor]]:
         """Option index -> factors (empty for the dense option), for the options ``js``."""
@@ -522,9 +533,10 @@ class CandidateFactors:
             if o.factorization != DENSE and self._key(lo, j) not in self.store:
                 per_method.setdefault(o.factorization, []).append(j)
         for m, todo in per_method.items():
-            fs = get_factorization(m).decompose_many(
-                weight, lo.spec, [lo.options[j].rank for j in todo],
-                stats=self.stats.get(lo.spec.name))
+            with self.solves.active() if self.solves else contextlib.nullcontext():
+                fs = get_factorization(m).decompose_many(
+                    weight, lo.spec, [lo.options[j].rank for j in todo],
+                    stats=self.stats.get(lo.spec.name))
             self.store.update((self._key(lo, j), f) for j, f in zip(todo, fs))
             self.computed += len(todo)
         return {j: [] if lo.options[j].factorization == DENSE else self.store[self._key(lo, j)]
