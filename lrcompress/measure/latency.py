@@ -24,7 +24,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -74,28 +74,54 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _time_round_robin(fns: dict[str, Callable[[], object]], cfg: LatencyConfig,
-                      sync: Callable[[], None] | None = None) -> dict[str, dict]:
-    """{name: {median_ms, iqr_ms}}: every function timed ``repeats`` times, interleaved."""
-    names = list(fns)
-    for _ in range(cfg.warmup):
-        for n in names:
-            fns[n]()
+@dataclass(frozen=True)
+class Timing:
+    """Median and inter-quartile range of the timed runs, in milliseconds."""
+
+    median_ms: float
+    iqr_ms: float = 0.0
+
+
+def summarize(times_ms: Sequence[float]) -> Timing:
+    """Median and IQR (0 for a single run) of timed runs."""
+    q = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
+    return Timing(statistics.median(times_ms), q[2] - q[0])
+
+
+def round_robin_times(fns: Sequence[Callable[[], object]], repeats: int, warmup: int,
+                      sync: Callable[[], None] | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Each function run ``warmup`` times untimed, then ``repeats`` times timed, interleaved (one
+    run of each per repeat, starting one further along each time): every run's milliseconds,
+    per function. ``clock`` is in seconds."""
+    n = len(fns)
+    for _ in range(warmup):
+        for f in fns:
+            f()
     if sync:
         sync()
-    times = {n: [] for n in names}
-    for r in range(cfg.repeats):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[n]()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for j in range(n):
+            k = (r + j) % n
+            t0 = clock()
+            fns[k]()
             if sync:
                 sync()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
+    return times
+
+
+def _time_round_robin(fns: dict[str, Callable[[], object]], cfg: LatencyConfig,
+                      sync: Callable[[], None] | None = None) -> dict[str, dict]:
+    """{name: {median_ms, iqr_ms, times_ms}}: every function timed ``repeats`` times,
+    interleaved (:func:`round_robin_times`)."""
+    names = list(fns)
     out = {}
-    for n, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[n] = {"median_ms": round(statistics.median(ts), 4), "iqr_ms": round(q[2] - q[0], 4),
+    for n, ts in zip(names, round_robin_times([fns[n] for n in names], cfg.repeats, cfg.warmup,
+                                              sync)):
+        t = summarize(ts)
+        out[n] = {"median_ms": round(t.median_ms, 4), "iqr_ms": round(t.iqr_ms, 4),
                   "times_ms": ts}
     return out
 

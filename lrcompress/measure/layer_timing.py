@@ -23,7 +23,6 @@ inter-quartile range of ``repeats`` timed runs after ``warmup`` untimed ones.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,14 @@ from lrcompress.deploy.onnx import DEFAULT_OPSET, GPU_HINT
 from lrcompress.deploy.onnx import ort_session as deploy_session
 from lrcompress.errors import UserError
 from lrcompress.factorizations import get_factorization
-from lrcompress.measure.latency import cpu_count, layer_input, torch_threads
+from lrcompress.measure.latency import (
+    Timing,
+    cpu_count,
+    layer_input,
+    round_robin_times,
+    summarize,
+    torch_threads,
+)
 from lrcompress.model.layers import LayerSpec
 
 ENGINES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
@@ -123,14 +129,6 @@ def as_candidate(x) -> Candidate:
     if hasattr(x, "factorization") and hasattr(x, "rank"):
         return Candidate(x.factorization, x.rank)
     raise ValueError(f"not a candidate: {x!r} (want an Option, (factorization, rank) or 'dense')")
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Median and inter-quartile range of the timed runs, in milliseconds."""
-
-    median_ms: float
-    iqr_ms: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,33 +241,12 @@ def ort_session(model_bytes: bytes, engine: Engine):
 # ---------------------------------------------------------------------------------------------
 
 
-def summarize(times_ms: Sequence[float]) -> Timing:
-    """Median and IQR (0 for a single run) of timed runs."""
-    q = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
-    return Timing(statistics.median(times_ms), q[2] - q[0])
-
-
 def round_robin(fns: Sequence[Callable[[], object]], repeats: int, warmup: int,
                 sync: Callable[[], None] | None = None,
                 clock: Callable[[], float] = time.perf_counter) -> list[Timing]:
     """Each function run ``warmup`` times untimed, then ``repeats`` times timed, interleaved: one
     run of each per repeat, starting one further along each time. ``clock`` is in seconds."""
-    n = len(fns)
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    if sync:
-        sync()
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats):
-        for j in range(n):
-            k = (r + j) % n
-            t0 = clock()
-            fns[k]()
-            if sync:
-                sync()
-            times[k].append((clock() - t0) * 1e3)
-    return [summarize(ts) for ts in times]
+    return [summarize(ts) for ts in round_robin_times(fns, repeats, warmup, sync, clock)]
 
 
 class MeasuringTimer:
