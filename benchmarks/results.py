@@ -195,9 +195,10 @@ def search_speed_lines(search: dict | None) -> list[str]:
     for r in search["rows"]:
         sel, ev = r["select_s"], r.get("eval_s") or [None, None]
         ratio = [None if e is None or v is None else v / e for v, e in zip(sel, ev)]
-        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {_f(sel[0], '.0f')} "
+        wall = _f(ratio[0], ".0f" if ratio[0] is None or ratio[0] >= 10 else ".1f")
+        out.append(f"| {r['date']} | {r['setting']} | {r['code']} | {_f(sel[0], '.1f')} "
                    f"({_f(sel[1], '.0f')}) | {_f(ev[0], '.1f')} ({_f(ev[1], '.1f')}) | "
-                   f"{_f(ratio[0], '.0f')}× ({_times(ratio[1])}) | "
+                   f"{wall}× ({_times(ratio[1])}) | "
                    f"{_f(r.get('bn_top1'), '.2f')} | {r.get('alpha_iters', '–')} |")
     out += ["", "Commands:", ""] + [f"- {k}: `{c}`" for k, c in search["commands"].items()]
     return out

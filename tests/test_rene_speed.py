@@ -325,3 +325,23 @@ def test_a_frozen_mixed_layer_without_its_dead_taps_gives_the_same_outputs_and_g
     y.square().sum().backward()
     y0.square().sum().backward()
     assert torch.allclose(mx.alpha.grad, whole.alpha.grad, atol=1e-10)
+
+
+def test_a_cut_mixed_layer_run_at_another_size_falls_back_to_the_whole_kernel():
+    """A layer the cut was measured for at 1×1 but also called on a larger map computes with the
+    whole kernel there (and after), the same as an uncut layer (float64, 1e-10)."""
+    from tests.test_factorizations import conv_spec
+
+    spec = conv_spec(4, 3, 3, pad=1, hw=(1, 1))
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    cands = [(0, "tt", 2), (1, DENSE, 0)]
+    factors = get_factorization("tt").decompose_many(conv.weight.detach(), spec, [2]) + [[]]
+    mx = rene.MixedLayer(conv, spec, cands, factors, batch=2, probes=2, frozen=True)
+    whole = rene.MixedLayer(conv, spec, cands, factors, batch=2, probes=2, frozen=True)
+    whole.live = None
+    mx.mix_outputs = whole.mix_outputs = False
+    assert mx.live is not None
+    for hw in ((1, 1), (5, 5), (1, 1)):
+        x = torch.randn(2, 3, *hw, dtype=torch.float64)
+        assert torch.allclose(mx(x), whole(x), atol=1e-10)
+    assert mx.live is None

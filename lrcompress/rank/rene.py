@@ -328,6 +328,9 @@ class MixedLayer(nn.Module):
                 y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
             return y
         if self.frozen:
+            if self.live is not None and tuple(x.shape[-2:]) != self.live.in_hw:
+                # the layer also runs at another size (the cut holds only at the measured one)
+                self.live, self._frozen_recon = None, None
             self.prepare()
             mixed = p.to(self._frozen_recon.dtype) @ self._frozen_recon
             if self.live is None:
@@ -358,9 +361,7 @@ class _LiveTaps:
         return w[:, :, self.rows, self.cols]
 
     def apply(self, flat: torch.Tensor, x: torch.Tensor, bias, conv_args: dict) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.in_hw:  # the cut holds only at the measured input size
-            raise RuntimeError(f"mixed layer measured at {self.in_hw} got an input of "
-                               f"{tuple(x.shape[-2:])}")
+        """The conv with the cut weight ``flat`` on ``x`` (of the measured size ``in_hw``)."""
         return F.conv2d(x, flat.view(self.shape), bias, **{**conv_args, "padding": self.padding})
 
 
