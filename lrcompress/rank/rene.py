@@ -885,6 +885,9 @@ def estimate(ctx) -> list[tuple[str, int, str, float]]:
     for k, c in enumerate(counts, 1):
         scale = c / counts[0]
         warm = cfg.warmup_iters
+        if k > 1 and c > n:  # a later step fits its new candidates (each layer's choice is kept)
+            rows.append((f"rank selection: step {k} of {len(counts)}, candidate fits", c - n,
+                         "candidates", t_dec / counts[0]))
         rows.append((f"rank selection: step {k} of {len(counts)}", warm + cfg.iters,
                      "iterations", (warm * per_warm + cfg.iters * per_it) * scale
                      / (warm + cfg.iters)))
