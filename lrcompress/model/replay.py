@@ -117,7 +117,8 @@ class PrefixReplay:
         try:
             for name in self.beside[layer]:
                 mod = modules.get(name)
-                if mod is None or mod not in self.records or _contains(mod, target):
+                if (mod is None or mod not in self.records or _contains(mod, target)
+                        or isinstance(mod, torch.jit.ScriptModule)):  # its forward is fixed
                     continue
                 patched.append((mod, mod.__dict__.get("forward")))
                 mod.forward = _short_circuit(mod, self.records[mod])
