@@ -12,7 +12,8 @@ average about half of the network is skipped.
 
 Only eval-mode, no-grad passes are replayed (deterministic modules). Calls with keyword or
 non-tensor arguments, or non-tensor outputs, always run. The records are kept within
-``max_bytes`` (shallow modules first: skipping a whole stage saves the most), and a module that
+``max_bytes`` (shallow modules first: skipping a whole stage saves the most; a module whose
+records do not fit is left to run, and the calls after it still replay), and a module that
 contains the changed layer's module object anywhere inside it is never short-circuited.
 """
 
@@ -25,14 +26,19 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-REPLAY_BYTES = 256 << 20
+# Records kept by default: on the CPU (a 224×224 resnet18's stem alone holds ~330 MB per batch
+# of 16) and on a GPU, where recomputing is cheap and memory is the fine-tuning's.
+REPLAY_BYTES = {"cpu": 1 << 30, "cuda": 256 << 20}
 
 
 class PrefixReplay:
     """Records of the unmodified ``model``'s module calls beside the paths of ``layers``
     (dotted names) for :meth:`changed`; fill them with :meth:`record`."""
 
-    def __init__(self, model: nn.Module, layers: list[str], max_bytes: int = REPLAY_BYTES):
+    def __init__(self, model: nn.Module, layers: list[str], max_bytes: int | None = None):
+        if max_bytes is None:
+            device = next(model.parameters()).device.type
+            max_bytes = REPLAY_BYTES.get(device, REPLAY_BYTES["cuda"])
         self.model, self.max_bytes = model, max_bytes
         modules = dict(model.named_modules())
         self.targets = {name: modules[name] for name in layers}
@@ -87,18 +93,17 @@ class PrefixReplay:
 
     def _room(self, size: int, depth: int) -> bool:
         """Whether ``size`` more bytes of a module at ``depth`` fit, forgetting deeper modules'
-        records if needed. When they cannot, no module at that depth or deeper is kept."""
+        records if needed (none that deep is kept from then on). When they cannot, no deeper
+        module is kept from then on (a later, smaller one at the same depth still may be)."""
         if depth > self.depth_limit:
             return False
         while self.bytes + size > self.max_bytes:
             deeper = [m for m in self.records if self.depth[m] > depth]
             if not deeper:
-                self.depth_limit = depth - 1
-                for m in [m for m in self.records if self.depth[m] > self.depth_limit]:
-                    self.dropped.add(m)
-                    self._forget(m)
+                self.depth_limit = depth
                 return False
             victim = max(deeper, key=lambda m: self.depth[m])
+            self.depth_limit = min(self.depth_limit, self.depth[victim] - 1)
             self.dropped.add(victim)
             self._forget(victim)
         return True
