@@ -172,8 +172,11 @@ class MixedLayer(nn.Module):
     Two exact ways to compute it, chosen per layer by cost (methods.md §2.2 notes they are
     equivalent, convolution being linear in the weight): mix the *weights* (one conv with the
     mixed dense weight; cheap for small layers at high resolution) or mix the *outputs* of the
-    candidate chains (cheap when the dense weight is large and the feature map small, as in the
-    last stage of a CNN at 28×28, where forming ten 512×512×3×3 weights per step dominated).
+    candidate chains (cheap when the dense weight is large and the feature map small and the
+    weight step re-forms every candidate's weight each iteration, as in the last stage of a CNN
+    at 28×28). With frozen factors (no weight step) the weights are formed once per step
+    (:meth:`prepare`), stacked, and cut to the kernel taps that meet the input
+    (:func:`_live_taps`), so mixing weights is the cheaper way almost everywhere.
     """
 
     def __init__(self, base: nn.Module, spec, cands: list[tuple[int, str, int]], factors,
@@ -355,7 +358,7 @@ class _LiveTaps:
     cols: slice
     padding: tuple[int, int]
     in_hw: tuple[int, int]
-    fraction: float  # cut taps / all taps
+    fraction: float  # live taps / all taps
 
     def cut(self, w: torch.Tensor) -> torch.Tensor:
         return w[:, :, self.rows, self.cols]
