@@ -280,11 +280,11 @@ def test_chain_fits_from_a_kept_solve_equal_fresh_ones(patch):
     memo = SolveMemo()
     with memo.active():
         chain_fit(w, [(6, 6), (3, 4)], stats)
-        kept = memo.solves[id(stats)][2]
+        kept = memo.solves[id(stats)][-1]
         again = chain_fit(w, [(2, 3), (5, 5)], stats)
-        assert memo.solves[id(stats)][2] is kept
+        assert memo.solves[id(stats)][-1] is kept
         chain_fit(w * 2, [(2, 3)], stats)
-        assert memo.solves[id(stats)][2] is not kept
+        assert memo.solves[id(stats)][-1] is not kept
     fresh = chain_fit(w, [(2, 3), (5, 5)], stats)
     for fs, fs0 in zip(again, fresh):
         for f, f0 in zip(fs, fs0):

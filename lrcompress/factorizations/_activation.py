@@ -101,20 +101,15 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats):
     or None when the statistics cannot weight the fit (the caller keeps the weight fit)."""
     if stats.channel is None:
         return None
-    chol_c = damped_cholesky(stats.channel.to(w.device), stats.damping)
-    if chol_c is None:
-        return None
     t, s, kh, kw = w.shape
     k = kh * kw
-    sigma_p = None
-    if stats.patch is not None:  # damped like Σ_c (on a copy: the statistics stay as measured)
-        sigma_p = stats.patch.to(dtype=w.dtype, device=w.device, copy=True)
-        sigma_p.diagonal().add_(stats.damping * sigma_p.diagonal().mean())
     # Input factor: top right singular vectors of W_(2)ᵀ L (the mode-2 map, whitened). The
     # rows of A are nested in r_in, so every pair's solve is a leading block of the largest one
     # (also of a larger one kept from an earlier call on the same layer: SolveMemo).
-    top = max(r3 for _, r3 in pairs)
-    a_top, solve = _solve_for(w, stats, top, chol_c, sigma_p)
+    found = _solve_for(w, stats, max(r3 for _, r3 in pairs))
+    if found is None:
+        return None
+    a_top, solve = found
     # The whitened map of every r_in is the leading r_in·k columns of the largest one, so
     # their Gram matrices (for the output basis) share one product.
     grams = prefix_grams(solve.whitened.T, [r3 * k for _, r3 in pairs])
@@ -129,24 +124,31 @@ def chain_fit(w: torch.Tensor, pairs, stats: LayerStats):
     return out
 
 
-def _solve_for(w, stats: LayerStats, top: int, chol_c, sigma_p):
+def _solve_for(w, stats: LayerStats, top: int):
     """``(A, solve)`` up to input rank ``top``: formed, or a larger one taken from the active
-    :class:`SolveMemo` for the same statistics and weight."""
+    :class:`SolveMemo` for the same statistics and weight; None when Σ_c has no Cholesky factor
+    (nothing to weight by)."""
     memo = _MEMO.get()
-    key = id(stats)
-    if memo is not None and key in memo.solves:
-        w0, a0, solve0 = memo.solves[key]
+    kept = memo.solves.get(id(stats)) if memo is not None else None
+    if kept is not None:
+        _, w0, a0, solve0 = kept
         if a0.shape[0] >= top and w0.shape == w.shape and torch.equal(w0, w):
             return a0, solve0
+    chol_c = damped_cholesky(stats.channel.to(w.device), stats.damping)
+    if chol_c is None:
+        return None
     t, s, kh, kw = w.shape
     w2 = w.transpose(0, 1).reshape(s, t * kh * kw)
     v, _ = left_basis(chol_c.T @ w2, top, with_p=False)
     a_top = unwhiten(_pad_cols(v, top).T, chol_c)  # top × S, A Σ_c Aᵀ = I
-    solve = (_IndependentTaps(w, chol_c, a_top) if sigma_p is None
-             else _PatchSolve(w, sigma_p, a_top, kh * kw))
-    if memo is not None:
-        memo.solves[key] = (w, a_top, solve)
-        memo.stats[key] = stats  # held, so its id is not reused while the memo lives
+    if stats.patch is None:
+        solve = _IndependentTaps(w, chol_c, a_top)
+    else:  # Σ_p damped like Σ_c (on a copy: the statistics stay as measured)
+        sigma_p = stats.patch.to(dtype=w.dtype, device=w.device, copy=True)
+        sigma_p.diagonal().add_(stats.damping * sigma_p.diagonal().mean())
+        solve = _PatchSolve(w, sigma_p, a_top, kh * kw)
+    if memo is not None:  # the statistics are held too, so their id is not reused meanwhile
+        memo.solves[id(stats)] = (stats, w, a_top, solve)
     return a_top, solve
 
 
@@ -157,8 +159,7 @@ class SolveMemo:
     layer's solve (for the largest input rank asked) while it lives."""
 
     def __init__(self):
-        self.solves: dict[int, tuple] = {}
-        self.stats: dict[int, LayerStats] = {}
+        self.solves: dict[int, tuple] = {}  # id(stats) -> (stats, weight, A, solve)
 
     @contextmanager
     def active(self):

@@ -33,8 +33,13 @@ def left_basis(m: torch.Tensor, k: int | None = None, with_p: bool = True):
     squared condition number only blurs components below ~1e-8·σ₁, which no truncation keeps.
     ``P`` is formed from ``m`` itself (not from ``√λ``), so ``U @ P`` projects ``m`` exactly.
     """
+    return basis_from_gram(m, *smaller_gram(m), k, with_p)
+
+
+def smaller_gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(m mᵀ, True)`` when rows ≤ cols, else ``(mᵀ m, False)``: the smaller Gram matrix."""
     outer = m.shape[0] <= m.shape[1]
-    return basis_from_gram(m, m @ m.T if outer else m.T @ m, outer, k, with_p)
+    return (m @ m.T if outer else m.T @ m), outer
 
 
 def basis_from_gram(m: torch.Tensor, gram: torch.Tensor, outer: bool, k: int | None = None,
@@ -91,7 +96,7 @@ def balanced_split(u: torch.Tensor, p: torch.Tensor, r: int) -> tuple[torch.Tens
 def top_energy(m: torch.Tensor, ranks) -> list[float]:
     """``Σ_{i<r} σ_i²`` of ``m`` for each r: the squared norm of its best rank-r approximation
     (eigenvalues of the smaller Gram matrix, like :func:`left_basis`)."""
-    return gram_top_energy(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m, ranks)
+    return gram_top_energy(smaller_gram(m)[0], ranks)
 
 
 def gram_top_energy(gram: torch.Tensor, ranks) -> list[float]:

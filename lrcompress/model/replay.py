@@ -66,8 +66,8 @@ class PrefixReplay:
             self._pending.clear()
 
     def _before(self, mod, args, kwargs) -> None:
-        ok = not kwargs and mod not in self.dropped and all(
-            isinstance(a, torch.Tensor) for a in args)
+        ok = (not kwargs and mod not in self.dropped and self.depth[mod] <= self.depth_limit
+              and all(isinstance(a, torch.Tensor) for a in args))
         self._pending.setdefault(mod, []).append(
             tuple(a.detach().clone() for a in args) if ok else None)
 
@@ -78,15 +78,11 @@ class PrefixReplay:
         # An input the call changed in place: only the in-place-and-return kind (an in-place
         # activation) can be replayed, by writing the recorded output into that input.
         inplace = next((i for i, a in enumerate(args) if a is out), None)
-        if any(i != inplace and not torch.equal(a, b)
-               for i, (a, b) in enumerate(zip(args, before))):
-            self.dropped.add(mod)
-            self._forget(mod)
-            return
         size = out.nbytes + sum(a.nbytes for a in before)
-        if not self._room(size, self.depth[mod]):
-            self.dropped.add(mod)
-            self._forget(mod)
+        if (any(i != inplace and not torch.equal(a, b)
+                for i, (a, b) in enumerate(zip(args, before)))
+                or not self._room(size, self.depth[mod])):
+            self._drop(mod)
             return
         self.records.setdefault(mod, []).append(_Call(before, out.detach().clone(), inplace))
         self.bytes += size
@@ -104,11 +100,12 @@ class PrefixReplay:
                 return False
             victim = max(deeper, key=lambda m: self.depth[m])
             self.depth_limit = min(self.depth_limit, self.depth[victim] - 1)
-            self.dropped.add(victim)
-            self._forget(victim)
+            self._drop(victim)
         return True
 
-    def _forget(self, mod: nn.Module) -> None:
+    def _drop(self, mod: nn.Module) -> None:
+        """``mod`` is never replayed: its records are forgotten, none are taken again."""
+        self.dropped.add(mod)
         for call in self.records.pop(mod, []):
             self.bytes -= call.out.nbytes + sum(a.nbytes for a in call.args)
 

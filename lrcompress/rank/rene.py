@@ -564,8 +564,8 @@ def _mixed_layers(ctx, cfg: ReneConfig, state, prior, factors: CandidateFactors,
     for i, (lo, (cands, _)) in enumerate(zip(ctx.problem.layers, state)):
         cl = [(j, lo.options[j].factorization, lo.options[j].rank) for j in cands]
         mx = (reuse or {}).get(lo.spec.name)
-        if (mx is None or mx.cands != cl or not mx.frozen or cfg.weight_steps
-                or not cfg.exact_speedups):
+        # (a probe layer whose factors a weight step moved is not frozen: never taken)
+        if mx is None or mx.cands != cl or not mx.frozen or not cfg.exact_speedups:
             mx = _mixed_layer(ctx, cfg, lo, cl, factors)
         with torch.no_grad():
             mx.alpha.zero_()

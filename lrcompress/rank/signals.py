@@ -159,7 +159,8 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
     out = []
     data = batches_key(batches)  # the loss depends on the batches: another split, another key
     wkeys = [weight_key(model.get_submodule(lo.spec.name).weight) for lo in problem.layers]
-    base = _BaseLoss(model, batches, device, cache, f"base/{_digest(wkeys)}/{data}")
+    # the unmodified model's loss, kept in the cache (the prior and the repair both need it)
+    base_key = f"base/{_digest(wkeys)}/{data}"
     replay = None  # recorded at the first measurement (a run that finds all cached needs none)
     for lo, j, wkey in zip(problem.layers, ref, wkeys):
         o = lo.options[j]
@@ -171,8 +172,10 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
         if val is None:
             if replay is None:  # the unmodified model's pass, recorded: it is also the base loss
                 replay = PrefixReplay(model, [lo.spec.name for lo in problem.layers])
-                base.offer(replay.record(lambda: calib_loss(model, batches, device)))
-            ref_loss = base.value()
+                loss = replay.record(lambda: calib_loss(model, batches, device))
+                if cache.get(base_key) is None:
+                    cache.put(base_key, loss)
+            ref_loss = cache.get(base_key)
             chain = get_factorization(o.factorization).from_weight(mod.weight, mod.bias, lo.spec,
                                                                    o.rank, stats=st)
             with swap_modules(model, {lo.spec.name: chain}), replay.changed(lo.spec.name):
@@ -186,27 +189,6 @@ def sensitivities(model: nn.Module, problem: RankProblem, ref: list[int], batche
 
 def _digest(keys: list[str]) -> str:
     return hashlib.sha1("/".join(keys).encode()).hexdigest()[:16]
-
-
-class _BaseLoss:
-    """The unmodified model's calibration loss, measured at most once per model and batches
-    (kept in the cache: the prior and the repair of `rene` both need it)."""
-
-    def __init__(self, model, batches, device, cache: Cache, key: str):
-        self.model, self.batches, self.device, self.cache, self.key = (model, batches, device,
-                                                                      cache, key)
-
-    def offer(self, val: float) -> None:
-        """The loss measured elsewhere on the unmodified model (kept unless already known)."""
-        if self.cache.get(self.key) is None:
-            self.cache.put(self.key, val)
-
-    def value(self) -> float:
-        val = self.cache.get(self.key)
-        if val is None:
-            val = calib_loss(self.model, self.batches, self.device)
-            self.cache.put(self.key, val)
-        return val
 
 
 def loss_model_scores(errs: list[list[float]], sens: list[float], ref: list[int]
