@@ -1,6 +1,8 @@
 """Latency targets on the CPU, measured: does ``--target-latency`` land where it is asked?
 
     OMP_NUM_THREADS=1 python benchmarks/latency_targets.py [--arch timm:resnet18] [--out F.json]
+    OMP_NUM_THREADS=1 python benchmarks/latency_targets.py --arch torchvision:resnet18 \
+        --input-size 3,224,224 --batches 1,8 --decomps tucker2 --torch-pruning
 
 For each setting (factorization × target × batch) this compresses the architecture (random
 weights: latency does not depend on them; accuracy is the benchmark harness's job) with the
@@ -8,7 +10,8 @@ weights: latency does not depend on them; accuracy is the benchmark harness's jo
 Runtime CPU, one thread, round-robin medians), its spread, the attempts the re-solve needed,
 the MACs ratio, and the time spent building the candidate table (cold, then warm cache).
 Plain ``--target-flops`` and ``--target-flops --latency-aware`` rows give the achieved/ideal
-speed-up at equal MACs.
+speed-up at equal MACs; ``--torch-pruning`` adds Torch-Pruning's model at the same MACs target
+(pruned the benchmark harness's way, timed the same way) for comparison.
 """
 
 from __future__ import annotations
@@ -19,27 +22,31 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import timm
 import torch
 
 import lrcompress
 from lrcompress.errors import TargetError
 from lrcompress.measure.latency_target import LatencyConfig, measure_whole
+from lrcompress.model.arch import build as build_arch
+from lrcompress.model.arch import parse_arch
+
+REPEATS = 30
 
 
-def build(arch: str):
+def build(arch: str, in_chans: int):
+    """The architecture with random weights (10 classes): latency does not depend on them."""
     torch.manual_seed(0)
-    return timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=10,
-                             in_chans=1).eval()
+    return build_arch(parse_arch(arch), num_classes=10, in_chans=in_chans).eval()
 
 
-def one(model, kind: str, value: float, decomp: str, batch: int, aware=False):
-    lat = LatencyConfig(batch=batch, aware=aware, repeats=30)
+def one(model, input_size, kind: str, value: float, decomp: str, batch: int, aware=False):
+    lat = LatencyConfig(batch=batch, aware=aware, repeats=REPEATS)
     t0 = time.perf_counter()
     kw = {"target_latency": value} if kind == "latency" else {"target_flops": value}
     try:
-        res = lrcompress.compress(model, torch.zeros(1, 1, 28, 28), decomp=decomp,
+        res = lrcompress.compress(model, torch.zeros(1, *input_size), decomp=decomp,
                                   method="uniform", latency=lat, device="cpu", **kw)
     except TargetError as e:  # unreachable: a row that says so, with lrcompress's own message
         return {"decomp": decomp, "target": f"{kind} {value}", "batch": batch, "aware": aware,
@@ -48,7 +55,7 @@ def one(model, kind: str, value: float, decomp: str, batch: int, aware=False):
     rep = res.report
     la = rep["latency"]
     if la is None:  # a plain MACs target: measure it the same way, for comparison
-        w = measure_whole(model, res.model, (1, 28, 28), lat)
+        w = measure_whole(model, res.model, tuple(input_size), lat)
         la = {"measured_ratio": round(w.ratio, 4), "spread": round(w.spread, 4),
               "speedup": round(1 / w.ratio, 4), "macs_ratio": res.plan.macs_ratio,
               "attempts": [w.to_dict()]}
@@ -63,6 +70,26 @@ def one(model, kind: str, value: float, decomp: str, batch: int, aware=False):
             "seconds": round(secs, 1), "latency_stage_s": rep["seconds"].get("latency")}
 
 
+def torch_pruning_row(model, input_size, target: float, batch: int) -> dict:
+    """Torch-Pruning's model at the MACs target (the harness's pruner: group L2 magnitude,
+    global, channels rounded to 8), timed against the original like the other rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.tp_baseline import prune_to_macs
+
+    t0 = time.perf_counter()
+    pruned, info = prune_to_macs(model, tuple(input_size), target)
+    w = measure_whole(model, pruned, tuple(input_size), LatencyConfig(batch=batch,
+                                                                      repeats=REPEATS))
+    speedup = 1 / w.ratio
+    return {"decomp": "torch-pruning", "target": f"flops {target}", "batch": batch,
+            "aware": False, "measured_ratio": round(w.ratio, 4), "spread": round(w.spread, 4),
+            "speedup": round(speedup, 4), "ideal_speedup": round(1 / info["macs_ratio"], 3),
+            "achieved_over_ideal": round(speedup * info["macs_ratio"], 3), "attempts": 1,
+            "first_ratio": w.ratio, "first_estimate": None,
+            "macs_ratio": round(info["macs_ratio"], 4), "table": {},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="timm:resnet18")
@@ -72,6 +99,10 @@ def main():
                     help="the latency-target rows' R (default: %(default)s)")
     ap.add_argument("--target-flops", type=float, default=0.3,
                     help="the MACs-target rows' ratio (default: %(default)s)")
+    ap.add_argument("--input-size", default="1,28,28",
+                    help="C,H,W of one input (default: %(default)s)")
+    ap.add_argument("--torch-pruning", action="store_true",
+                    help="add Torch-Pruning's model at the MACs target (needs the bench extra)")
     ap.add_argument("--out", default=None, help="JSON of the rows (default: none)")
     ap.add_argument("--md", default=None, help="render the rows as Markdown here")
     ap.add_argument("--from-json", default=None,
@@ -81,7 +112,8 @@ def main():
         if args.md:
             write_md([json.loads(open(f).read()) for f in args.from_json.split(",")], args.md)
         return
-    model = build(args.arch)
+    input_size = tuple(int(v) for v in args.input_size.split(","))
+    model = build(args.arch, input_size[0])
     cache = tempfile.mkdtemp()
     os.environ["LRCOMPRESS_CACHE_DIR"] = cache  # a cold cache for the first row of each batch
     rows = []
@@ -90,10 +122,14 @@ def main():
             settings = (("latency", args.target_latency, False),
                         ("flops", args.target_flops, False), ("flops", args.target_flops, True))
             for kind, value, aware in settings:
-                r = one(model, kind, value, decomp, batch, aware)
+                r = one(model, input_size, kind, value, decomp, batch, aware)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    data = {"arch": args.arch, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        if args.torch_pruning:
+            rows.append(torch_pruning_row(model, input_size, args.target_flops, batch))
+            print(json.dumps(rows[-1]), flush=True)
+    data = {"arch": args.arch, "input_size": list(input_size),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "OMP_NUM_THREADS=1 python benchmarks/latency_targets.py "
                        + " ".join(sys.argv[1:]),
             "machine": machine(), "rows": rows}
@@ -116,7 +152,7 @@ def machine() -> str:
 
 def write_md(sections: list[dict], path: str) -> None:
     """One Markdown file: a section per architecture, a table line per setting."""
-    lines = ["# Latency targets, measured (random weights, 1×28×28)", "",
+    lines = ["# Latency targets, measured (random weights)", "",
              "ONNX Runtime CPU, 1 thread; ratios are compressed/original medians measured "
              "round-robin in one process (30 runs); spread = half-IQRs propagated to the ratio. "
              "Rank method `uniform` (the benchmark harness has the accuracy rows).", ""]
@@ -127,7 +163,8 @@ def write_md(sections: list[dict], path: str) -> None:
 
 
 def section_md(data: dict) -> list[str]:
-    lines = [f"## {data['arch']}", "",
+    size = "×".join(map(str, data.get("input_size", (1, 28, 28))))
+    lines = [f"## {data['arch']}, {size}", "",
              f"{data['date']}; {data['machine']}. Command: `{data['command']}`.", "",
              "| decomp | target | batch | measured latency ratio ± spread | speed-up | ideal "
              "(1/MACs ratio) | achieved/ideal | MACs ratio | attempts (first ratio; estimate) "
