@@ -33,6 +33,7 @@ ONNX Runtime) and ``report.json`` (the same keys as an lrcompress report where t
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import platform
@@ -176,6 +177,25 @@ def prune_to_macs(model: nn.Module, input_size, target: float, *, importance: st
     return best, info
 
 
+def hidden_narrower(keep: float, calib_batches: int = 8, round_to: int = 8):
+    """A ``prune`` for :func:`run`: every inverted-residual block's hidden width narrowed to
+    ``keep`` by lrcompress's interpolative-decomposition fit (lrcompress.model.narrow), on the
+    first ``calib_batches`` batches of the calibration split."""
+    from lrcompress.model.narrow import narrow_hidden
+
+    def prune(model, input_size, target, loaders):
+        batches = [x for x, _ in itertools.islice(loaders.calib, calib_batches)]
+        narrowed, blocks = narrow_hidden(model, batches, keep, multiple=round_to)
+        if not blocks:
+            raise UserError("--narrow-hidden found no block whose hidden width it can narrow "
+                            "(inverted-residual blocks without squeeze-excitation).")
+        base, macs = independent_macs(model, input_size), independent_macs(narrowed, input_size)
+        return narrowed, {"keep": keep, "round_to": round_to, "calib_batches": len(batches),
+                          "macs_before": base, "macs_after": macs, "macs_ratio": macs / base,
+                          "blocks": [asdict(b) for b in blocks]}
+    return prune
+
+
 def best_macs_close(macs: int, budget: float, rel: float = 0.002) -> bool:
     """Close enough: within 0.2 % of the budget (channel rounding makes MACs a step function)."""
     return budget - macs <= rel * budget
@@ -247,8 +267,13 @@ def load_pruned(path) -> nn.Module:
 def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
         input_size=None, mean=None, std=None, finetune=None, data: DataConfig | None = None,
         device: str = "auto", seed: int = 0, importance: str = "l2", scope: str = "global",
-        round_to: int | None = 8, overwrite: bool = False, command=None) -> dict:
-    """Prune, evaluate, fine-tune, evaluate, save and export; returns the report."""
+        round_to: int | None = 8, overwrite: bool = False, command=None, prune=None,
+        kind: str = "torch-pruning") -> dict:
+    """Prune, evaluate, fine-tune, evaluate, save and export; returns the report.
+
+    ``prune(model, input_size, target, loaders) -> (smaller model, record)`` replaces
+    Torch-Pruning (another way of shrinking the model, fine-tuned and saved the same way; the
+    record needs ``macs_before``), and ``kind`` names it in the report."""
     data = data or DataConfig()
     out = Path(out_dir)
     if (out / "report.json").exists() and not overwrite:
@@ -271,8 +296,12 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
     times["eval_original"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    student, prune_info = prune_to_macs(model.cpu(), pre.input_size, target,
-                                        importance=importance, scope=scope, round_to=round_to)
+    if prune is None:
+        student, prune_info = prune_to_macs(model.cpu(), pre.input_size, target,
+                                            importance=importance, scope=scope,
+                                            round_to=round_to)
+    else:
+        student, prune_info = prune(model.cpu(), pre.input_size, target, loaders)
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     acc_pruned = evaluate(student.to(dev), loaders.test, dev)
@@ -312,12 +341,12 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
     times["save_export"] = time.perf_counter() - t
 
     report = {
-        "schema": 1, "kind": "torch-pruning", "command": command or sys.argv,
+        "schema": 1, "kind": kind, "command": command or sys.argv,
         "seed": seed, "model": {"source": info.source, "arch": info.arch,
                                 "num_classes": info.num_classes, "in_chans": info.in_chans,
                                 "input_size": list(pre.input_size)},
         "data": {"spec": data_spec, "test_samples": acc_orig.n, "config": asdict(data)},
-        "target": {"kind": "flops", "ratio": target},
+        "target": None if target is None else {"kind": "flops", "ratio": target},
         "totals": {"macs_before": prune_info["macs_before"], "macs_after": macs,
                    "macs_ratio": macs / prune_info["macs_before"], "params_before": base_params,
                    "params_after": params, "params_ratio": params / base_params,
@@ -336,8 +365,13 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @model_options
-@click.option("--target-flops", type=float, required=True,
-              help="Keep at most this fraction of the model's MACs, 0 < R < 1.")
+@click.option("--target-flops", type=float,
+              help="Keep at most this fraction of the model's MACs, 0 < R < 1 (Torch-Pruning; "
+              "required unless --narrow-hidden).")
+@click.option("--narrow-hidden", type=float, default=None,
+              help="Instead of Torch-Pruning: narrow every inverted-residual block's hidden "
+              "width to this fraction (0 < K < 1) by lrcompress's interpolative-decomposition "
+              "fit on the calibration split, then fine-tune the same way.")
 @click.option("--data", "data_spec", required=True,
               help="The data spec of `lrcompress search` (e.g. fashionmnist:ROOT).")
 @click.option("-o", "--output", "out", required=True, help="Run directory to write.")
@@ -363,7 +397,8 @@ def run(model_spec: str, data_spec: str, out_dir, *, target: float, arch=None,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def main(ctx, model, arch, num_classes, in_chans, trust_pickle, input_size, target_flops,
-         data_spec, out, importance, scope, round_to, seed, device, batch_size, calib_fraction,
+         narrow_hidden, data_spec, out, importance, scope, round_to, seed, device, batch_size,
+         calib_fraction,
          test_subset, train_subset, mean, std, overwrite, as_json, **finetune_kw):
     """Torch-Pruning baseline: prune MODEL to a MACs target, fine-tune as lrcompress does.
 
@@ -384,7 +419,18 @@ def main(ctx, model, arch, num_classes, in_chans, trust_pickle, input_size, targ
     if num_classes or in_chans or trust_pickle:
         raise click.UsageError("--num-classes, --in-chans and --trust-pickle are not supported "
                                "here: give a plain state_dict checkpoint and --arch.")
-    if not 0 < target_flops < 1:
+    prune, kind = None, "torch-pruning"
+    if narrow_hidden is not None:
+        if target_flops is not None:
+            raise click.UsageError("--narrow-hidden sets the width itself: leave --target-flops "
+                                   "out (the report gives the MACs ratio it reaches).")
+        if not 0 < narrow_hidden < 1:
+            raise click.BadParameter(f"{narrow_hidden} must be strictly between 0 and 1.",
+                                     param_hint="--narrow-hidden")
+        prune, kind = hidden_narrower(narrow_hidden, round_to=round_to), "hidden-id"
+    elif target_flops is None:
+        raise click.UsageError("Give --target-flops (or --narrow-hidden).")
+    if target_flops is not None and not 0 < target_flops < 1:
         raise click.BadParameter(f"{target_flops} must be strictly between 0 and 1.",
                                  param_hint="--target-flops")
     ft = replace(finetune_config(finetune_kw), lam=0.0)
@@ -393,14 +439,16 @@ def main(ctx, model, arch, num_classes, in_chans, trust_pickle, input_size, targ
     report = run(model, data_spec, out, target=target_flops, arch=arch, input_size=input_size,
                  mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), finetune=ft,
                  data=data, device=device, seed=seed, importance=importance, scope=scope,
-                 round_to=round_to, overwrite=overwrite, command=sys.argv)
+                 round_to=round_to, overwrite=overwrite, command=sys.argv, prune=prune,
+                 kind=kind)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
         acc = report["accuracy"]
         after = acc.get("finetuned", acc["pruned"])["top1"]
-        click.echo(f"MACs ratio {report['totals']['macs_ratio']:.4f} (pruning ratio "
-                   f"{report['pruning']['pruning_ratio']:.4f}); top-1 original "
+        how = report["pruning"].get("pruning_ratio", report["pruning"].get("keep"))
+        click.echo(f"MACs ratio {report['totals']['macs_ratio']:.4f} ({kind} "
+                   f"{how:.4f}); top-1 original "
                    f"{acc['original']['top1']:.2f}, pruned {acc['pruned']['top1']:.2f}, "
                    f"final {after:.2f}; wrote {out}")
 

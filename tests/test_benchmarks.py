@@ -12,6 +12,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import timm
 import torch
 
 from benchmarks._harness import Paths, Row, Runner, inprocess_executor, plan_rows
@@ -108,8 +109,6 @@ def test_results_markdown_and_plot(bench):
 
 
 def test_equivalent_decompositions_are_found(bench):
-    import timm
-
     runner = bench["runner"]
     # test_resnet's 3x3 convs are factorized differently by tt, tucker2 and cp
     assert runner.equivalences(TINY, ("tt", "tucker2", "cp")) == {}
@@ -288,3 +287,31 @@ def test_torch_pruning_prunes_a_vit_head_by_head(tmp_path):
         for a in attention_heads(reloaded).values():
             a.fused_attn = False  # the eager path uses a.scale; it must match the fused one
         assert torch.allclose(pruned(x), reloaded(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_TP, reason="torch-pruning (the bench extra) is not installed")
+def test_narrow_hidden_baseline_runs_end_to_end(tmp_path, fast_torch):
+    """tp_baseline.py --narrow-hidden: every inverted-residual block narrowed to a third, the
+    same fine-tuning, and a model that reloads to the same outputs (run() checks it) and
+    reports what it narrowed; --target-flops with it is refused."""
+    from benchmarks.tp_baseline import cli, load_pruned
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10, in_chans=1)
+    ckpt = tmp_path / "mnv2.pt"
+    torch.save(net.state_dict(), ckpt)
+    out = tmp_path / "run"
+    common = [str(ckpt), "--arch", "timm:mobilenetv2_035", "--input-size", "1,28,28",
+              "--data", "synthetic:64", "--batch-size", "16", "--max-steps", "2", "--device",
+              "cpu", "-o", str(out)]
+    assert cli(common + ["--narrow-hidden", "0.3", "--target-flops", "0.5"]) == 2
+    assert not out.exists()
+    assert cli(common + ["--narrow-hidden", "0.34"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "hidden-id" and report["target"] is None
+    blocks = report["pruning"]["blocks"]
+    assert len(blocks) == 16 and all(b["kept"] < b["width"] for b in blocks)
+    assert all(b["kept"] % 8 == 0 for b in blocks)
+    assert report["totals"]["macs_ratio"] < 0.6
+    assert report["onnx"]["parity"]["top1_agreement"] == 1.0  # run() raises on a failed check
+    assert load_pruned(out).blocks[1][0].conv_dw.groups == blocks[0]["kept"]

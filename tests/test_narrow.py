@@ -1,0 +1,190 @@
+"""Hidden-width narrowing by interpolative decomposition (factorizations/interp, model/narrow)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from lrcompress.factorizations.interp import (
+    MomentSum,
+    covariance,
+    interp_fit,
+    refit,
+    select_channels,
+)
+from lrcompress.measure.metrics import independent_macs
+from lrcompress.model.narrow import hidden_sites, narrow_hidden, width_for
+
+SIZE = (1, 28, 28)
+
+
+def moment_of(h: torch.Tensor) -> torch.Tensor:
+    s = MomentSum(h.shape[1])
+    s.add(h)
+    return s.moment()
+
+
+def test_moment_sum_matches_the_direct_average():
+    torch.manual_seed(0)
+    h = torch.randn(500, 6, dtype=torch.float64) + 2.0
+    s = MomentSum(6)
+    s.add(h[:200])
+    s.add(h[200:])
+    aug = torch.cat([h, torch.ones(500, 1, dtype=h.dtype)], 1)
+    assert torch.allclose(s.moment(), aug.T @ aug / 500, atol=1e-12)
+    assert torch.allclose(covariance(s.moment()), torch.cov(h.T, correction=0), atol=1e-10)
+
+
+def test_low_rank_activations_are_reproduced_exactly():
+    """h spans 4 dimensions plus a constant: any 4 channels the greedy picks carry the rest, so
+    W h is reproduced by W' h_J + c to rounding."""
+    torch.manual_seed(1)
+    z = torch.randn(2000, 4, dtype=torch.float64)
+    h = z @ torch.randn(4, 12, dtype=torch.float64) + torch.randn(12, dtype=torch.float64)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    fit = interp_fit(moment_of(h), w, 4)
+    assert len(fit.keep) == 4 and fit.keep == tuple(sorted(fit.keep))
+    approx = h[:, list(fit.keep)] @ fit.weight.T + fit.offset
+    assert torch.allclose(approx, h @ w.T, atol=1e-6 * float((h @ w.T).abs().max()))
+    assert fit.rel_error < 1e-8
+
+
+def test_rel_error_is_the_measured_output_error():
+    torch.manual_seed(2)
+    h = torch.relu(torch.randn(3000, 10, dtype=torch.float64) @ torch.randn(10, 16,
+                                                                           dtype=torch.float64))
+    w = torch.randn(7, 16, dtype=torch.float64)
+    fit = interp_fit(moment_of(h), w, 6)
+    y = h @ w.T
+    err = ((h[:, list(fit.keep)] @ fit.weight.T + fit.offset - y) ** 2).sum(1).mean()
+    var = ((y - y.mean(0)) ** 2).sum(1).mean()
+    assert fit.rel_error == pytest.approx(float(err / var), rel=1e-4)
+
+
+def test_greedy_choice_is_no_worse_than_any_other_subset_of_two():
+    """On a small problem, the greedy pair is within 25 % of the best of all pairs (its first
+    pick is optimal; the second is the best given the first), and better than the median."""
+    torch.manual_seed(3)
+    h = torch.randn(4000, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    w = torch.randn(3, 6, dtype=torch.float64)
+    a = moment_of(h)
+    errs = sorted(refit(a, w, pair).rel_error for pair in itertools.combinations(range(6), 2))
+    greedy = refit(a, w, select_channels(covariance(a), w, 2)).rel_error
+    assert greedy <= 1.25 * errs[0] + 1e-12
+    assert greedy <= errs[len(errs) // 2]
+
+
+def test_select_channels_fills_with_dependent_channels_and_checks_k():
+    h = torch.randn(100, 2, dtype=torch.float64).repeat(1, 3)  # 6 channels, 2 distinct
+    w = torch.ones(1, 6, dtype=torch.float64)
+    assert len(set(select_channels(covariance(moment_of(h)), w, 5))) == 5
+    with pytest.raises(ValueError):
+        select_channels(covariance(moment_of(h)), w, 7)
+
+
+def _duplicate_half(model: nn.Module) -> None:
+    """Make the second half of every supported block's hidden channels copies of the first half
+    (expansion rows, BatchNorms, depthwise filters), so the hidden activations repeat."""
+    for site in hidden_sites(model)[0]:
+        p, c = site.parts, site.parts.width
+        half = c // 2
+        with torch.no_grad():
+            for m in (p.expand, p.bn1, p.dw, p.bn2):
+                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+                    if t.dim() > 0 and t.shape[0] == c:
+                        t[half:2 * half] = t[:half]
+
+
+def _mbv2(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "timm":
+        return timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10,
+                                 in_chans=1).eval()
+    m = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35)
+    m.features[0][0] = nn.Conv2d(1, m.features[0][0].out_channels, 3, 2, 1, bias=False)
+    return m.eval()
+
+
+def _calibrate_bn(model: nn.Module) -> None:
+    """BatchNorm statistics of random inputs, so that activations are neither saturated nor
+    dead (random weights with the default statistics drive ReLU6 to its clip), then random
+    affine parameters so that hidden channels differ in scale and offset."""
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(32, *SIZE, generator=g))
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("kind", ["timm", "torchvision"])
+def test_repeated_hidden_channels_are_dropped_without_changing_the_model(kind, fast_torch):
+    """Every block's hidden channels repeat (second half = first half): keeping half of them
+    must give the same model outputs (to float32 rounding), half the hidden width everywhere,
+    fewer MACs, and leave the input model untouched."""
+    model = _mbv2(kind)
+    _calibrate_bn(model)
+    _duplicate_half(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(6)
+    # the last blocks run on 1×1 maps: one row per image, and the fit needs more rows than
+    # distinct channels (up to 168 here) to see every relation the test inputs will
+    batches = [torch.randn(64, *SIZE) for _ in range(4)]
+    x = torch.randn(8, *SIZE)
+    narrowed, done = narrow_hidden(model, batches, keep=0.5, multiple=1)
+    sites = hidden_sites(model)[0]
+    assert len(done) == len(sites) > 5
+    assert all(d.kept == d.width // 2 and d.rel_error < 1e-6 for d in done)
+    assert [s.parts.width for s in hidden_sites(narrowed)[0]] == [s.parts.width // 2
+                                                                    for s in sites]
+    with torch.no_grad():
+        ref, out = model(x), narrowed(x)
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
+    assert independent_macs(narrowed, SIZE) < 0.7 * independent_macs(model, SIZE)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_narrowing_real_channels_keeps_the_output_close(fast_torch):
+    """Without repeats, keeping 3/4 of the hidden width changes the logits by far less than
+    dropping the same channels without the refit (plain slicing, the pruning baseline)."""
+    model = _mbv2("timm")
+    _calibrate_bn(model)
+    torch.manual_seed(7)
+    batches = [torch.randn(32, *SIZE) for _ in range(4)]
+    narrowed, done = narrow_hidden(model, batches, keep=0.75, multiple=8)
+    assert done and all(0 <= d.rel_error < 1 for d in done)
+    x = torch.cat(batches[:2])
+    with torch.no_grad():
+        ref = model(x)
+        err = (narrowed(x) - ref).norm() / ref.norm()
+    assert err < 0.5
+
+
+def test_unsupported_blocks_are_listed_with_a_reason():
+    m = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    sites, skipped = hidden_sites(m)
+    assert not sites and skipped
+    assert all("SqueezeExcite" in why for why in skipped.values())
+    narrowed, done = narrow_hidden(m, [torch.randn(2, 3, 32, 32)], keep=0.5)
+    assert done == []
+
+
+def test_width_for_rounds_to_the_multiple_within_bounds():
+    assert width_for(0.3, 96, 8) == 32
+    assert width_for(0.01, 96, 8) == 8
+    assert width_for(1.0, 100, 8) == 100
+    with pytest.raises(ValueError):
+        narrow_hidden(nn.Sequential(nn.Linear(2, 2)), [], keep=0.0)
