@@ -47,11 +47,19 @@ class EqRow:
     batch: int  # latency batch (ONNX Runtime CPU, 1 thread)
     decomp: str = "tucker2"
     method: str = "rene"
+    narrow: float | None = None  # --narrow-hidden K for the lrcompress search
 
     @property
     def id(self) -> str:
-        return (f"{self.model.name}__eqlat__{self.method}__{self.decomp}__{self.target:g}"
+        nh = "" if self.narrow is None else f"__nh{self.narrow:g}"
+        return (f"{self.model.name}__eqlat__{self.method}__{self.decomp}{nh}__{self.target:g}"
                 f"__b{self.batch}")
+
+    @property
+    def label(self) -> str:
+        """The lrcompress column of the table."""
+        return f"{self.method}/{self.decomp}" + (
+            "" if self.narrow is None else f" + narrow {self.narrow:g}")
 
     @property
     def tp_row(self) -> Row:
@@ -59,10 +67,19 @@ class EqRow:
 
 
 def plan_eq_rows(models, targets, batches, decomp: str = "tucker2",
-                 method: str = "rene") -> list[EqRow]:
+                 method: str = "rene", narrow: float | None = None,
+                 narrow_models: tuple[str, ...] = ()) -> list[EqRow]:
     """Per model and latency batch, one row per MACs target (batch-major, so that the first
-    batch's rows finish first; the Torch-Pruning row of a target is shared: :func:`tp_rows`)."""
-    return [EqRow(m, t, b, decomp, method) for m in models for b in batches for t in targets]
+    batch's rows finish first; the Torch-Pruning row of a target is shared: :func:`tp_rows`).
+    ``narrow``: the models in ``narrow_models`` also get each row with --narrow-hidden."""
+    rows = []
+    for m in models:
+        for b in batches:
+            for t in targets:
+                rows.append(EqRow(m, t, b, decomp, method))
+                if narrow is not None and m.name in narrow_models:
+                    rows.append(EqRow(m, t, b, decomp, method, narrow))
+    return rows
 
 
 def tp_rows(rows: list[EqRow]) -> list[Row]:
@@ -134,6 +151,7 @@ class EqualLatency:
     def key(self, row: EqRow, tp: dict) -> dict:
         return {**self.runner.key(row.tp_row), "batch": row.batch, "decomp": row.decomp,
                 "method": row.method, "rounds": self.rounds,
+                **({} if row.narrow is None else {"narrow_hidden": row.narrow}),
                 "latency_engine": "ort-cpu", "latency_threads": 1,
                 "torch_pruning_row": {"id": tp["id"], "date": tp["date"]}}
 
@@ -187,7 +205,7 @@ class EqualLatency:
         return {"schema": 1, "kind": KIND, "id": row.id, "profile": r.profile.name,
                 "model": row.model.name, "arch": row.model.arch, "target": row.target,
                 "batch": row.batch, "decomp": row.decomp, "method": row.method,
-                "date": now(), "commit": r.commit, "machine": r.machine,
+                "label": row.label, "date": now(), "commit": r.commit, "machine": r.machine,
                 "key": json.loads(json.dumps(self.key(row, tp))),
                 "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
@@ -255,6 +273,7 @@ class EqualLatency:
                   "--latency-engine", "ort-cpu", "--latency-threads", "1",
                   "--latency-batch", str(row.batch),
                   *(p.rene_args() if row.method == "rene" else []),
+                  *([] if row.narrow is None else ["--narrow-hidden", f"{row.narrow:g}"]),
                   "--cache-dir", r.rel(cache), "-o", r.rel(run_dir), *r._overwrite(run_dir),
                   "--json"]
         rec = [r.execute("search", row.id, search)]
@@ -385,7 +404,7 @@ def equal_latency_section(rows: list[dict]) -> list[str]:
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") != "ok":
-            out.append(f"| {r['model']} | {r['method']}/{r['decomp']} | {r['target']:g} | "
+            out.append(f"| {r['model']} | {_label(r)} | {r['target']:g} | "
                        f"{r['batch']} | {_f4(r.get('target_latency'))} | – | – | – | "
                        f"{r['status']} | – | – | – | – |")
             continue
@@ -395,7 +414,7 @@ def equal_latency_section(rows: list[dict]) -> list[str]:
         verdict = (f"{'met' if sl.get('met') else 'MISSED'} ({sl.get('measured_ratio', 0):.3f}, "
                    f"{len(sl.get('attempts', []))} attempt(s))" if sl else "–")
         out.append(
-            f"| {r['model']} | {r['method']}/{r['decomp']} | {r['target']:g} | {r['batch']} | "
+            f"| {r['model']} | {_label(r)} | {r['target']:g} | {r['batch']} | "
             f"{r['target_latency']:.3f} | "
             f"{_r(lat[TP])} | {a:.2f} | {_r(lat['lrcompress'])} | {b:.2f} | {b - a:+.2f} | "
             f"{tp['macs_ratio']:.3f} / {lr['macs_ratio']:.3f} | {verdict} | "
@@ -453,17 +472,24 @@ def rerun_commands(rows: list[dict]) -> list[str]:
     decomposition and number of rounds."""
     groups: dict = {}
     for r in rows:
-        k = (r["profile"], r["method"], r["decomp"], r["key"].get("rounds"))
+        k = (r["profile"], r["method"], r["decomp"], r["key"].get("rounds"),
+             r["key"].get("narrow_hidden"))
         g = groups.setdefault(k, ({}, {}, {}))
         for d, v in zip(g, (r["model"], r["target"], r["batch"])):
             d[v] = None
     out = []
-    for (prof, method, decomp, rounds), (models, targets, batches) in groups.items():
+    for (prof, method, decomp, rounds, nh), (models, targets, batches) in groups.items():
         out.append(f"OMP_NUM_THREADS=1 python benchmarks/compare.py --{prof} --equal-latency "
                    f"--models {','.join(models)} --targets {','.join(f'{t:g}' for t in targets)} "
                    f"--latency-batch {','.join(map(str, sorted(batches)))} --eq-method {method} "
-                   f"--eq-decomp {decomp}" + (f" --eq-rounds {rounds}" if rounds else ""))
+                   f"--eq-decomp {decomp}" + (f" --eq-rounds {rounds}" if rounds else "")
+                   + ("" if nh is None else f" --eq-narrow-hidden {nh:g} --eq-narrow-models "
+                      f"{','.join(models)}"))
     return out
+
+
+def _label(r: dict) -> str:
+    return r.get("label") or f"{r['method']}/{r['decomp']}"
 
 
 def _load(r: dict) -> str:

@@ -130,6 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="lrcompress decomposition (default: %(default)s)")
     eq.add_argument("--eq-method", default="rene", choices=LR_METHODS,
                     help="lrcompress rank method (default: %(default)s)")
+    eq.add_argument("--eq-narrow-hidden", type=float, default=None, metavar="K",
+                    help="also run each row of --eq-narrow-models with lrcompress search "
+                    "--narrow-hidden K (hidden widths of inverted-residual blocks narrowed first)")
+    eq.add_argument("--eq-narrow-models", default="mobilenetv2",
+                    help="the models the --eq-narrow-hidden rows are for (default: %(default)s)")
     eq.add_argument("--eq-rounds", type=int, default=7,
                     help="latency measurements repeated for L and for the final comparison "
                     "(median and range; default: %(default)s)")
@@ -214,8 +219,12 @@ def equal_latency(args, runner: Runner, models, targets) -> int:
     """The --equal-latency mode: returns the number of failed rows."""
     if args.eq_rounds < 1:
         raise BenchError(f"--eq-rounds {args.eq_rounds} must be 1 or more.")
+    if args.eq_narrow_hidden is not None and not 0 < args.eq_narrow_hidden < 1:
+        raise BenchError(f"--eq-narrow-hidden {args.eq_narrow_hidden} must be strictly between "
+                         "0 and 1.")
     rows = plan_eq_rows(models, targets, _batches(args.latency_batch), args.eq_decomp,
-                        args.eq_method)
+                        args.eq_method, args.eq_narrow_hidden,
+                        tuple(args.eq_narrow_models.split(",")))
     eq = EqualLatency(runner, rounds=args.eq_rounds)
     if args.dry_run:
         for tp in dict.fromkeys(r.tp_row for r in rows):

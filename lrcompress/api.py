@@ -69,7 +69,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
              bn_batches: int = 16,
              fit: str = "auto", rene: ReneConfig | None = None, plan: Plan | None = None,
              overwrite: bool = False, progress: Progress | None = None,
-             synth: SynthConfig | None = None) -> CompressResult:
+             synth: SynthConfig | None = None,
+             narrow_hidden: float | None = None) -> CompressResult:
     """Compress ``model`` so that it meets the target; returns model, plan and report.
 
     ``example_inputs``: a batch (``N×…``, or a 1-tuple holding it) the model accepts; layer
@@ -89,6 +90,10 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     ``synth=SynthConfig()`` with no ``calib`` and no ``train``: data-free, the calibration and
     training inputs are synthesised from the model's BatchNorm statistics (in the example's
     value range; the report's ``data_free`` says how well they match).
+
+    ``narrow_hidden=K``: first narrow every inverted-residual block's hidden width to K of it
+    (an interpolative decomposition fitted on ``calib``; lrcompress.model.narrow), then
+    factorize the narrowed model to meet the target.
     """
     target = make_target(target_flops, target_params, target_latency, target_speedup)
     cfg = CompressConfig(target, decomp=decomp, method=method,
@@ -96,7 +101,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
                          exclude=tuple(exclude), seed=seed, device=device,
                          calib_batches=calib_batches, rene=rene or ReneConfig(),
                          finetune=finetune or FinetuneConfig(), bn_batches=bn_batches,
-                         overwrite=overwrite, latency=latency or LatencyConfig(), fit=fit)
+                         overwrite=overwrite, latency=latency or LatencyConfig(), fit=fit,
+                         narrow_hidden=narrow_hidden)
     teacher, info, input_size, problem, device_ = _prepare(model, example_inputs, cfg)
     if plan is not None:
         cfg = check_given_plan(plan, problem, cfg)
@@ -111,6 +117,9 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
         raise UserError("fit='activation' fits the factors to the layers' outputs on "
                         "calibration inputs: pass calib=... (a few hundred inputs), or use "
                         "fit='weight'.")
+    if narrow_hidden is not None and calib is None and not data_free:
+        raise UserError("narrow_hidden=... fits the narrowed blocks on calibration inputs: pass "
+                        "calib=... (a few hundred inputs).")
     if cfg.finetune.enabled and train is None and not data_free:
         raise UserError("finetune=... asks for fine-tuning, which needs training data: pass "
                         "train=... (labelled or not), or drop finetune.")

@@ -351,6 +351,14 @@ def parse_floats(value, name):
               "slower than its dense layer; the report shows the measured speed-up.")
 @click.option("--strict-target", is_flag=True, help="Exit 2 when the measured latency still "
               "misses --target-latency after the re-solves (default: say so in the report).")
+@click.option("--narrow-hidden", type=float, default=None, metavar="K",
+              help="Before factorizing, narrow every inverted-residual block's hidden width "
+              "(1×1 expansion → depthwise → 1×1 projection, as in mobilenetv2) to K of it "
+              "(0 < K < 1, rounded to --rank-multiple) by an interpolative decomposition fitted "
+              "on the calibration batches; the search then factorizes the narrowed model to "
+              "meet the target (layer matching skips the layers narrowing reshaped). Low rank "
+              "alone cannot narrow these activations, where such models spend their time: see "
+              "the README's latency section for measured numbers.")
 @click.option("--method", default="rene", show_default=True,
               type=click.Choice(["rene", "sensitivity", "uniform", "energy", "vbmf", "lsvt",
                                  "gsvt", "isvt", "bisect"]),
@@ -463,7 +471,8 @@ def parse_floats(value, name):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp, target_flops,
            target_params, target_latency, target_speedup, latency_engine, latency_threads,
-           latency_batch, latency_aware, strict_target, method, data_spec, eval_spec, out,
+           latency_batch, latency_aware, strict_target, narrow_hidden, method, data_spec,
+           eval_spec, out,
            synth_samples, synth_iters, include,
            exclude, rank_multiple, plan_path, seed, device, batch_size, workers,
            calib_fraction, calib_batches, fit, bn_batches, test_subset,
@@ -549,6 +558,7 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
         plan_path=plan_path, overwrite=overwrite, auto_batch=auto_batch,
         latency=LatencyConfig(engine=latency_engine, threads=latency_threads,
                               batch=latency_batch, strict=strict_target, aware=latency_aware),
+        narrow_hidden=narrow_hidden,
     )
     synth = SynthConfig(samples=synth_samples, iters=synth_iters) if data_spec is None else None
     distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel

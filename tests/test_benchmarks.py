@@ -180,6 +180,22 @@ def test_equal_latency_rows_are_planned_batch_major():
     assert rows[0].tp_row == Row(TINY, TP, None, 0.5)
 
 
+def test_narrowed_equal_latency_rows_follow_their_plain_row_and_share_its_tp_row():
+    from benchmarks._equal_latency import plan_eq_rows, rerun_commands, tp_rows
+
+    other = replace(TINY, name="other")
+    rows = plan_eq_rows([TINY, other], (0.5,), (64,), narrow=0.3, narrow_models=("tiny",))
+    assert [r.id for r in rows] == ["tiny__eqlat__rene__tucker2__0.5__b64",
+                                    "tiny__eqlat__rene__tucker2__nh0.3__0.5__b64",
+                                    "other__eqlat__rene__tucker2__0.5__b64"]
+    assert rows[1].label == "rene/tucker2 + narrow 0.3" and rows[1].tp_row == rows[0].tp_row
+    assert len(tp_rows(rows)) == 2
+    res = [{"profile": "quick", "method": "rene", "decomp": "tucker2", "model": "tiny",
+            "target": 0.5, "batch": 64, "key": {"rounds": 7, "narrow_hidden": 0.3}}]
+    assert rerun_commands(res)[0].endswith("--eq-rounds 7 --eq-narrow-hidden 0.3 "
+                                           "--eq-narrow-models tiny")
+
+
 def test_equal_latency_takes_the_1_thread_figure_at_the_batch():
     from benchmarks._equal_latency import tp_figure
 

@@ -175,3 +175,26 @@ def test_hoyer_weight_enters_the_loss():
     reg = distill(student, teacher, plan, loaders, FinetuneConfig(max_steps=1, lr=0.05, hoyer=1.0),
                   torch.device("cpu"))
     assert reg.history[0]["loss"] > base.history[0]["loss"]
+
+
+def test_after_a_rene_search_every_weight_of_the_student_trains(fast_torch):
+    """rene trains its α with the model's weights frozen; that must neither leave the model
+    frozen nor the student built from it: fine-tuning changes the layers that were not
+    factorized too (the stem, BatchNorms, classifier), not only the new chains."""
+    import lrcompress
+
+    torch.manual_seed(0)
+    m = tiny_resnet()
+    xs = [torch.randn(16, 1, 32, 32) for _ in range(4)]
+    train = [(x, torch.randint(0, 10, (16,))) for x in xs]
+    res = lrcompress.compress(m, torch.zeros(1, 1, 32, 32), target_flops=0.5, method="rene",
+                              calib=xs, train=train, device="cpu",
+                              finetune=FinetuneConfig(max_steps=4, lr=0.1))
+    assert all(p.requires_grad for p in m.parameters())
+    factorized = tuple(lp.name + "." for lp in res.plan.layers)
+    before, after = m.state_dict(), res.model.state_dict()
+    kept = [k for k in after if k.endswith("weight") and k in before
+            and not k.startswith(factorized) and before[k].shape == after[k].shape]
+    assert len(kept) > 10
+    unchanged = [k for k in kept if torch.equal(before[k], after[k])]
+    assert unchanged == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import timm
@@ -188,3 +189,79 @@ def test_width_for_rounds_to_the_multiple_within_bounds():
     assert width_for(1.0, 100, 8) == 100
     with pytest.raises(ValueError):
         narrow_hidden(nn.Sequential(nn.Linear(2, 2)), [], keep=0.0)
+
+
+# ------------------------------------------------------------------ in the search (--narrow-hidden)
+
+
+@pytest.fixture(scope="module")
+def mbv2_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mbv2") / "mnv2.pt"
+    torch.save(_mbv2("timm").state_dict(), path)
+    return path
+
+
+def _search(*args):
+    from click.testing import CliRunner
+
+    from lrcompress.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], obj={})
+    return r.exit_code, r.output
+
+
+def test_search_narrows_then_factorizes_to_the_target_and_reloads(mbv2_ckpt, tmp_path,
+                                                                 fast_torch):
+    """--narrow-hidden 0.5 with a 0.3 MACs target: the plan records the narrowing, its MACs
+    count matches FlopCounterMode on the shipped model (the search checks it) and meets the
+    target, the model reloads from the run to the same outputs and exports to ONNX."""
+    import lrcompress
+    from lrcompress.deploy.onnx import check_parity, export_onnx
+    from lrcompress.model.plan import Plan
+
+    out = tmp_path / "run"
+    code, text = _search("search", mbv2_ckpt, "--arch", "timm:mobilenetv2_035", "--input-size",
+                         "1,28,28", "--method", "uniform", "--target-flops", "0.3",
+                         "--narrow-hidden", "0.5", "--data", "synthetic:128", "--batch-size",
+                         "32", "--calib-batches", "4", "--max-steps", "2", "-o", out)
+    assert code == 0, text
+    plan = Plan.from_json((out / "plan.json").read_text())
+    assert plan.narrowing is not None and plan.narrowing.keep == 0.5
+    assert all(k == width_for(0.5, w, 16) for _, w, k in plan.narrowing.blocks)
+    assert plan.macs_ratio <= 0.3
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["macs_ratio"] == pytest.approx(plan.macs_ratio, abs=1e-12)
+    assert len(report["narrowing"]["blocks"]) == len(plan.narrowing.blocks)
+    assert report["narrowing"]["accuracy"]["n"] == report["accuracy"]["original"]["n"]
+    model = lrcompress.load(out)
+    x = torch.randn(4, *SIZE)
+    assert independent_macs(model, SIZE) == plan.macs
+    onnx_bytes = export_onnx(model, SIZE).SerializeToString()
+    check_parity(model, onnx_bytes, x[:1], dynamic_batch=False)  # raises on a mismatch
+
+
+def test_search_refuses_bad_narrowing(mbv2_ckpt, resnet_ckpt, tmp_path):
+    common = ("--input-size", "1,28,28", "--data", "synthetic:64", "--target-flops", "0.5",
+              "-o", tmp_path / "r")
+    for bad in ("0", "1", "1.5"):
+        code, out = _search("search", mbv2_ckpt, "--arch", "timm:mobilenetv2_035",
+                            "--narrow-hidden", bad, *common)
+        assert code == 2 and "strictly between 0 and 1" in out and "Traceback" not in out
+    code, out = _search("search", resnet_ckpt["pt"], "--narrow-hidden", "0.5", *common)
+    assert code == 2 and "narrows nothing" in out and "Traceback" not in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_plan_with_narrowing_round_trips_and_is_not_reapplied(tmp_path):
+    from lrcompress.errors import UserError
+    from lrcompress.model.plan import Narrowing, Plan, check_fits
+
+    n = Narrowing((("blocks.1.0", 48, 16),), 1000, 200, 0.3)
+    plan = Plan("timm:mobilenetv2_035", 10, 1, SIZE, (), 3000, 400, narrowing=n)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.macs == 1000 and again.params == 200
+    assert "narrowing" not in Plan.from_json(plan.to_json()).__class__(
+        "a", 1, 1, SIZE, (), 1, 1).to_dict()
+    with pytest.raises(UserError, match="--narrow-hidden instead of --plan"):
+        check_fits(again, [], arch=plan.arch, num_classes=10, in_chans=1, input_size=SIZE,
+                   base_macs=3000, base_params=400)

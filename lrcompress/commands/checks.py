@@ -4,6 +4,7 @@ prerequisites."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 
@@ -19,16 +20,49 @@ from lrcompress.model.arch import ModelInfo
 from lrcompress.model.census import make_selection
 from lrcompress.model.costs import count_model
 from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
-from lrcompress.model.plan import Plan, check_fits
+from lrcompress.model.narrow import hidden_sites, narrow_to_widths_, planned_widths
+from lrcompress.model.plan import Narrowing, Plan, check_fits
 from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
 
 log = logging.getLogger(__name__)
 
 
+def narrowed_skeleton(model: nn.Module, input_size, cfg: CompressConfig
+                      ) -> tuple[nn.Module, Narrowing]:
+    """``--narrow-hidden``: a copy of ``model`` at the narrowed widths (values not fitted yet:
+    the shapes and costs the search plans with) and their record. Refuses a model with no block
+    to narrow."""
+    blocks = planned_widths(model, cfg.narrow_hidden, cfg.rank_multiple)
+    if not blocks:
+        reasons = sorted(set(hidden_sites(model)[1].values()))
+        raise UserError(f"--narrow-hidden {cfg.narrow_hidden:g} narrows nothing in this model: "
+                        "it needs inverted-residual blocks (1×1 expansion → depthwise → 1×1 "
+                        "projection, as in mobilenetv2) wider than one rank multiple"
+                        + (f"; the blocks found {'; '.join(reasons)}" if reasons else "")
+                        + ". Drop --narrow-hidden.")
+    skeleton = copy.deepcopy(model).cpu().eval()
+    narrow_to_widths_(skeleton, blocks)
+    cost = count_model(skeleton, find_layers(skeleton, input_size), input_size)
+    return skeleton, Narrowing(tuple(blocks), cost.macs, cost.params, cfg.narrow_hidden)
+
+
 def rank_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
                  specs: list[LayerSpec] | None = None) -> RankProblem:
     """The rank problem as ``search`` builds it, unchecked: it may have no layer, and its target
-    may be out of reach (``inspect`` reports the smallest reachable ratio from it)."""
+    may be out of reach (``inspect`` reports the smallest reachable ratio from it). With
+    ``--narrow-hidden`` its layers are the narrowed model's; targets stay the original's."""
+    if cfg.narrow_hidden is not None:
+        skeleton, narrowing = narrowed_skeleton(model, input_size, cfg)
+        problem = _layer_problem(skeleton, info, input_size, cfg, None)
+        base = count_model(model, find_layers(model, input_size), input_size)
+        problem.base_macs, problem.base_params = base.macs, base.params
+        problem.narrowing = narrowing
+        return problem
+    return _layer_problem(model, info, input_size, cfg, specs)
+
+
+def _layer_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
+                   specs: list[LayerSpec] | None) -> RankProblem:
     specs = find_layers(model, input_size) if specs is None else specs
     sel = make_selection(model, specs, cfg.include, cfg.exclude)
     cost = count_model(model, specs, input_size)

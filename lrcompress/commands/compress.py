@@ -4,7 +4,8 @@ A :class:`Job` holds what every stage reads (the original model, the rank proble
 the configuration, the run folder, the progress sink). :func:`run_stages` calls the stages in
 order:
 
-    [synthesise inputs] → evaluate original → [LoRITa] → rank selection → decomposition
+    [synthesise inputs] → evaluate original → [LoRITa | hidden-width narrowing] → rank selection
+    → decomposition
     → target check → evaluate → BatchNorm re-estimation → evaluate
     → [distillation → evaluate] → save + report
 
@@ -62,6 +63,7 @@ from lrcompress.commands.selection import search_stats, select_ranks, select_sta
 from lrcompress.errors import LrcError, TargetError
 from lrcompress.measure.metrics import Accuracy, evaluate, independent_macs, param_count
 from lrcompress.model.checkpoint import read_checkpoint
+from lrcompress.model.narrow import narrow_hidden
 from lrcompress.model.plan import Plan
 from lrcompress.model.weights import save_compressed
 from lrcompress.rank.signals import calib_loss
@@ -122,6 +124,27 @@ def lorita_stage(job: Job) -> tuple[nn.Module, dict]:
         save_compressed(dense, stub, run.state("lorita.safetensors"))  # the dense architecture
         write_json(run.state("lorita.json"), summary)
     return dense, summary
+
+
+def narrow_stage(job: Job, batches: list) -> nn.Module:
+    """``--narrow-hidden``: the original with its blocks' hidden widths narrowed, fitted on the
+    calibration batches (the widths the rank problem was built for). Deterministic, so a
+    resumed run recomputes it (seconds). Records the blocks and the accuracy in
+    ``job.narrowed``."""
+    want = job.problem.narrowing
+    job.progress.stage(f"narrowing hidden widths to {want.keep:g} (interpolative "
+                       "decomposition on the calibration batches)")
+    narrowed, blocks = narrow_hidden(job.model, [x for x, _ in batches], want.keep,
+                                     job.cfg.rank_multiple)
+    got = tuple((b.name, b.width, b.kept) for b in blocks)
+    if got != want.blocks:
+        raise LrcError(f"internal check failed: narrowing gave widths {got}, the rank problem "
+                       f"was built for {want.blocks}.")
+    acc = evaluate_stage(job, narrowed, "narrowed", "evaluating the narrowed model")
+    job.narrowed = {**want.to_dict(), "blocks": [
+        {"name": b.name, "width": b.width, "kept": b.kept, "rel_error": round(b.rel_error, 6)}
+        for b in blocks], "accuracy": acc.to_dict() if acc else None}
+    return narrowed.to(job.device).eval()
 
 
 def verify_stage(job: Job, student: nn.Module, plan: Plan) -> tuple[int, int]:
@@ -225,6 +248,9 @@ def _all_stages(job: Job) -> CompressResult:
     source, lorita_report = job.model, None
     if job.cfg.lorita.enabled:
         source, lorita_report = timed(times, "lorita", lorita_stage, job)
+        t = time.perf_counter()
+    if job.problem.narrowing is not None:
+        source = timed(times, "narrow", narrow_stage, job, batches)
         t = time.perf_counter()
     plan, trace = select_stage(job, source, batches)
     times["rank_selection"] = time.perf_counter() - t

@@ -86,6 +86,9 @@ class CompressConfig:
     # toward the original's output) or "auto" (sequential whenever calibration inputs exist:
     # fit_of).
     fit: str = "auto"
+    # Narrow every inverted-residual block's hidden width to this fraction before factorizing
+    # (lrcompress.model.narrow; fitted on the calibration batches). None: off.
+    narrow_hidden: float | None = None
 
     def __post_init__(self):
         d = ALIASES.get(self.decomp, self.decomp)
@@ -106,9 +109,25 @@ class CompressConfig:
             require("--vbmf-weaken", weaken, at_least=0, why="and at most 1")
             if weaken > 1:
                 raise UserError(f"--vbmf-weaken {weaken} must be in [0, 1].")
+        self._check_narrowing()
         tolerance = self.method_config.get("bisect", {}).get("max_loss_increase")
         if tolerance is not None:
             require("--max-loss-increase", tolerance, above=0, why="in nats")
+
+    def _check_narrowing(self) -> None:
+        k = self.narrow_hidden
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < 1:
+            raise UserError(f"--narrow-hidden {k} is out of range: it is the fraction of each "
+                            "block's hidden width to keep, strictly between 0 and 1 (e.g. 0.3).")
+        if self.lorita.enabled:
+            raise UserError("--narrow-hidden and --lorita cannot be combined yet: LoRITa tunes "
+                            "the original's layers, narrowing changes their shapes. Use one.")
+        if self.plan_path:
+            raise UserError("--narrow-hidden cannot be combined with --plan: a plan fixes the "
+                            "layers' shapes, and narrowing is fitted to calibration data. Drop "
+                            "--plan to search again with narrowing.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,6 +141,8 @@ class CompressConfig:
         d = self.to_dict()
         for k in ("overwrite", "device", "cache_dir", "auto_batch"):
             d.pop(k, None)
+        if self.narrow_hidden is None:  # runs made before the option resume as they were
+            d.pop("narrow_hidden", None)
         if not self.measures_latency:
             d.pop("latency", None)
         d["data"].pop("workers", None)
@@ -166,6 +187,7 @@ class Job:
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     data_free: dict | None = None  # what synthesize_stage made (the report's "data_free")
     estimate: dict | None = None  # the run-time estimate made before the search
+    narrowed: dict | None = None  # what narrow_stage did (the report's "narrowing")
     # calibration_batches' result, read once: three stages use the same batches.
     calib_memo: list | None = None
 
@@ -257,6 +279,8 @@ def needs_data(cfg: CompressConfig, plan_given: bool = False,
         uses.append(f"the {fit} fit")
     if cfg.lorita.enabled:
         uses.append("LoRITa pre-tuning")
+    if cfg.narrow_hidden is not None:
+        uses.append("hidden-width narrowing")
     if cfg.bn_batches and batchnorm and fit == "weight":
         uses.append("BatchNorm re-estimation")
     if cfg.finetune.enabled:

@@ -4,6 +4,7 @@ re-solves with corrected costs when it misses."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import replace
@@ -24,6 +25,7 @@ from lrcompress.measure.latency_target import (
     next_budget,
     option_times,
 )
+from lrcompress.model.narrow import narrow_to_widths_
 from lrcompress.model.plan import Plan, Target
 from lrcompress.rank.problem import RankProblem
 from lrcompress.util.progress import Progress
@@ -63,14 +65,28 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
                         "--latency-batch, or another --latency-engine.")
     problem.layers = kept
     summary["layers_without_faster_candidate"] = len(options) - len(kept)
-    whole = measure_whole(model, None, input_size, lat)
+    narrowed = _narrowed_copy(model, problem)
+    whole = measure_whole(model, narrowed, input_size, lat)
     problem.base_latency = whole.original_ms
     out = {"config": lat.to_dict(), "table": summary,
            "original_ms": whole.original_ms, "original_iqr_ms": whole.original_iqr_ms}
+    if narrowed is not None:  # the layers' savings are taken from the narrowed model's time
+        problem.start_latency = whole.compressed_ms
+        out["narrowed_ms"] = whole.compressed_ms
     floor = check_reachable(problem, model, input_size, lat)
     if floor is not None:
         out["floor"] = floor
     return out
+
+
+def _narrowed_copy(model: nn.Module, problem: RankProblem) -> nn.Module | None:
+    """``--narrow-hidden``: a copy of ``model`` at the narrowed widths, for timing (None
+    without narrowing)."""
+    if problem.narrowing is None:
+        return None
+    m = copy.deepcopy(model).cpu().eval()
+    narrow_to_widths_(m, problem.narrowing.blocks)
+    return m
 
 
 def _fastest_measured(problem: RankProblem, model: nn.Module, input_size, lat: LatencyConfig):

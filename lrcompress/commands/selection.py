@@ -134,8 +134,13 @@ def select_ranks(model: nn.Module, problem: RankProblem, batches: list, cfg: Com
         return get_method(cfg.method)(ctx)
 
     first = batches[0][0].shape[0] if batches else 1
-    (plan, trace), calib_bs = retry_halving(select, first, enabled=cfg.auto_batch,
-                                            what="the rank search")
+    trainable = [p.requires_grad for p in model.parameters()]
+    try:  # a method may freeze the model's weights to train its own variables (rene's α)
+        (plan, trace), calib_bs = retry_halving(select, first, enabled=cfg.auto_batch,
+                                                what="the rank search")
+    finally:
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
     trace["calib_batch_size"] = calib_bs
     trace["candidate_fit"] = "activation" if stats else "weight"
     return plan, trace

@@ -181,6 +181,38 @@ class NarrowedBlock:
     rel_error: float  # the projection's output error on the calibration data (interp_fit)
 
 
+def planned_widths(model: nn.Module, keep: float, multiple: int) -> list[tuple[str, int, int]]:
+    """(block, width, kept) for every supported block that ``keep`` narrows (the shapes alone:
+    what :func:`narrow_hidden` will produce, known before any data is seen)."""
+    out = []
+    for site in hidden_sites(model)[0]:
+        c = site.parts.width
+        k = width_for(keep, c, multiple)
+        if k < c:
+            out.append((site.name, c, k))
+    return out
+
+
+@torch.no_grad()
+def narrow_to_widths_(model: nn.Module, blocks) -> None:
+    """Resize the named blocks' hidden widths in place to their kept widths (the first channels;
+    the projection zeroed: a skeleton for timing or for loading saved weights, never a model
+    whose values matter). Blocks already at their kept width are left alone."""
+    for name, width, kept in blocks:
+        found = _parts(model.get_submodule(name))
+        if not isinstance(found, Parts):
+            raise ValueError(f"{name} is not a block whose hidden width can be narrowed")
+        if found.width == kept:
+            continue
+        if found.width != width:
+            raise ValueError(f"{name} has hidden width {found.width}; the plan narrows it from "
+                             f"{width} to {kept}")
+        out = found.project.out_channels
+        zeros = torch.zeros(out, kept, dtype=torch.float64)
+        narrow_(found, InterpFit(tuple(range(kept)), zeros, torch.zeros(out, dtype=torch.float64),
+                                 0.0))
+
+
 def narrow_hidden(model: nn.Module, batches, keep: float, multiple: int = 8
                   ) -> tuple[nn.Module, list[NarrowedBlock]]:
     """A copy of ``model`` with every supported block's hidden width narrowed to ``keep`` of it
@@ -188,17 +220,16 @@ def narrow_hidden(model: nn.Module, batches, keep: float, multiple: int = 8
     ``model`` itself is not changed."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], not {keep}")
-    sites, _ = hidden_sites(model)
-    moments = hidden_moments(model, sites, batches)
+    plan = planned_widths(model, keep, multiple)
+    names = {name for name, _, _ in plan}
+    moments = hidden_moments(model, [s for s in hidden_sites(model)[0] if s.name in names],
+                             batches)
     out = copy.deepcopy(model)
     done = []
-    for site in hidden_sites(out)[0]:
-        p, c = site.parts, site.parts.width
-        k = width_for(keep, c, multiple)
-        if k >= c:
-            continue
+    for name, c, k in plan:
+        p = _parts(out.get_submodule(name))
         w = p.project.weight.detach()[:, :, 0, 0]
-        fit = interp_fit(moments[site.name], w.cpu(), k)
+        fit = interp_fit(moments[name], w.cpu(), k)
         narrow_(p, fit)
-        done.append(NarrowedBlock(site.name, c, k, fit.rel_error))
+        done.append(NarrowedBlock(name, c, k, fit.rel_error))
     return out, done

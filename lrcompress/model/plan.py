@@ -54,6 +54,29 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class Narrowing:
+    """Hidden widths narrowed before any layer is factorized (lrcompress.model.narrow): each
+    block's name, hidden width and kept width, and the narrowed dense model's cost (what the
+    factorized layers' savings are taken from)."""
+
+    blocks: tuple[tuple[str, int, int], ...]
+    macs: int
+    params: int
+    keep: float  # the fraction asked for (--narrow-hidden)
+
+    def to_dict(self) -> dict:
+        return {"keep": self.keep, "macs": self.macs, "params": self.params,
+                "blocks": [{"name": n, "width": w, "kept": k} for n, w, k in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Narrowing:
+        blocks = tuple((str(b["name"]), int(b["width"]), int(b["kept"])) for b in d["blocks"])
+        if any(not 0 < k <= w for _, w, k in blocks):
+            raise ValueError("a narrowed block keeps no channel or more than it has")
+        return cls(blocks, int(d["macs"]), int(d["params"]), float(d["keep"]))
+
+
+@dataclass(frozen=True)
 class Target:
     kind: str  # "flops" | "params" | "latency" (measured, relative to the original)
     ratio: float
@@ -83,6 +106,7 @@ class Plan:
     target: Target | None = None
     rank_method: str = ""  # rank-selection method that produced it ("method" on disk)
     version: str = field(default=__version__)
+    narrowing: Narrowing | None = None  # hidden widths narrowed first (--narrow-hidden)
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -92,11 +116,13 @@ class Plan:
 
     @property
     def macs(self) -> int:
-        return self.base_macs - sum(dense_macs(lp.spec) - lp.macs for lp in self.layers)
+        start = self.base_macs if self.narrowing is None else self.narrowing.macs
+        return start - sum(dense_macs(lp.spec) - lp.macs for lp in self.layers)
 
     @property
     def params(self) -> int:
-        return self.base_params - sum(dense_params(lp.spec) - lp.params for lp in self.layers)
+        start = self.base_params if self.narrowing is None else self.narrowing.params
+        return start - sum(dense_params(lp.spec) - lp.params for lp in self.layers)
 
     @property
     def macs_ratio(self) -> float:
@@ -107,7 +133,7 @@ class Plan:
         return self.params / self.base_params
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "schema": PLAN_SCHEMA,
             "lrcompress_version": self.version,
             "arch": self.arch,
@@ -123,6 +149,9 @@ class Plan:
             "params": self.params,
             "layers": [lp.to_dict() for lp in self.layers],
         }
+        if self.narrowing is not None:  # absent otherwise: plans without it stay byte-identical
+            d["narrowing"] = self.narrowing.to_dict()
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -140,6 +169,7 @@ class Plan:
             base_macs=int(d["base_macs"]), base_params=int(d["base_params"]),
             target=None if t is None else Target(t["kind"], float(t["ratio"])),
             rank_method=d.get("method", ""), version=d.get("lrcompress_version", __version__),
+            narrowing=Narrowing.from_dict(d["narrowing"]) if d.get("narrowing") else None,
         )
 
     @classmethod
@@ -166,6 +196,11 @@ def check_fits(plan: Plan, specs: list[LayerSpec], *, arch: str, num_classes: in
     input size), other dense costs, a duplicated layer, a layer the model does not have or
     that cannot be factorized, another layer shape, or a rank out of range."""
     size, where = tuple(int(v) for v in input_size), _cap(where)
+    if plan.narrowing is not None:
+        raise UserError(f"{where} narrows hidden widths (--narrow-hidden "
+                        f"{plan.narrowing.keep:g}), which are fitted to calibration data and "
+                        "cannot be re-applied from a plan. Run the search with --narrow-hidden "
+                        "instead of --plan.")
     if plan.arch != arch:
         raise UserError(f"{where} was made for {plan.arch}, not {arch}. Use a plan made for this "
                         "architecture, or run the search without --plan.")

@@ -16,6 +16,7 @@ from lrcompress.factorizations import (
     get_factorization,
     relative_error,
 )
+from lrcompress.model.narrow import narrow_to_widths_
 from lrcompress.model.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ def decompose_(model: nn.Module, plan: Plan, *, weights: bool = True, progress=N
     """
     import time
 
+    if plan.narrowing is not None and not weights:
+        # A skeleton is narrowed first (the planned layers have the narrowed shapes). A model to
+        # decompose must come narrowed, with fitted values: check_plan_fits refuses one that
+        # is not (its layers keep the original's shapes).
+        narrow_to_widths_(model, plan.narrowing.blocks)
     check_plan_fits(model, plan)
     results = []
     for lp in plan.layers:

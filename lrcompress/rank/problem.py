@@ -21,7 +21,7 @@ from lrcompress.errors import TargetError
 from lrcompress.factorizations import break_even_rank, get_factorization, is_matrix
 from lrcompress.model.costs import dense_macs, dense_params
 from lrcompress.model.layers import LayerSpec
-from lrcompress.model.plan import LayerPlan, Plan, Target
+from lrcompress.model.plan import LayerPlan, Narrowing, Plan, Target
 
 DENSE = "dense"
 
@@ -71,6 +71,11 @@ class RankProblem:
     specs: list[LayerSpec] = field(default_factory=list)  # every conv/linear layer (census)
     # The original model measured whole on the latency engine (ms); latency targets only.
     base_latency: float | None = None
+    # Hidden widths narrowed before factorizing: the layers are the narrowed model's, and the
+    # cost outside them is the narrowed model's (start_cost); targets stay relative to the
+    # original (base_cost).
+    narrowing: Narrowing | None = None
+    start_latency: float | None = None  # the narrowed model measured whole (ms)
 
     @property
     def base_cost(self) -> float:
@@ -88,9 +93,21 @@ class RankProblem:
         return math.floor(self.target.ratio * self.base_cost)
 
     @property
+    def start_cost(self) -> float:
+        """The dense cost the layers are chosen in: the original's, or the narrowed model's."""
+        kind, n = self.target.kind, self.narrowing
+        if n is None:
+            return self.base_cost
+        if kind == "latency":
+            if self.start_latency is None:
+                raise ValueError("a latency target needs the narrowed model's measured latency")
+            return self.start_latency
+        return n.macs if kind == "flops" else n.params
+
+    @property
     def fixed_cost(self) -> int:
         """Cost of everything that is not a candidate layer (kept whatever the plan)."""
-        return self.base_cost - sum(lo.dense.cost(self.target.kind) for lo in self.layers)
+        return self.start_cost - sum(lo.dense.cost(self.target.kind) for lo in self.layers)
 
     def min_cost(self) -> float:
         return self.cost_of(self.cheapest_choice())
@@ -155,7 +172,8 @@ class RankProblem:
             if o.factorization != DENSE:
                 layers.append(LayerPlan(lo.spec.name, o.factorization, o.rank, lo.spec))
         return Plan(self.arch, self.num_classes, self.in_chans, tuple(self.input_size),
-                    tuple(layers), self.base_macs, self.base_params, self.target, rank_method)
+                    tuple(layers), self.base_macs, self.base_params, self.target, rank_method,
+                    narrowing=self.narrowing)
 
 
 def rank_grid(max_useful: int, multiple: int) -> list[int]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
@@ -272,7 +272,12 @@ class _Trainer:
             # Wrapped after resuming: DDP broadcasts rank 0's weights, and all ranks read one file.
             self.model = DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None)
-        names = [lp.name for lp in plan.layers]
+        # Layer matching pairs each factorized layer with the teacher's; a layer whose shape
+        # narrowing changed (--narrow-hidden) has no counterpart there and is left out of it.
+        self.matched = replace(plan, layers=tuple(
+            lp for lp in plan.layers
+            if tuple(teacher.get_submodule(lp.name).weight.shape) == lp.spec.weight_shape))
+        names = [lp.name for lp in self.matched.layers]
         self.teacher_w = {n: teacher.get_submodule(n).weight.detach() for n in names}
         self.guard = NonFiniteGuard("Fine-tuning", advice=(
             "Lower --lr, keep --grad-clip on, use --precision fp32, or check the data for "
@@ -294,8 +299,9 @@ class _Trainer:
                 t_logits = self.teacher(x).float()
             ce = F.cross_entropy(logits, y)
             loss = ce
-            diss = diss_loss(student, plan, self.teacher_w, self.s_taps, self.t_taps,
-                             cfg.diss_reduction) if cfg.lam else torch.zeros(())
+            diss = diss_loss(student, self.matched, self.teacher_w, self.s_taps, self.t_taps,
+                             cfg.diss_reduction) if cfg.lam and self.matched.layers else (
+                torch.zeros((), device=self.device))
             loss = loss + cfg.lam * diss
             kd = torch.zeros((), device=self.device)
             if cfg.kd:
@@ -454,6 +460,9 @@ def distill(student: nn.Module, teacher: nn.Module, plan: Plan, loaders, cfg: Fi
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    # Every weight of the student trains, whatever flags it was built with (a copy of a model
+    # frozen elsewhere, e.g. the teacher itself, would otherwise train only the new chains).
+    student.requires_grad_(True)
     train_loader = loaders.train
     if dist_.active():
         train_loader = shard_loader(loaders.train, seed, dist_.world_size(), dist_.rank())

@@ -44,6 +44,9 @@ SECTIONS = {
     "bn_recalibration": "BatchNorm re-estimation summary, or None",
     "finetune": "fine-tuning history and settings, or None",
     "lorita": "LoRITa pre-tuning summary, or None",
+    "narrowing": "--narrow-hidden: keep, the narrowed dense model's MACs/params, per block the "
+                 "hidden width, kept width and relative output error of the fit, and the "
+                 "accuracy after narrowing; or None",
     "latency": "latency target / --latency-aware: engine, candidate table, attempts (measured "
                "ratio, spread, MACs ratio), met; or None",
     "layers": "a row per conv/linear layer: factorization, rank, costs, reconstruction error; "
@@ -100,6 +103,7 @@ def build_report(job, plan, trace, dec, counted, accuracy, bn_report, ft_report,
         "bn_recalibration": bn_report,
         "finetune": ft_report,
         "lorita": lorita_report,
+        "narrowing": job.narrowed,
         "latency": job.latency,
         "layers": layer_rows(plan, problem.specs, dec.rel_errors, dec.retries),
         "fit": dec.fit,

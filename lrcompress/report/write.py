@@ -400,6 +400,14 @@ def _search_blocks(report: dict) -> list[tuple]:
                      f"ratio {r.get('final_cost_ratio', float('nan')):.4f}")
     if s.get("reapplied"):
         items.append(f"plan re-applied from {s['reapplied']}")
+    nar = report.get("narrowing")
+    if nar:
+        errs = [b["rel_error"] for b in nar["blocks"]]
+        top1 = (nar.get("accuracy") or {}).get("top1")
+        items.append(f"hidden widths narrowed to {nar['keep']:g} in {len(errs)} block(s) "
+                     f"(interpolative decomposition; output error of the fits "
+                     f"{min(errs):.3g}–{max(errs):.3g})"
+                     + (f"; top-1 after narrowing {top1:.2f} %" if top1 is not None else ""))
     lo = report.get("lorita")
     if lo:
         dense = (lo.get("dense_accuracy") or {}).get("top1")
