@@ -34,7 +34,7 @@ from pathlib import Path
 from lrcompress.util.io import write_json
 
 from ._harness import CommandFailed, Row, Runner, _failure_status, now
-from ._profiles import TP, ModelSpec
+from ._profiles import PROFILES, TP, ModelSpec
 
 KIND = "equal_latency"
 SUBDIR = "equal_latency"  # under the profile's results and work folders
@@ -473,18 +473,31 @@ def rerun_commands(rows: list[dict]) -> list[str]:
     groups: dict = {}
     for r in rows:
         k = (r["profile"], r["method"], r["decomp"], r["key"].get("rounds"),
-             r["key"].get("narrow_hidden"))
+             r["key"].get("narrow_hidden"), _budget_flags(r))
         g = groups.setdefault(k, ({}, {}, {}))
         for d, v in zip(g, (r["model"], r["target"], r["batch"])):
             d[v] = None
     out = []
-    for (prof, method, decomp, rounds, nh), (models, targets, batches) in groups.items():
+    for (prof, method, decomp, rounds, nh, flags), (models, targets, batches) in groups.items():
         out.append(f"OMP_NUM_THREADS=1 python benchmarks/compare.py --{prof} --equal-latency "
                    f"--models {','.join(models)} --targets {','.join(f'{t:g}' for t in targets)} "
                    f"--latency-batch {','.join(map(str, sorted(batches)))} --eq-method {method} "
                    f"--eq-decomp {decomp}" + (f" --eq-rounds {rounds}" if rounds else "")
+                   + flags
                    + ("" if nh is None else f" --eq-narrow-hidden {nh:g} --eq-narrow-models "
                       f"{','.join(models)}"))
+    return out
+
+
+def _budget_flags(r: dict) -> str:
+    """The rank-search overrides the rows ran with (e.g. ``--search-iters 12``), where they
+    differ from the profile's defaults: without them the command would make other rows."""
+    prof, budget = PROFILES.get(r["profile"]), r["key"].get("budget") or {}
+    out = ""
+    for flag, name in (("--search-iters", "search_iters"), ("--search-warmup", "search_warmup")):
+        v = budget.get(name)
+        if prof is not None and v is not None and v != getattr(prof, name):
+            out += f" {flag} {v}"
     return out
 
 

@@ -41,16 +41,22 @@ def build(arch: str, in_chans: int):
     return build_arch(parse_arch(arch), num_classes=10, in_chans=in_chans).eval()
 
 
-def one(model, input_size, kind: str, value: float, decomp: str, batch: int, aware=False):
+def one(model, input_size, kind: str, value: float, decomp: str, batch: int, aware=False,
+        narrow: float | None = None):
     lat = LatencyConfig(batch=batch, aware=aware, repeats=REPEATS)
     t0 = time.perf_counter()
     kw = {"target_latency": value} if kind == "latency" else {"target_flops": value}
+    if narrow is not None:  # random calibration inputs: the widths, not the values, set the time
+        gen = torch.Generator().manual_seed(0)
+        kw.update(narrow_hidden=narrow,
+                  calib=[torch.randn(16, *input_size, generator=gen) for _ in range(4)])
     try:
         res = lrcompress.compress(model, torch.zeros(1, *input_size), decomp=decomp,
                                   method="uniform", latency=lat, device="cpu", **kw)
     except TargetError as e:  # unreachable: a row that says so, with lrcompress's own message
-        return {"decomp": decomp, "target": f"{kind} {value}", "batch": batch, "aware": aware,
-                "unreachable": str(e), "seconds": round(time.perf_counter() - t0, 1)}
+        return {"decomp": _name(decomp, narrow), "target": f"{kind} {value}", "batch": batch,
+                "aware": aware, "unreachable": str(e),
+                "seconds": round(time.perf_counter() - t0, 1)}
     secs = time.perf_counter() - t0
     rep = res.report
     la = rep["latency"]
@@ -59,8 +65,8 @@ def one(model, input_size, kind: str, value: float, decomp: str, batch: int, awa
         la = {"measured_ratio": round(w.ratio, 4), "spread": round(w.spread, 4),
               "speedup": round(1 / w.ratio, 4), "macs_ratio": res.plan.macs_ratio,
               "attempts": [w.to_dict()]}
-    return {"decomp": decomp, "target": f"{kind} {value}", "batch": batch, "aware": aware,
-            "measured_ratio": la["measured_ratio"], "spread": la["spread"],
+    return {"decomp": _name(decomp, narrow), "target": f"{kind} {value}", "batch": batch,
+            "aware": aware, "measured_ratio": la["measured_ratio"], "spread": la["spread"],
             "speedup": la["speedup"], "ideal_speedup": round(1 / la["macs_ratio"], 3),
             "achieved_over_ideal": round(la["speedup"] * la["macs_ratio"], 3),
             "met": la.get("met"), "attempts": len(la["attempts"]),
@@ -68,6 +74,10 @@ def one(model, input_size, kind: str, value: float, decomp: str, batch: int, awa
             "first_estimate": la["attempts"][0].get("estimated_ratio"),
             "macs_ratio": round(la["macs_ratio"], 4), "table": la.get("table", {}),
             "seconds": round(secs, 1), "latency_stage_s": rep["seconds"].get("latency")}
+
+
+def _name(decomp: str, narrow: float | None) -> str:
+    return decomp if narrow is None else f"{decomp} + narrow {narrow:g}"
 
 
 def torch_pruning_row(model, input_size, target: float, batch: int) -> dict:
@@ -101,6 +111,9 @@ def main():
                     help="the MACs-target rows' ratio (default: %(default)s)")
     ap.add_argument("--input-size", default="1,28,28",
                     help="C,H,W of one input (default: %(default)s)")
+    ap.add_argument("--narrow-hidden", type=float, default=None,
+                    help="also run every setting with --narrow-hidden K (random calibration "
+                    "inputs)")
     ap.add_argument("--torch-pruning", action="store_true",
                     help="add Torch-Pruning's model at the MACs target (needs the bench extra)")
     ap.add_argument("--out", default=None, help="JSON of the rows (default: none)")
@@ -122,9 +135,10 @@ def main():
             settings = (("latency", args.target_latency, False),
                         ("flops", args.target_flops, False), ("flops", args.target_flops, True))
             for kind, value, aware in settings:
-                r = one(model, input_size, kind, value, decomp, batch, aware)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for narrow in (None, args.narrow_hidden) if args.narrow_hidden else (None,):
+                    r = one(model, input_size, kind, value, decomp, batch, aware, narrow)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
         if args.torch_pruning:
             rows.append(torch_pruning_row(model, input_size, args.target_flops, batch))
             print(json.dumps(rows[-1]), flush=True)

@@ -510,6 +510,8 @@ def search(model, arch, num_classes, in_chans, trust_pickle, input_size, decomp,
       lrcompress search resnet18.pt --plan runs/r18-tt30/plan.json --data ... -o runs/again
       lrcompress search resnet18.pt --input-size 1,28,28 --target-speedup 2.5 \\
           --latency-engine ort-cpu --latency-batch 64 --data ... -o runs/r18-2.5x
+      lrcompress search mobilenetv2.pt --input-size 1,28,28 --target-latency 0.45 \\
+          --latency-batch 64 --narrow-hidden 0.3 --data ... -o runs/mbv2-fast
     """
     from lrcompress.calib.synthesize import SynthConfig
     from lrcompress.commands.compress import CompressConfig, make_target
