@@ -91,8 +91,8 @@ def compress(model: nn.Module, example_inputs, *, target_flops: float | None = N
     training inputs are synthesised from the model's BatchNorm statistics (in the example's
     value range; the report's ``data_free`` says how well they match).
 
-    ``narrow_hidden=K``: first narrow every inverted-residual block's hidden width to K of it
-    (an interpolative decomposition fitted on ``calib``; lrcompress.model.narrow), then
+    ``narrow_hidden=K``: first narrow every inverted-residual block's and MLP's hidden width to K
+    of it (an interpolative decomposition fitted on ``calib``; lrcompress.model.narrow), then
     factorize the narrowed model to meet the target.
     """
     target = make_target(target_flops, target_params, target_latency, target_speedup)

@@ -352,8 +352,9 @@ def parse_floats(value, name):
 @click.option("--strict-target", is_flag=True, help="Exit 2 when the measured latency still "
               "misses --target-latency after the re-solves (default: say so in the report).")
 @click.option("--narrow-hidden", type=float, default=None, metavar="K",
-              help="Before factorizing, narrow every inverted-residual block's hidden width "
-              "(1×1 expansion → depthwise → 1×1 projection, as in mobilenetv2) to K of it "
+              help="Before factorizing, narrow the hidden width of every inverted-residual "
+              "block (1×1 expansion → depthwise → 1×1 projection, as in mobilenetv2) and "
+              "every MLP (fc1 → activation → fc2, as in ViT and ConvNeXt) to K of it "
               "(0 < K < 1, rounded to --rank-multiple) by an interpolative decomposition fitted "
               "on the calibration batches; the search then factorizes the narrowed model to "
               "meet the target (layer matching skips the layers narrowing reshaped). Low rank "

@@ -37,7 +37,8 @@ def narrowed_skeleton(model: nn.Module, input_size, cfg: CompressConfig
         reasons = sorted(set(hidden_sites(model)[1].values()))
         raise UserError(f"--narrow-hidden {cfg.narrow_hidden:g} narrows nothing in this model: "
                         "it needs inverted-residual blocks (1×1 expansion → depthwise → 1×1 "
-                        "projection, as in mobilenetv2) wider than one rank multiple"
+                        "projection, as in mobilenetv2) or MLPs (fc1 → activation → fc2, as in "
+                        "ViT and ConvNeXt) wider than one rank multiple"
                         + (f"; the blocks found {'; '.join(reasons)}" if reasons else "")
                         + ". Drop --narrow-hidden.")
     skeleton = copy.deepcopy(model).cpu().eval()

@@ -86,8 +86,8 @@ class CompressConfig:
     # toward the original's output) or "auto" (sequential whenever calibration inputs exist:
     # fit_of).
     fit: str = "auto"
-    # Narrow every inverted-residual block's hidden width to this fraction before factorizing
-    # (lrcompress.model.narrow; fitted on the calibration batches). None: off.
+    # Narrow every inverted-residual block's and MLP's hidden width to this fraction before
+    # factorizing (lrcompress.model.narrow; fitted on the calibration batches). None: off.
     narrow_hidden: float | None = None
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Narrowing inverted-residual blocks' hidden width by interpolative decomposition.
+"""Narrowing the hidden width of inverted-residual blocks and MLPs by interpolative decomposition.
 
 An inverted-residual block (mobilenetv2 and its kin: 1×1 expansion → BatchNorm + activation →
 depthwise k×k → BatchNorm + activation → 1×1 projection → BatchNorm) spends its time on its wide
@@ -14,8 +14,13 @@ BatchNorms and the depthwise conv. The block's input and output widths (the resi
 unchanged, so blocks are narrowed independently; the constant part of the fit goes into the last
 BatchNorm's running mean. The result is an ordinary, smaller model of the same architecture.
 
-Supported: timm ``InvertedResidual`` without squeeze-excitation or anti-aliasing, and
-torchvision's ``InvertedResidual`` with an expansion. Other blocks are listed with the reason.
+An MLP (timm ``Mlp``: ViT, ConvNeXt, ...: ``fc1`` → activation → ``fc2``, as linear layers or
+1×1 convs) is the same pattern without the depthwise conv: ``fc2`` is refitted on the kept hidden
+channels (its bias takes the constant) and ``fc1`` keeps only their rows.
+
+Supported: timm ``InvertedResidual`` without squeeze-excitation or anti-aliasing, torchvision's
+``InvertedResidual`` with an expansion, and timm ``Mlp`` without a norm across its hidden width.
+Other blocks of those kinds are listed with the reason.
 """
 
 from __future__ import annotations
@@ -46,9 +51,48 @@ class Parts:
 
 
 @dataclass(frozen=True)
+class MlpParts:
+    """An MLP's two layers around its hidden width (timm ``Mlp``: ViT, ConvNeXt, ...):
+    ``fc1`` → activation → ``fc2``, as linear layers or 1×1 convs. ``project`` is ``fc2``."""
+
+    fc1: nn.Module
+    project: nn.Module
+
+    @property
+    def width(self) -> int:
+        return _in_width(self.project)
+
+
+@dataclass(frozen=True)
 class HiddenSite:
     name: str  # the block's module name
-    parts: Parts
+    parts: Parts | MlpParts
+
+
+def _in_width(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _out_width(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _is_matrix_layer(m: nn.Module) -> bool:
+    """A linear layer or an ungrouped 1×1 conv (a matrix over channels)."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
+                                        and m.kernel_size == (1, 1))
+
+
+def _mlp_parts(m: nn.Module) -> MlpParts | str:
+    fc1, fc2 = m.fc1, m.fc2
+    if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+        return f"has {type(m.norm).__name__} across its hidden width"
+    if not (_is_matrix_layer(fc1) and _is_matrix_layer(fc2)
+            and _out_width(fc1) == _in_width(fc2)):
+        return "is not two linear layers (or 1×1 convs) around its hidden width"
+    if fc2.bias is None:
+        return "has no bias on its second layer (the fit's constant goes there)"
+    return MlpParts(fc1, fc2)
 
 
 def _timm_parts(m: nn.Module) -> Parts | str:
@@ -65,8 +109,10 @@ def _torchvision_parts(m: nn.Module) -> Parts | str:
     return Parts(seq[0][0], seq[0][1], seq[1][0], seq[1][1], seq[2], seq[3])
 
 
-def _parts(m: nn.Module) -> Parts | str | None:
+def _parts(m: nn.Module) -> Parts | MlpParts | str | None:
     """The block's parts, a reason it cannot be narrowed, or None if it is no such block."""
+    if type(m).__name__ == "Mlp" and hasattr(m, "fc1") and hasattr(m, "fc2"):
+        return _mlp_parts(m)
     if type(m).__name__ != "InvertedResidual":
         return None
     if all(hasattr(m, a) for a in ("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3")):
@@ -100,7 +146,7 @@ def hidden_sites(model: nn.Module) -> tuple[list[HiddenSite], dict[str, str]]:
     sites, skipped = [], {}
     for name, m in model.named_modules():
         found = _parts(m)
-        if isinstance(found, Parts):
+        if isinstance(found, (Parts, MlpParts)):
             sites.append(HiddenSite(name, found))
         elif isinstance(found, str):
             skipped[name] = found
@@ -116,7 +162,9 @@ def hidden_moments(model: nn.Module, sites: list[HiddenSite], batches) -> dict[s
     def hook(name):
         def record(_mod, args):
             h = args[0]
-            sums[name].add(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
+            rows = (h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]) if h.dim() == 4
+                    else h.reshape(-1, h.shape[-1]))  # channels last for linear layers
+            sums[name].add(rows)
         return record
 
     handles = [s.parts.project.register_forward_pre_hook(hook(s.name)) for s in sites]
@@ -142,8 +190,11 @@ def width_for(keep: float, width: int, multiple: int) -> int:
 
 
 @torch.no_grad()
-def narrow_(p: Parts, fit: InterpFit) -> None:
+def narrow_(p: Parts | MlpParts, fit: InterpFit) -> None:
     """Apply ``fit`` to the block in place: keep ``fit.keep`` of the hidden channels."""
+    if isinstance(p, MlpParts):
+        _narrow_mlp(p, fit)
+        return
     idx = torch.tensor(fit.keep, device=p.project.weight.device)
     k = len(fit.keep)
     _keep_params(p.expand, idx)
@@ -162,6 +213,28 @@ def narrow_(p: Parts, fit: InterpFit) -> None:
         p.project.bias += offset
     else:
         p.bn3.running_mean -= offset
+
+
+def _narrow_mlp(p: MlpParts, fit: InterpFit) -> None:
+    idx = torch.tensor(fit.keep, device=p.project.weight.device)
+    k = len(fit.keep)
+    _keep_params(p.fc1, idx)
+    _set_out_width(p.fc1, k)
+    w = p.project.weight
+    new = fit.weight.to(w) if w.dim() == 2 else fit.weight.to(w)[:, :, None, None]
+    p.project.weight = nn.Parameter(new.contiguous(), requires_grad=w.requires_grad)
+    if isinstance(p.project, nn.Linear):
+        p.project.in_features = k
+    else:
+        p.project.in_channels = k
+    p.project.bias += fit.offset.to(w)
+
+
+def _set_out_width(m: nn.Module, k: int) -> None:
+    if isinstance(m, nn.Linear):
+        m.out_features = k
+    else:
+        m.out_channels = k
 
 
 def _keep_params(m: nn.Module, idx: torch.Tensor) -> None:
@@ -200,14 +273,14 @@ def narrow_to_widths_(model: nn.Module, blocks) -> None:
     whose values matter). Blocks already at their kept width are left alone."""
     for name, width, kept in blocks:
         found = _parts(model.get_submodule(name))
-        if not isinstance(found, Parts):
+        if not isinstance(found, (Parts, MlpParts)):
             raise ValueError(f"{name} is not a block whose hidden width can be narrowed")
         if found.width == kept:
             continue
         if found.width != width:
             raise ValueError(f"{name} has hidden width {found.width}; the plan narrows it from "
                              f"{width} to {kept}")
-        out = found.project.out_channels
+        out = _out_width(found.project)
         zeros = torch.zeros(out, kept, dtype=torch.float64)
         narrow_(found, InterpFit(tuple(range(kept)), zeros, torch.zeros(out, dtype=torch.float64),
                                  0.0))
@@ -228,7 +301,8 @@ def narrow_hidden(model: nn.Module, batches, keep: float, multiple: int = 8
     done = []
     for name, c, k in plan:
         p = _parts(out.get_submodule(name))
-        w = p.project.weight.detach()[:, :, 0, 0]
+        w = p.project.weight.detach()
+        w = w if w.dim() == 2 else w[:, :, 0, 0]
         fit = interp_fit(moments[name], w.cpu(), k)
         narrow_(p, fit)
         done.append(NarrowedBlock(name, c, k, fit.rel_error))
