@@ -108,10 +108,10 @@ def _mbv2(kind: str) -> nn.Module:
     if kind == "vit":  # MLP blocks (fc1 → GELU → fc2 on tokens)
         return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
                                  in_chans=1, img_size=28, patch_size=4, depth=2).eval()
-    if kind == "convnext":  # MLP blocks as 1×1 convs
+    if kind.startswith("convnext"):  # MLPs as 1×1 convs, or as linear layers on NHWC maps
         return timm.create_model("convnext_atto", pretrained=False, num_classes=10, in_chans=1,
                                  output_stride=16, depths=(1, 1, 1, 1), dims=(16, 32, 32, 32),
-                                 ls_init_value=1.0).eval()
+                                 ls_init_value=1.0, conv_mlp=kind == "convnext").eval()
     if kind == "timm":
         return timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10,
                                  in_chans=1).eval()
@@ -140,7 +140,7 @@ def _calibrate_bn(model: nn.Module) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("kind", ["timm", "torchvision", "vit", "convnext"])
+@pytest.mark.parametrize("kind", ["timm", "torchvision", "vit", "convnext", "convnext-nhwc"])
 def test_repeated_hidden_channels_are_dropped_without_changing_the_model(kind, fast_torch):
     """Every block's hidden channels repeat (second half = first half): keeping half of them
     must give the same model outputs (to float32 rounding), half the hidden width everywhere,

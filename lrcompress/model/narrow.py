@@ -160,10 +160,10 @@ def hidden_moments(model: nn.Module, sites: list[HiddenSite], batches) -> dict[s
     sums = {s.name: MomentSum(s.parts.width) for s in sites}
 
     def hook(name):
-        def record(_mod, args):
-            h = args[0]
-            rows = (h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]) if h.dim() == 4
-                    else h.reshape(-1, h.shape[-1]))  # channels last for linear layers
+        def record(mod, args):
+            h = args[0]  # a linear layer reads channels last (tokens, or NHWC maps)
+            rows = (h.reshape(-1, h.shape[-1]) if isinstance(mod, nn.Linear)
+                    else h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
             sums[name].add(rows)
         return record
 
