@@ -12,33 +12,38 @@ import torchvision
 from torch import nn
 
 from lrcompress.factorizations.interp import (
-    MomentSum,
     covariance,
     interp_fit,
     refit,
     select_channels,
 )
 from lrcompress.measure.metrics import independent_macs
+from lrcompress.model.input_stats import augmented_input_moments
 from lrcompress.model.narrow import MlpParts, hidden_sites, narrow_hidden, width_for
 
 SIZE = (1, 28, 28)
 
 
 def moment_of(h: torch.Tensor) -> torch.Tensor:
-    s = MomentSum(h.shape[1])
-    s.add(h)
-    return s.moment()
+    """``A = E[[h; 1][h; 1]ᵀ]`` of the rows of ``h``, as the layer's input statistics give it."""
+    layer = nn.Linear(h.shape[1], 1).double()
+    return augmented_input_moments(layer, {"": layer}, [(h, None)])[""]
 
 
 def test_moment_sum_matches_the_direct_average():
+    """Streamed over batches (and over the positions of a conv), the augmented moment is the
+    direct average."""
     torch.manual_seed(0)
     h = torch.randn(500, 6, dtype=torch.float64) + 2.0
-    s = MomentSum(6)
-    s.add(h[:200])
-    s.add(h[200:])
+    layer = nn.Linear(6, 1).double()
+    a = augmented_input_moments(layer, {"": layer}, [(h[:200], None), (h[200:], None)])[""]
     aug = torch.cat([h, torch.ones(500, 1, dtype=h.dtype)], 1)
-    assert torch.allclose(s.moment(), aug.T @ aug / 500, atol=1e-12)
-    assert torch.allclose(covariance(s.moment()), torch.cov(h.T, correction=0), atol=1e-10)
+    assert torch.allclose(a, aug.T @ aug / 500, atol=1e-12)
+    assert torch.allclose(covariance(a), torch.cov(h.T, correction=0), atol=1e-10)
+    conv = nn.Conv2d(6, 1, 1).double()
+    maps = h.reshape(5, 10, 10, 6).permute(0, 3, 1, 2)  # the same 500 vectors at 5×10×10
+    assert torch.allclose(augmented_input_moments(conv, {"": conv}, [(maps, None)])[""], a,
+                          atol=1e-12)
 
 
 def test_low_rank_activations_are_reproduced_exactly():

@@ -4,7 +4,6 @@ prerequisites."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import replace
 
@@ -20,18 +19,16 @@ from lrcompress.model.arch import ModelInfo
 from lrcompress.model.census import make_selection
 from lrcompress.model.costs import count_model
 from lrcompress.model.layers import LayerSpec, find_layers, skip_reason
-from lrcompress.model.narrow import hidden_sites, narrow_to_widths_, planned_widths
+from lrcompress.model.narrow import hidden_sites, narrowed_copy, planned_widths
 from lrcompress.model.plan import Narrowing, Plan, check_fits
 from lrcompress.rank.problem import LayerOptions, RankProblem, layer_options
 
 log = logging.getLogger(__name__)
 
 
-def narrowed_skeleton(model: nn.Module, input_size, cfg: CompressConfig
-                      ) -> tuple[nn.Module, Narrowing]:
-    """``--narrow-hidden``: a copy of ``model`` at the narrowed widths (values not fitted yet:
-    the shapes and costs the search plans with) and their record. Refuses a model with no block
-    to narrow."""
+def narrowed_blocks(model: nn.Module, cfg: CompressConfig) -> list[tuple[str, int, int]]:
+    """``--narrow-hidden``: (block, width, kept) of every block it narrows. Refuses a model with
+    no block to narrow."""
     blocks = planned_widths(model, cfg.narrow_hidden, cfg.rank_multiple)
     if not blocks:
         reasons = sorted(set(hidden_sites(model)[1].values()))
@@ -41,10 +38,7 @@ def narrowed_skeleton(model: nn.Module, input_size, cfg: CompressConfig
                         "ViT and ConvNeXt) wider than one rank multiple"
                         + (f"; the blocks found {'; '.join(reasons)}" if reasons else "")
                         + ". Drop --narrow-hidden.")
-    skeleton = copy.deepcopy(model).cpu().eval()
-    narrow_to_widths_(skeleton, blocks)
-    cost = count_model(skeleton, find_layers(skeleton, input_size), input_size)
-    return skeleton, Narrowing(tuple(blocks), cost.macs, cost.params, cfg.narrow_hidden)
+    return blocks
 
 
 def rank_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressConfig,
@@ -52,12 +46,13 @@ def rank_problem(model: nn.Module, info: ModelInfo, input_size, cfg: CompressCon
     """The rank problem as ``search`` builds it, unchecked: it may have no layer, and its target
     may be out of reach (``inspect`` reports the smallest reachable ratio from it). With
     ``--narrow-hidden`` its layers are the narrowed model's; targets stay the original's."""
-    if cfg.narrow_hidden is not None:
-        skeleton, narrowing = narrowed_skeleton(model, input_size, cfg)
-        problem = _layer_problem(skeleton, info, input_size, cfg, None)
+    if cfg.narrow_hidden is not None:  # the layers and dense cost of the narrowed shapes
+        blocks = narrowed_blocks(model, cfg)
+        problem = _layer_problem(narrowed_copy(model, blocks), info, input_size, cfg, None)
+        problem.narrowing = Narrowing(tuple(blocks), problem.base_macs, problem.base_params,
+                                      cfg.narrow_hidden)
         base = count_model(model, find_layers(model, input_size), input_size)
         problem.base_macs, problem.base_params = base.macs, base.params
-        problem.narrowing = narrowing
         return problem
     return _layer_problem(model, info, input_size, cfg, specs)
 

@@ -4,7 +4,6 @@ re-solves with corrected costs when it misses."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import replace
@@ -25,7 +24,7 @@ from lrcompress.measure.latency_target import (
     next_budget,
     option_times,
 )
-from lrcompress.model.narrow import narrow_to_widths_
+from lrcompress.model.narrow import narrowed_copy
 from lrcompress.model.plan import Plan, Target
 from lrcompress.rank.problem import RankProblem
 from lrcompress.util.progress import Progress
@@ -82,11 +81,7 @@ def prepare_latency(problem: RankProblem, model: nn.Module, input_size,
 def _narrowed_copy(model: nn.Module, problem: RankProblem) -> nn.Module | None:
     """``--narrow-hidden``: a copy of ``model`` at the narrowed widths, for timing (None
     without narrowing)."""
-    if problem.narrowing is None:
-        return None
-    m = copy.deepcopy(model).cpu().eval()
-    narrow_to_widths_(m, problem.narrowing.blocks)
-    return m
+    return None if problem.narrowing is None else narrowed_copy(model, problem.narrowing.blocks)
 
 
 def _fastest_measured(problem: RankProblem, model: nn.Module, input_size, lat: LatencyConfig):

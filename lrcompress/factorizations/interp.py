@@ -9,7 +9,8 @@ ID of the activation matrix and fold ``T`` into the next layer). Everything that
 dropped channels can then be removed upstream (:mod:`lrcompress.model.narrow`).
 
 Both parts minimise the expected output error ``E‖W h − W' h_J − c‖²``, from the augmented
-second moment ``A = E[[h; 1][h; 1]ᵀ]`` alone:
+second moment ``A = E[[h; 1][h; 1]ᵀ]`` alone (collected by
+:func:`lrcompress.model.input_stats.augmented_input_moments`):
 
 * **which channels** (:func:`select_channels`): greedily, the channel whose addition lowers the
   output error most. With ``R`` the covariance of ``h`` left unexplained by the channels chosen so
@@ -39,33 +40,6 @@ class InterpFit:
     weight: torch.Tensor  # (out, k)
     offset: torch.Tensor  # (out,)
     rel_error: float
-
-
-class MomentSum:
-    """Running sums for ``A = E[[h; 1][h; 1]ᵀ]`` over rows of ``h`` (positions × channels),
-    in float64."""
-
-    def __init__(self, channels: int):
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64)
-        self.total = torch.zeros(channels, dtype=torch.float64)
-        self.rows = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        r = rows.detach().to(device="cpu", dtype=torch.float64)
-        self.gram += r.T @ r
-        self.total += r.sum(0)
-        self.rows += r.shape[0]
-
-    def moment(self) -> torch.Tensor:
-        """The augmented second moment ``A`` ((C+1) × (C+1); the last index is the constant)."""
-        if self.rows == 0:
-            raise ValueError("no activations were recorded")
-        c = self.gram.shape[0]
-        a = torch.empty(c + 1, c + 1, dtype=torch.float64)
-        a[:c, :c] = self.gram
-        a[:c, c] = a[c, :c] = self.total
-        a[c, c] = self.rows
-        return a / self.rows
 
 
 def covariance(a: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,10 @@ class _Moment:
         return (total / self.rows).cpu()
 
 
+def _not_called(name: str) -> RuntimeError:
+    return RuntimeError(f"layer {name!r} was not called in the forward pass")
+
+
 def _run(model: nn.Module, batches, handles, outputs: list | None = None) -> None:
     """The batches through ``model`` in eval mode (its outputs, as float32, appended to
     ``outputs`` when given); the hooks ``handles`` are removed after."""
@@ -143,6 +147,31 @@ def _run(model: nn.Module, batches, handles, outputs: list | None = None) -> Non
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def augmented_input_moments(model: nn.Module, layers: dict[str, nn.Module], batches
+                            ) -> dict[str, torch.Tensor]:
+    """Per named layer, ``A = E[[h; 1][h; 1]ᵀ]`` of its input channels ``h`` over ``batches``
+    (every position of a conv; float64; the last index is the constant), the second moment the
+    interpolative fit (factorizations.interp) works from."""
+    sums = {name: _Moment() for name in layers}
+
+    def hook(name):
+        def record(mod, args):
+            rows = _rows(args[0], mod, "channel").to(torch.float64)
+            aug = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+            sums[name].add(aug, aug)
+        return record
+
+    _run(model, batches, [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()])
+    out = {}
+    for name, moment in sums.items():
+        a = moment.mean()
+        if a is None:
+            raise _not_called(name)
+        out[name] = a
+    return out
 
 
 @torch.no_grad()
@@ -287,7 +316,7 @@ class ReferenceInputs:
             if window is None:
                 window = [n for n in names if n in seen]
                 if not window:
-                    raise RuntimeError(f"layer {names[0]!r} was not called in the forward pass")
+                    raise _not_called(names[0])
             for n in window:
                 out.setdefault(n, []).append(seen[n])
         return out
@@ -345,7 +374,7 @@ def _layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """The input of ``model``'s layer ``name`` on ``x`` (the forward stops there)."""
     got = _capture_inputs(model, x, [name])
     if not got:
-        raise RuntimeError(f"layer {name!r} was not called in the forward pass")
+        raise _not_called(name)
     return got[name]
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrcompress.factorizations.interp import InterpFit, MomentSum, interp_fit
+from lrcompress.factorizations.interp import InterpFit, interp_fit
+from lrcompress.model.input_stats import augmented_input_moments
 
 
 @dataclass(frozen=True)
@@ -153,32 +154,11 @@ def hidden_sites(model: nn.Module) -> tuple[list[HiddenSite], dict[str, str]]:
     return sites, skipped
 
 
-@torch.no_grad()
 def hidden_moments(model: nn.Module, sites: list[HiddenSite], batches) -> dict[str, torch.Tensor]:
-    """Per site, the augmented second moment of the projection's input over ``batches`` (one
-    forward of ``model`` per batch, in eval mode)."""
-    sums = {s.name: MomentSum(s.parts.width) for s in sites}
-
-    def hook(name):
-        def record(mod, args):
-            h = args[0]  # a linear layer reads channels last (tokens, or NHWC maps)
-            rows = (h.reshape(-1, h.shape[-1]) if isinstance(mod, nn.Linear)
-                    else h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-            sums[name].add(rows)
-        return record
-
-    handles = [s.parts.project.register_forward_pre_hook(hook(s.name)) for s in sites]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for x in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {name: s.moment() for name, s in sums.items()}
+    """Per site, the augmented second moment of the projection's input over ``batches`` (input
+    tensors; one forward of ``model`` per batch, in eval mode)."""
+    return augmented_input_moments(model, {s.name: s.parts.project for s in sites},
+                                   [(x, None) for x in batches])
 
 
 def width_for(keep: float, width: int, multiple: int) -> int:
@@ -204,11 +184,7 @@ def narrow_(p: Parts | MlpParts, fit: InterpFit) -> None:
         bn.num_features = k
     _keep_params(p.dw, idx)
     p.dw.in_channels = p.dw.out_channels = p.dw.groups = k
-    w = p.project.weight
-    p.project.weight = nn.Parameter(fit.weight.to(w)[:, :, None, None].contiguous(),
-                                    requires_grad=w.requires_grad)
-    p.project.in_channels = k
-    offset = fit.offset.to(w)
+    offset = _refit_projection(p.project, fit)
     if p.project.bias is not None:
         p.project.bias += offset
     else:
@@ -217,24 +193,25 @@ def narrow_(p: Parts | MlpParts, fit: InterpFit) -> None:
 
 def _narrow_mlp(p: MlpParts, fit: InterpFit) -> None:
     idx = torch.tensor(fit.keep, device=p.project.weight.device)
-    k = len(fit.keep)
     _keep_params(p.fc1, idx)
-    _set_out_width(p.fc1, k)
-    w = p.project.weight
+    _set_width(p.fc1, "out", len(fit.keep))
+    p.project.bias += _refit_projection(p.project, fit)
+
+
+def _refit_projection(project: nn.Module, fit: InterpFit) -> torch.Tensor:
+    """``project`` (linear or 1×1 conv) reads the kept channels with the fitted weight; returns
+    the fit's constant output term (in the weight's dtype and device) for the caller to place."""
+    w = project.weight
     new = fit.weight.to(w) if w.dim() == 2 else fit.weight.to(w)[:, :, None, None]
-    p.project.weight = nn.Parameter(new.contiguous(), requires_grad=w.requires_grad)
-    if isinstance(p.project, nn.Linear):
-        p.project.in_features = k
-    else:
-        p.project.in_channels = k
-    p.project.bias += fit.offset.to(w)
+    project.weight = nn.Parameter(new.contiguous(), requires_grad=w.requires_grad)
+    _set_width(project, "in", len(fit.keep))
+    return fit.offset.to(w)
 
 
-def _set_out_width(m: nn.Module, k: int) -> None:
-    if isinstance(m, nn.Linear):
-        m.out_features = k
-    else:
-        m.out_channels = k
+def _set_width(m: nn.Module, side: str, k: int) -> None:
+    """Set a linear layer's or conv's ``in``/``out`` width attribute after slicing it."""
+    linear = isinstance(m, nn.Linear)
+    setattr(m, f"{side}_features" if linear else f"{side}_channels", k)
 
 
 def _keep_params(m: nn.Module, idx: torch.Tensor) -> None:
@@ -257,13 +234,25 @@ class NarrowedBlock:
 def planned_widths(model: nn.Module, keep: float, multiple: int) -> list[tuple[str, int, int]]:
     """(block, width, kept) for every supported block that ``keep`` narrows (the shapes alone:
     what :func:`narrow_hidden` will produce, known before any data is seen)."""
+    return [(s.name, s.parts.width, k) for s, k in _narrowed_sites(model, keep, multiple)]
+
+
+def _narrowed_sites(model: nn.Module, keep: float, multiple: int):
+    """(site, kept width) for every supported block that ``keep`` narrows."""
     out = []
     for site in hidden_sites(model)[0]:
-        c = site.parts.width
-        k = width_for(keep, c, multiple)
-        if k < c:
-            out.append((site.name, c, k))
+        k = width_for(keep, site.parts.width, multiple)
+        if k < site.parts.width:
+            out.append((site, k))
     return out
+
+
+def narrowed_copy(model: nn.Module, blocks) -> nn.Module:
+    """A CPU copy of ``model`` in eval mode at the narrowed widths ``blocks`` (values not fitted:
+    for shapes, costs and timing; see :func:`narrow_to_widths_`)."""
+    m = copy.deepcopy(model).cpu().eval()
+    narrow_to_widths_(m, blocks)
+    return m
 
 
 @torch.no_grad()
@@ -293,13 +282,12 @@ def narrow_hidden(model: nn.Module, batches, keep: float, multiple: int = 8
     ``model`` itself is not changed."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], not {keep}")
-    plan = planned_widths(model, keep, multiple)
-    names = {name for name, _, _ in plan}
-    moments = hidden_moments(model, [s for s in hidden_sites(model)[0] if s.name in names],
-                             batches)
+    chosen = _narrowed_sites(model, keep, multiple)
+    moments = hidden_moments(model, [site for site, _ in chosen], batches)
     out = copy.deepcopy(model)
     done = []
-    for name, c, k in plan:
+    for site, k in chosen:
+        name, c = site.name, site.parts.width
         p = _parts(out.get_submodule(name))
         w = p.project.weight.detach()
         w = w if w.dim() == 2 else w[:, :, 0, 0]
